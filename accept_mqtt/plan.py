@@ -1,0 +1,138 @@
+"""The partition plan: which device runs which consecutive layers, with which link bit widths.
+
+A ``Plan`` is what the coordinator publishes (retained, JSON) on ``{root}/jobs/{job}/plan``
+and what every agent builds its stage from. It carries everything an agent needs to rebuild
+its slice with the same initial weights as a one-process run (model name, arguments, seed),
+so no weights travel at job start.
+
+Guarantee: ``Plan.from_json(p.to_json()) == p``, and ``from_json`` rejects a plan whose
+stages do not tile ``[0, num_layers)`` in order, with a message that says which stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    device: str
+    start: int  # first layer (inclusive)
+    end: int  # last layer (exclusive)
+    act_bits: int = 32  # bits of the activations this stage sends to stage index+1
+    grad_bits: int = 32  # bits of the gradients this stage sends to stage index-1
+    predicted_ms: float | None = None  # predicted fwd+bwd+send per micro-batch
+    measured_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: str
+    version: int
+    model: str
+    num_layers: int
+    stages: tuple[Stage, ...]
+    seed: int = 0
+    model_args: dict[str, Any] = field(default_factory=dict)
+    micro_batches: int = 4
+    schedule: str = "1f1b"
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.05})
+    method: str = "flops"
+    stochastic_grad_rounding: bool = True
+    predicted_bottleneck_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.micro_batches < 1:
+            raise PlanError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        expect = 0
+        devices = set()
+        for i, s in enumerate(self.stages):
+            if s.index != i:
+                raise PlanError(f"stage {i} carries index {s.index}")
+            if s.start != expect or s.end <= s.start:
+                raise PlanError(
+                    f"stage {i} covers layers [{s.start}, {s.end}) but must start at {expect} "
+                    "and hold at least one layer"
+                )
+            if s.device in devices:
+                raise PlanError(f"device {s.device!r} holds two stages")
+            devices.add(s.device)
+            for name in ("act_bits", "grad_bits"):
+                b = getattr(s, name)
+                if b not in (*range(1, 9), 16, 32):
+                    raise PlanError(f"stage {i} {name} must be 1..8, 16 or 32, got {b}")
+            expect = s.end
+        if expect != self.num_layers:
+            raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
+
+    def stage_of(self, device: str) -> Stage | None:
+        for s in self.stages:
+            if s.device == device:
+                return s
+        return None
+
+    @property
+    def devices(self) -> list[str]:
+        return [s.device for s in self.stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = 1
+        d["stages"] = [asdict(s) for s in self.stages]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        try:
+            stages = tuple(Stage(**s) for s in d["stages"])
+            kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "stages"}
+            return cls(stages=stages, **kw)
+        except PlanError:
+            raise
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise PlanError("plan must be a JSON object")
+        return cls.from_dict(d)
+
+
+def cuts_to_stages(cuts: list[int], devices: list[str], act_bits: list[int] | None = None,
+                   grad_bits: list[int] | None = None,
+                   predicted_ms: list[float] | None = None) -> tuple[Stage, ...]:
+    """Stages from cut points ``[0, c1, ..., L]`` and the device of each stage, in order."""
+    k = len(devices)
+    if len(cuts) != k + 1:
+        raise PlanError(f"{k} devices need {k + 1} cut points, got {len(cuts)}")
+    ab = act_bits or [32] * k
+    gb = grad_bits or [32] * k
+    return tuple(
+        Stage(i, devices[i], cuts[i], cuts[i + 1], ab[i], gb[i],
+              None if predicted_ms is None else float(predicted_ms[i]))
+        for i in range(k)
+    )

@@ -1,0 +1,243 @@
+"""Model zoo: every model is an ordered list of layers that can be cut between any two.
+
+Guarantees:
+
+* ``build_model(name, seed=s)`` returns the same initial weights for the same ``s`` on every
+  machine, so a device agent can rebuild its own slice from the plan alone and a one-process
+  reference starts from identical parameters.
+* Each layer maps one tensor to one tensor; running ``layers[a:b]`` in order and feeding the
+  result to ``layers[b:c]`` is the same as running ``layers[a:c]``. Composite blocks with a
+  skip connection (MobileNetV2's inverted residual) are one layer, so no cut splits a skip.
+* Shapes are per sample (no batch dimension) in ``input_shape``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ZooModel:
+    """A cuttable model: ``layers`` in order, the per-sample input shape and class count."""
+
+    name: str
+    layers: list[nn.Module]
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def sequential(self) -> nn.Sequential:
+        return nn.Sequential(*self.layers)
+
+    def slice(self, start: int, end: int) -> nn.Sequential:
+        """Layers ``[start, end)`` as one module (a pipeline stage)."""
+        if not 0 <= start < end <= len(self.layers):
+            raise ValueError(
+                f"layer range [{start}, {end}) is outside {self.name}'s {len(self.layers)} layers"
+            )
+        return nn.Sequential(*self.layers[start:end])
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 project, skip when shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_skip = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.stride = stride
+        self.in_channels = cin
+        self.out_channels = cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.use_skip else y
+
+
+def _digits_cnn(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
+    c1, c2, c3 = (max(4, int(c * width)) for c in (16, 32, 64))
+    cin, h, w = in_shape
+    return [
+        nn.Conv2d(cin, c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c2, c3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c3 * (h // 4) * (w // 4), 64),
+        nn.ReLU(),
+        nn.Linear(64, classes),
+    ]
+
+
+def _vgg(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
+    cfg: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, "M"]
+    layers: list[nn.Module] = []
+    cin, h, w = in_shape
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        else:
+            cout = max(8, int(int(v) * width))
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            cin = cout
+    hidden = max(16, int(256 * width))
+    layers += [
+        nn.Flatten(),
+        nn.Linear(cin * h * w, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.0),  # a placeholder kept at p=0 so runs stay exactly reproducible
+        nn.Linear(hidden, classes),
+    ]
+    return layers
+
+
+def _mobilenet_v2(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
+    # (expand, channels, repeats, first stride) as in MobileNetV2, strides cut for 32x32 inputs.
+    cfg = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+           (6, 160, 3, 2), (6, 320, 1, 1)]
+    ch = lambda c: max(8, int(c * width))
+    stem = ch(32)
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_shape[0], stem, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(stem),
+        nn.ReLU6(),
+    ]
+    cin = stem
+    for t, c, n, s in cfg:
+        cout = ch(c)
+        for i in range(n):
+            layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+            cin = cout
+    last = max(64, int(1280 * width))
+    layers += [
+        nn.Conv2d(cin, last, 1, bias=False),
+        nn.BatchNorm2d(last),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(last, classes),
+    ]
+    return layers
+
+
+def _har_cnn(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
+    c1, c2, c3 = (max(8, int(c * width)) for c in (32, 64, 128))
+    cin = in_shape[0]
+    return [
+        nn.Conv1d(cin, c1, 5, padding=2),
+        nn.BatchNorm1d(c1),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(c1, c2, 5, padding=2),
+        nn.BatchNorm1d(c2),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(c2, c3, 3, padding=1),
+        nn.BatchNorm1d(c3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(c3, classes),
+    ]
+
+
+def _mlp(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
+    n_in = 1
+    for d in in_shape:
+        n_in *= d
+    hidden = max(8, int(256 * width))
+    return [
+        nn.Flatten(),
+        nn.Linear(n_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden // 2),
+        nn.ReLU(),
+        nn.Linear(hidden // 2, classes),
+    ]
+
+
+Builder = Callable[[tuple[int, ...], int, float], list[nn.Module]]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    builder: Builder
+    input_shape: tuple[int, ...]
+    num_classes: int
+    default_dataset: str
+    summary: str
+
+
+ZOO: dict[str, ZooEntry] = {
+    "cnn": ZooEntry(_digits_cnn, (1, 8, 8), 10, "digits", "small CNN for 8x8 handwritten digits"),
+    "mlp": ZooEntry(_mlp, (1, 8, 8), 10, "digits", "3-hidden-layer MLP"),
+    "vgg": ZooEntry(_vgg, (3, 32, 32), 10, "synthetic-cifar", "VGG-style CNN for 32x32x3 images"),
+    "mobilenet": ZooEntry(
+        _mobilenet_v2, (3, 32, 32), 10, "synthetic-cifar", "MobileNetV2-style CNN, 32x32x3"
+    ),
+    "har1d": ZooEntry(
+        _har_cnn, (9, 128), 6, "synthetic-har", "1-D CNN for 9-channel inertial windows (UCI HAR)"
+    ),
+}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def build_model(
+    name: str,
+    *,
+    seed: int,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    width: float = 1.0,
+) -> ZooModel:
+    """Build zoo model ``name`` with weights fixed by ``seed``.
+
+    >>> m = build_model("cnn", seed=0)
+    >>> len(m.layers), m.input_shape
+    (14, (1, 8, 8))
+    >>> x = torch.zeros(2, *m.input_shape)
+    >>> tuple(m.sequential()(x).shape)
+    (2, 10)
+    """
+    try:
+        entry = ZOO[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; the zoo has: {', '.join(sorted(ZOO))}"
+        ) from None
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    shape = tuple(input_shape) if input_shape is not None else entry.input_shape
+    classes = num_classes if num_classes is not None else entry.num_classes
+    # Initialise under a private generator state so building a model never disturbs (and is
+    # never disturbed by) whatever else the process has drawn from torch's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = entry.builder(shape, classes, width)
+    return ZooModel(name, layers, shape, classes)

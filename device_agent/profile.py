@@ -1,0 +1,97 @@
+"""What a device says about itself: the retained ``{root}/devices/{device}/profile`` payload.
+
+The micro-benchmark is a short float32 matmul whose GFLOP/s, divided by the emulated
+slowdown, is the ``bench_gflops`` score the latency predictor uses as a device feature.
+Everything here is measured or read from the OS, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_clock_mhz() -> float | None:
+    """Maximum clock if the OS says it, else None (features treat None as unknown)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq", encoding="utf-8") as f:
+            return int(f.read().strip()) / 1000.0
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def memory_mb() -> float:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**20
+
+
+def microbench_gflops(threads: int, slowdown: float = 1.0, size: int = 256, reps: int = 8) -> float:
+    """Best-of-3 float32 matmul throughput in GFLOP/s on ``threads`` threads, over slowdown."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=g)
+        b = torch.randn(size, size, generator=g)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * size**3 * reps / best / 1e9 / max(slowdown, 1.0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def device_profile(
+    device_id: str,
+    *,
+    threads: int,
+    slowdown: float = 1.0,
+    bandwidth_bps: float | None = None,
+    bench: bool = True,
+) -> dict[str, Any]:
+    return {
+        "device": device_id,
+        "cores": os.cpu_count() or 1,
+        "threads": threads,
+        "memory_mb": round(memory_mb(), 1),
+        "cpu": cpu_model(),
+        "clock_mhz": cpu_clock_mhz(),
+        "arch": platform.machine(),
+        "torch": torch.__version__,
+        "bench_gflops": round(microbench_gflops(threads, slowdown), 3) if bench else None,
+        "slowdown": slowdown,
+        "bandwidth_bps": bandwidth_bps,
+    }
