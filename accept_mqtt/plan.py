@@ -49,6 +49,7 @@ class Plan:
     method: str = "flops"
     stochastic_grad_rounding: bool = True
     predicted_bottleneck_ms: float | None = None
+    start_step: int = 0  # the optimizer step the stages start at (non-zero on resume)
 
     def __post_init__(self) -> None:
         self.validate()

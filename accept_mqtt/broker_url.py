@@ -1,0 +1,87 @@
+"""Parse ``mqtt://[user[:password]@]host[:port]`` (and ``mqtts://`` for TLS) broker addresses.
+
+Also units for link speeds, e.g. ``20mbit`` (the ``--bandwidth`` flag), so the agent and the
+coordinator read them the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+
+class BrokerUrlError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``aiomqtt.Client``."""
+        # TCP_NODELAY: frames are latency-bound request/response traffic; Nagle's algorithm
+        # would hold small frames back for up to a delayed-ACK period (tens of ms) per hop.
+        kw: dict[str, Any] = {"hostname": self.host, "port": self.port,
+                              "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]}
+        if self.username is not None:
+            kw["username"] = self.username
+            kw["password"] = self.password
+        if self.tls:
+            kw["tls_context"] = ssl.create_default_context()
+        return kw
+
+    def __str__(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerUrl:
+    """>>> parse_broker_url("mqtt://pi:secret@10.0.0.2:1884")
+    BrokerUrl(host='10.0.0.2', port=1884, username='pi', password='secret', tls=False)
+    """
+    if "://" not in url:
+        url = "mqtt://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise BrokerUrlError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    tls = parts.scheme in ("mqtts", "ssl")
+    if not parts.hostname:
+        raise BrokerUrlError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as e:
+        raise BrokerUrlError(f"broker URL {url!r}: {e}") from None
+    return BrokerUrl(parts.hostname, port,
+                     unquote(parts.username) if parts.username else None,
+                     unquote(parts.password) if parts.password else None, tls)
+
+
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(bit|bps|b)?(/s)?\s*$", re.I)
+
+
+def parse_bandwidth(text: str | None) -> float | None:
+    """Bits per second from ``20mbit``, ``500kbit``, ``1gbit`` or a plain number; None for none.
+
+    >>> parse_bandwidth("20mbit")
+    20000000.0
+    """
+    if text is None or str(text).strip().lower() in ("", "none", "0", "inf", "unlimited"):
+        return None
+    m = _RATE.match(str(text))
+    if not m:
+        raise ValueError(f"bandwidth {text!r}: use e.g. 20mbit, 500kbit or bits/s")
+    mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+    value = float(m.group(1)) * mult
+    if value <= 0:
+        raise ValueError(f"bandwidth {text!r} must be positive")
+    return value

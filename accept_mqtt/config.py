@@ -1,0 +1,101 @@
+"""Training job configuration: CLI flags and an optional JSON config file map onto this.
+
+Guarantee: ``TrainConfig.from_file`` rejects unknown keys and wrong types with the key's name,
+so a typo in a config file is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SEED = 1234
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cnn"
+    dataset: str | None = None  # default: the model's own (zoo.ZOO[model].default_dataset)
+    data_path: str | None = None
+    width: float = 1.0
+    epochs: int = 2
+    batch_size: int = 64
+    micro_batches: int = 4
+    schedule: str = "1f1b"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = DEFAULT_SEED
+    act_bits: int = 32
+    grad_bits: int = 32
+    stochastic_grad_rounding: bool = True
+    devices: int = 3
+    partition: str = "auto"  # auto | predictor | flops | equal
+    max_steps: int | None = None
+    eval_batch: int = 256
+    device_timeout: float = 60.0
+    step_timeout: float = 120.0
+    runs_dir: str = "runs"
+    synthetic_size: int = 2000
+    predictor_state: str | None = None
+
+    def validate(self) -> TrainConfig:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.micro_batches < 1:
+            raise ConfigError("batch_size and micro_batches must be >= 1")
+        if self.devices < 1:
+            raise ConfigError(f"devices must be >= 1, got {self.devices}")
+        for name in ("act_bits", "grad_bits"):
+            b = getattr(self, name)
+            if b not in (*range(1, 9), 16, 32):
+                raise ConfigError(f"{name} must be 1..8, 16 or 32, got {b}")
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"schedule must be gpipe or 1f1b, got {self.schedule!r}")
+        if self.partition not in ("auto", "predictor", "flops", "equal"):
+            raise ConfigError(f"partition must be auto, predictor, flops or equal, got "
+                              f"{self.partition!r}")
+        return self
+
+    def optimizer_cfg(self) -> dict[str, Any]:
+        return {"name": self.optimizer, "lr": self.lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        defaults = cls()
+        for k, v in d.items():
+            want = type(getattr(defaults, k))
+            if getattr(defaults, k) is None or v is None:
+                continue
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                d[k] = float(v)
+            elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise ConfigError(f"config key {k!r} must be {want.__name__}, got {v!r}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"config {path} is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config {path} must be a JSON object")
+        return cls.from_dict(d)

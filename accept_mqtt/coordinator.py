@@ -1,0 +1,458 @@
+"""The coordinator: discovers agents, plans, drives synchronous micro-batched training.
+
+Use::
+
+    async with Coordinator(broker_url, config, job="j1") as coord:
+        record = await coord.run()
+
+Guarantees:
+
+* One optimizer step per mini-batch on every stage; with compression off the arithmetic is the
+  one-process reference's (``reference.train_reference``).
+* The coordinator is the data source: it publishes each micro-batch (inputs + labels) to
+  ``stage/0/fwd`` and, under 1F1B, keeps at most as many micro-batches in flight as there are
+  stages; under GPipe it injects the whole mini-batch at once.
+* Every error an agent reports, and every event the coordinator cannot use, is logged and
+  kept in the run record; a bad message never stops training.
+* On exit (normal, error or cancel) the retained plan is cleared, so agents go back to idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import msgpack
+import numpy as np
+import torch
+
+from . import codec
+from .broker_url import parse_broker_url
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .descriptors import describe
+from .microbatch import epoch_batches, split
+from .plan import Plan
+from .planning import DeviceInfo, build_plan, equal_cuts, flops_plan
+from .topics import Topics, check_id
+from .zoo import ZOO, build_model
+
+log = logging.getLogger("accept_mqtt.coordinator")
+
+
+class CoordinatorError(RuntimeError):
+    pass
+
+
+class DevicesTimeout(CoordinatorError):
+    pass
+
+
+class DeviceLost(CoordinatorError):
+    def __init__(self, device: str) -> None:
+        super().__init__(f"device {device} went offline during training")
+        self.device = device
+
+
+class StepTimeout(CoordinatorError):
+    pass
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex[:8]
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class StageTotals:
+    busy_ms: float = 0.0
+    send_ms: float = 0.0
+    bytes_act: int = 0
+    bytes_grad: int = 0
+    steps: int = 0
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    microbatches: int = 0
+    train_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[int, StageTotals] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        broker: str,
+        config: TrainConfig,
+        *,
+        job: str | None = None,
+        root: str = "accept",
+        progress: Progress | None = None,
+    ) -> None:
+        self.cfg = config.validate()
+        self.job = check_id("job", job or new_job_id())
+        self.topics = Topics(root)
+        self.url = parse_broker_url(broker)
+        self.progress = progress or (lambda kind, info: None)
+        self.devices: dict[str, dict[str, Any]] = {}  # id -> {"status": {...}, "profile": {...}}
+        self.state = RunState()
+        self.plan: Plan | None = None
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._weights: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._lost: str | None = None
+        self._device_change = asyncio.Event()
+        self.timing_samples: list[dict[str, Any]] = []
+        self.profiles: dict[str, dict[str, Any]] = {}
+
+    # -- connection ----------------------------------------------------------------------
+    async def __aenter__(self) -> Coordinator:
+        self._client = aiomqtt.Client(**self.url.client_kwargs(),
+                                      identifier=f"accept-coord-{self.job}",
+                                      keepalive=10, max_inflight_messages=100)
+        await self._client.__aenter__()
+        t, c = self.topics, self._client
+        for topic in (t.all_status, t.all_profiles, f"{t.job(self.job)}/events/+",
+                      t.metrics(self.job), f"{t.job(self.job)}/timing/+",
+                      f"{t.job(self.job)}/weights/+"):
+            await c.subscribe(topic, qos=1)
+        self._reader = asyncio.create_task(self._read(), name="coordinator-reader")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                # clearing the retained plan tells every agent that the job is over
+                await self._client.publish(self.topics.plan(self.job), b"", qos=1, retain=True,
+                                           timeout=5)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.__aexit__(None, None, None)
+        self._client = None
+
+    async def _publish(self, topic: str, payload: bytes | str, qos: int = 1,
+                       retain: bool = False) -> None:
+        assert self._client is not None, "use 'async with Coordinator(...)'"
+        await self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def _metric(self, body: dict[str, Any]) -> None:
+        body = {"job": self.job, "time": time.time(), **body}
+        await self._publish(self.topics.metrics(self.job), json.dumps(body), qos=0)
+
+    # -- incoming ------------------------------------------------------------------------
+    async def _read(self) -> None:
+        assert self._client is not None
+        async for msg in self._client.messages:
+            topic = msg.topic.value
+            payload = bytes(msg.payload or b"")
+            try:
+                self._route(topic, payload)
+            except Exception as e:  # never let one message kill the reader
+                log.warning("ignored message on %s: %s", topic, e)
+
+    def _route(self, topic: str, payload: bytes) -> None:
+        dev = self.topics.parse_device(topic)
+        if dev is not None:
+            kind = topic.rsplit("/", 1)[1]
+            if kind in ("status", "profile"):
+                body = json.loads(payload) if payload else {"state": "offline"}
+                self.devices.setdefault(dev, {})[kind] = body
+                if kind == "status" and body.get("state") == "offline" and self.plan and (
+                        dev in self.plan.devices):
+                    self._lost = dev
+                    self._events.put_nowait({"op": "lost", "device": dev})
+                self._device_change.set()
+            return
+        tail = self.topics.parse_tail(topic, self.job)
+        if not tail:
+            return
+        if tail[0] == "events":
+            ev = json.loads(payload)
+            if ev.get("op") == "stepped":
+                self._on_stepped(ev)
+            else:
+                self._events.put_nowait(ev)
+        elif tail[0] == "metrics":
+            body = json.loads(payload)
+            if isinstance(body, dict) and body.get("type") == "error":
+                self.state.errors.append(body)
+                log.warning("device %s rejected %s: %s", body.get("device"), body.get("topic"),
+                            body.get("reason"))
+                self.progress("error", body)
+        elif tail[0] == "timing":
+            samples = json.loads(payload)
+            if isinstance(samples, list):
+                self.on_timing(tail[1], samples)
+        elif tail[0] == "weights":
+            self._weights.put_nowait(msgpack.unpackb(payload, raw=False))
+
+    def on_timing(self, device: str, samples: list[dict[str, Any]]) -> None:
+        """Timing samples of one device; the adaptive predictor hooks in here."""
+        for s in samples:
+            s["device"] = device
+        self.timing_samples.extend(samples)
+
+    def _on_stepped(self, ev: dict[str, Any]) -> None:
+        k = int(ev["stage"])
+        tot = self.state.stages.setdefault(k, StageTotals())
+        tot.busy_ms = float(ev["busy_ms"])
+        tot.send_ms = float(ev["send_ms"])
+        tot.bytes_act = int(ev["bytes_act"])
+        tot.bytes_grad = int(ev["bytes_grad"])
+        tot.steps += 1
+
+    async def _next_event(self, timeout: float, waiting_for: str) -> dict[str, Any]:
+        try:
+            ev = await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            raise StepTimeout(f"no progress for {timeout:.0f}s while waiting for "
+                              f"{waiting_for}") from None
+        if ev.get("op") == "lost":
+            raise DeviceLost(ev["device"])
+        return ev
+
+    # -- discovery and planning ----------------------------------------------------------
+    def online_devices(self) -> list[DeviceInfo]:
+        out = []
+        for dev, d in self.devices.items():
+            st = d.get("status", {})
+            if st.get("state") == "online" and "profile" in d:
+                out.append(DeviceInfo(dev, d["profile"]))
+        return out
+
+    async def wait_for_devices(self, n: int, timeout: float) -> list[DeviceInfo]:
+        deadline = time.monotonic() + timeout
+        while True:
+            online = self.online_devices()
+            self.progress("devices", {"online": len(online), "wanted": n})
+            if len(online) >= n:
+                # fastest first; ties by id so the choice is reproducible
+                return sorted(online, key=lambda d: (-d.speed, d.id))[:n]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = ", ".join(f"{k}={v.get('status', {}).get('state', '?')}"
+                                 for k, v in sorted(self.devices.items())) or "none"
+                raise DevicesTimeout(
+                    f"waited {timeout:.0f}s for {n} idle device agents on {self.url}, found "
+                    f"{len(online)} (seen: {seen}); start agents with "
+                    f"'python -m device_agent --broker {self.url} --device-id NAME'"
+                )
+            self._device_change.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._device_change.wait(), min(left, 1.0))
+
+    def make_plan(self, devices: list[DeviceInfo], version: int = 1,
+                  start_step: int = 0) -> Plan:
+        model = build_model(self.cfg.model, seed=self.cfg.seed, width=self.cfg.width)
+        descs = describe(model)
+        method = self.cfg.partition
+        if method == "equal":
+            order = sorted(devices, key=lambda d: d.id)
+            cuts = equal_cuts(len(descs), len(order))
+        else:  # "auto"/"predictor" fall back to FLOPs until the predictor is wired in
+            order, cuts = flops_plan(descs, devices)
+            method = "flops"
+        return build_plan(self.job, self.cfg, len(descs), order, cuts, method=method,
+                          version=version, start_step=start_step)
+
+    async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
+        """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
+        self.plan = plan
+        await self._publish(self.topics.plan(self.job), plan.to_json(), retain=True)
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(ready) < len(plan.stages):
+            ev = await self._next_event(max(0.1, deadline - time.monotonic()),
+                                        f"agents to load plan v{plan.version}")
+            if ev.get("op") == "ready" and ev.get("version") == plan.version:
+                ready.add(int(ev["stage"]))
+        self.progress("plan", {"plan": plan.to_dict()})
+
+    # -- training ------------------------------------------------------------------------
+    def _input_frame(self, x: torch.Tensor, y: torch.Tensor, step: int, mb: int,
+                     extra: dict[str, Any]) -> bytes:
+        f = codec.encode(x, bits=32, job=self.job, step=step, mb=mb, kind="act", labels=y,
+                         extra=extra)
+        return codec.to_bytes(f)
+
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """One mini-batch through the pipeline; returns loss and accuracy of the batch."""
+        assert self.plan is not None
+        step, bsz = self.state.step, len(x)
+        mbs = split(bsz, self.plan.micro_batches)
+        nmb, k = len(mbs), len(self.plan.stages)
+        window = nmb if self.plan.schedule == "gpipe" else k
+        extra = {"nmb": nmb, "bsz": bsz, "train": True}
+        fwd0 = self.topics.fwd(self.job, 0)
+        sent = done = 0
+        losses: dict[int, dict[str, Any]] = {}
+        while done < nmb or len(losses) < nmb:
+            while sent < nmb and sent - done < window:
+                a, b = mbs[sent]
+                await self._publish(fwd0, self._input_frame(x[a:b], y[a:b], step, sent, extra))
+                sent += 1
+            ev = await self._next_event(self.cfg.step_timeout, f"step {step}")
+            if ev.get("step") != step:
+                continue  # a late event of an earlier step or an eval: nothing to do
+            if ev.get("op") == "done":
+                done += 1
+            elif ev.get("op") == "loss":
+                losses[int(ev["mb"])] = ev
+        self.state.step += 1
+        self.state.microbatches += nmb
+        loss = sum(e["loss"] for e in losses.values())
+        correct = sum(e["correct"] for e in losses.values())
+        return {"loss": loss, "train_acc": correct / bsz}
+
+    async def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Held-out accuracy through the pipeline in eval mode (no stash, no step)."""
+        assert self.plan is not None
+        fwd0 = self.topics.fwd(self.job, 0)
+        chunks = [(i, min(i + self.cfg.eval_batch, len(x)))
+                  for i in range(0, len(x), self.cfg.eval_batch)]
+        for mb, (a, b) in enumerate(chunks):
+            await self._publish(fwd0, self._input_frame(x[a:b], y[a:b], self.state.step, mb,
+                                                        {"train": False}))
+        got: dict[int, dict[str, Any]] = {}
+        while len(got) < len(chunks):
+            ev = await self._next_event(self.cfg.step_timeout, "evaluation results")
+            if ev.get("op") == "eval" and ev.get("step") == self.state.step:
+                got[int(ev["mb"])] = ev
+        n = sum(e["n"] for e in got.values())
+        return {"accuracy": sum(e["correct"] for e in got.values()) / max(n, 1),
+                "loss": sum(e["loss_sum"] for e in got.values()) / max(n, 1)}
+
+    async def collect_weights(self, timeout: float = 60.0) -> dict[str, torch.Tensor]:
+        """Every stage's parameters and buffers, named as in the whole model."""
+        assert self.plan is not None
+        while not self._weights.empty():
+            self._weights.get_nowait()
+        await self._publish(self.topics.sync(self.job), json.dumps({"op": "weights"}))
+        state: dict[str, torch.Tensor] = {}
+        got: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.plan.stages):
+            try:
+                body = await asyncio.wait_for(self._weights.get(),
+                                              max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                missing = sorted(set(range(len(self.plan.stages))) - got)
+                raise CoordinatorError(f"no weights from stages {missing}") from None
+            got.add(int(body["stage"]))
+            for name, t in body["tensors"].items():
+                arr = np.frombuffer(t["data"], dtype=np.dtype(t["dtype"])).reshape(t["shape"])
+                state[name] = torch.from_numpy(arr.copy())
+        return state
+
+    async def run(self) -> dict[str, Any]:
+        """Discover, plan, train, evaluate; returns (and writes) the run record."""
+        cfg = self.cfg
+        dataset = cfg.dataset or ZOO[cfg.model].default_dataset
+        data = load_dataset(dataset, path=cfg.data_path, seed=cfg.seed,
+                            synthetic_size=cfg.synthetic_size)
+        self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
+        devices = await self.wait_for_devices(cfg.devices, cfg.device_timeout)
+        plan = self.make_plan(devices)
+        self.profiles = {d.id: d.profile for d in devices}
+        await self.publish_plan(plan)
+        t_start = time.time()
+        await self._train_epochs(data)
+        weights = await self.collect_weights()
+        record = self._record(data, dataset, t_start)
+        self._write(record, weights)
+        await self._metric({"type": "done", "final_accuracy": record["final_accuracy"],
+                            "samples_per_s": record["samples_per_s"]})
+        return record
+
+    async def _train_epochs(self, data: Dataset) -> None:
+        cfg, st = self.cfg, self.state
+        n = len(data.train_x)
+        steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
+        total = steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        self.progress("start", {"total_steps": total, "job": self.job})
+        for epoch in range(cfg.epochs):
+            st.epoch = epoch
+            for idx in epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
+                if cfg.max_steps is not None and st.step >= cfg.max_steps:
+                    break
+                t0 = time.perf_counter()
+                res = await self.train_step(data.train_x[idx], data.train_y[idx])
+                dt = time.perf_counter() - t0
+                st.train_s += dt
+                st.samples += len(idx)
+                info = {"type": "step", "step": st.step, "epoch": epoch, "loss": res["loss"],
+                        "train_acc": res["train_acc"], "samples_per_s": len(idx) / dt,
+                        "stage_busy_ms": {k: round(v.busy_ms, 1)
+                                          for k, v in sorted(st.stages.items())}}
+                await self._metric(info)
+                self.progress("step", info)
+            ev = await self.evaluate(data.test_x, data.test_y)
+            ep = {"type": "epoch", "epoch": epoch, "step": st.step, "test_accuracy":
+                  ev["accuracy"], "test_loss": ev["loss"],
+                  "samples_per_s": st.samples / max(st.train_s, 1e-9)}
+            st.history.append(ep)
+            await self._metric(ep)
+            self.progress("epoch", ep)
+            if cfg.max_steps is not None and st.step >= cfg.max_steps:
+                break
+
+    def _record(self, data: Dataset, dataset: str, t_start: float) -> dict[str, Any]:
+        assert self.plan is not None
+        st = self.state
+        nmb_total = max(1, st.microbatches)
+        stages = []
+        for s in self.plan.stages:
+            tot = st.stages.get(s.index, StageTotals())
+            stages.append({
+                "stage": s.index, "device": s.device, "layers": [s.start, s.end],
+                "busy_ms": round(tot.busy_ms, 2), "send_ms": round(tot.send_ms, 2),
+                "busy_fraction": round(tot.busy_ms / max(st.train_s * 1e3, 1e-9), 4),
+                "predicted_ms": s.predicted_ms,
+                "measured_ms_per_microbatch": round(tot.busy_ms / nmb_total, 4),
+                "bytes_act_sent": tot.bytes_act, "bytes_grad_sent": tot.bytes_grad,
+            })
+        links = [{"link": f"{a['stage']}->{b['stage']}", "act_bytes": a["bytes_act_sent"],
+                  "grad_bytes": b["bytes_grad_sent"]} for a, b in itertools.pairwise(stages)]
+        return {
+            "v": 1, "job": self.job, "dataset": dataset, "config": self.cfg.to_dict(),
+            "plan": self.plan.to_dict(), "devices": self.profiles,
+            "steps": st.step, "samples": st.samples, "train_seconds": round(st.train_s, 3),
+            "samples_per_s": round(st.samples / max(st.train_s, 1e-9), 2),
+            "final_accuracy": st.history[-1]["test_accuracy"] if st.history else None,
+            "epochs": st.history, "stages": stages, "links": links, "errors": st.errors,
+            "started": t_start, "finished": time.time(), "torch": torch.__version__,
+        }
+
+    def _write(self, record: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+        out = Path(self.cfg.runs_dir) / self.job
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "record.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        tmp.replace(out / "record.json")
+        torch.save(weights, out / "model.pt")
+        record["record_path"] = str(out / "record.json")
+        record["model_path"] = str(out / "model.pt")

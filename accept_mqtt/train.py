@@ -1,0 +1,135 @@
+"""``accept-mqtt train``: run a training job, on a private local cluster or on a fleet broker.
+
+Without ``--broker`` it starts a private Mosquitto (top-level ``mosquitto.conf``, loopback,
+free port) and ``--devices`` local agents, trains, and tears everything down. With
+``--broker`` it starts nothing: it waits for ``--devices`` idle agents on that broker.
+
+Settings come from, in rising priority: built-in defaults, ``--config FILE`` (JSON with the
+keys of ``TrainConfig``), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainConfig
+
+# flag -> TrainConfig field (flags default to None so a config file can fill them)
+_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--model", "model", str, "zoo model: cnn, mlp, vgg, mobilenet, har1d"),
+    ("--dataset", "dataset", str, "digits, cifar10, har, synthetic-cifar, synthetic-har"),
+    ("--data-path", "data_path", str, "directory of CIFAR-10 python batches or UCI HAR"),
+    ("--width", "width", float, "channel width multiplier of the model"),
+    ("--devices", "devices", int, "number of device agents (stages)"),
+    ("--epochs", "epochs", int, "epochs to train"),
+    ("--batch-size", "batch_size", int, "mini-batch size (one optimizer step each)"),
+    ("--micro-batches", "micro_batches", int, "micro-batches per mini-batch"),
+    ("--schedule", "schedule", str, "gpipe or 1f1b"),
+    ("--optimizer", "optimizer", str, "sgd or adam"),
+    ("--lr", "lr", float, "learning rate"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--seed", "seed", int, "fixes data order, initial weights and rounding"),
+    ("--act-bits", "act_bits", int, "bits of activations on every link: 1..8, 16, 32"),
+    ("--grad-bits", "grad_bits", int, "bits of gradients on every link: 1..8, 16, 32"),
+    ("--partition", "partition", str, "auto, predictor, flops or equal"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
+    ("--device-timeout", "device_timeout", float, "seconds to wait for device agents"),
+    ("--runs-dir", "runs_dir", str, "where run records and models go (default runs/)"),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="mqtt://host:port of a fleet broker; omit to run locally")
+    p.add_argument("--root", default="accept", help="topic root (default: accept)")
+    p.add_argument("--job", help="job id (default: a fresh one)")
+    p.add_argument("--config", help="JSON file with TrainConfig keys")
+    for flag, name, typ, help_ in _FLAGS:
+        p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--slowdowns", help="local cluster only: per-agent slowdown, e.g. 1,2,4")
+    p.add_argument("--bandwidths", help="local cluster only: per-agent uplink, e.g. 50mbit,10mbit")
+    p.add_argument("--json", help="also write the run record to this path")
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain progress lines instead of a live bar")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    base: dict[str, Any] = {}
+    if args.config:
+        base = TrainConfig.from_file(args.config).to_dict()
+    names = {f.name for f in fields(TrainConfig)}
+    for _, name, _, _ in _FLAGS:
+        v = getattr(args, name, None)
+        if v is not None and name in names:
+            base[name] = v
+    return TrainConfig.from_dict(base)
+
+
+def _split_list(text: str | None, n: int, what: str) -> list[str] | None:
+    if not text:
+        return None
+    items = [s.strip() for s in text.split(",")]
+    if len(items) != n:
+        raise ConfigError(f"--{what} lists {len(items)} values for {n} devices")
+    return items
+
+
+async def run_job(cfg: TrainConfig, broker: str, *, job: str | None, root: str,
+                  progress: Any) -> dict[str, Any]:
+    from .coordinator import Coordinator
+
+    async with Coordinator(broker, cfg, job=job, root=root, progress=progress) as coord:
+        return await coord.run()
+
+
+def run(args: argparse.Namespace) -> int:
+    from broker import BrokerError
+
+    from .coordinator import CoordinatorError
+    from .data import DatasetError
+    from .local import LocalCluster, default_agents
+    from .report import ProgressView, print_summary
+
+    try:
+        cfg = resolve_config(args)
+        slow = _split_list(args.slowdowns, cfg.devices, "slowdowns")
+        bws = _split_list(args.bandwidths, cfg.devices, "bandwidths")
+    except ConfigError as e:
+        print(f"accept-mqtt train: {e}", file=sys.stderr)
+        return 2
+    view = ProgressView(enabled=not args.no_progress)
+    try:
+        with view:
+            if args.broker:
+                record = asyncio.run(run_job(cfg, args.broker, job=args.job, root=args.root,
+                                             progress=view.update))
+            else:
+                specs = default_agents(cfg.devices, [float(s) for s in slow] if slow else None,
+                                       bws)  # type: ignore[arg-type]
+                view.update("status", {"msg": "starting a private Mosquitto and "
+                                              f"{cfg.devices} local agents"})
+                with LocalCluster(specs, root=args.root) as cluster:
+                    view.update("status", {"msg": f"broker at {cluster.url}"})
+                    record = asyncio.run(run_job(cfg, cluster.url, job=args.job,
+                                                 root=args.root, progress=view.update))
+    except (CoordinatorError, DatasetError, BrokerError, ConfigError, ValueError) as e:
+        print(f"accept-mqtt train: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # connection refused etc.
+        print(f"accept-mqtt train: cannot reach the broker: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if type(e).__module__.startswith("aiomqtt"):
+            print(f"accept-mqtt train: MQTT error: {e}", file=sys.stderr)
+            return 1
+        raise
+    print_summary(record)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        print(f"run record: {args.json}")
+    return 0

@@ -1,0 +1,182 @@
+"""Run a private Mosquitto: the embedded default of ``accept-mqtt train`` and the test fixture.
+
+Guarantees:
+
+* ``MosquittoBroker`` writes its own config (derived from the top-level ``mosquitto.conf``,
+  or a given template) into its own directory, binds a free loopback port, returns from
+  ``start()`` only once the port accepts TCP connections, and ``stop()`` terminates it and
+  waits for it (kill after a grace period). It is a context manager.
+* A missing binary raises ``MosquittoNotFound`` with the install hint, never a traceback from
+  ``subprocess``.
+* ``restart()`` keeps the same port and persistence directory, so clients with persistent
+  sessions resume (used by the broker-restart tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+INSTALL_HINT = "install mosquitto: apt-get install mosquitto (Debian/Ubuntu/Raspberry Pi OS)"
+DEFAULT_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+_PACKAGED_CONF = Path(__file__).resolve().parent / "templates" / "mosquitto.conf"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+class MosquittoNotFound(BrokerError):
+    def __init__(self) -> None:
+        super().__init__(f"mosquitto binary not found on PATH or in /usr/sbin; {INSTALL_HINT}")
+
+
+def find_mosquitto() -> str:
+    """Path of the ``mosquitto`` binary (Debian puts it in /usr/sbin, often not on PATH)."""
+    env = os.environ.get("MOSQUITTO_BIN")
+    if env and Path(env).is_file():
+        return env
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for cand in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
+                 "/opt/homebrew/sbin/mosquitto"):
+        if Path(cand).is_file():
+            return cand
+    raise MosquittoNotFound()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+_LISTENER = re.compile(r"^\s*listener\s+\d+(\s+\S+)?\s*$", re.M)
+
+
+def render_config(template: str, port: int, host: str, workdir: Path, persistence: bool) -> str:
+    """The template with its (first) listener moved to ``host:port`` and our own paths."""
+    lines = [ln for ln in template.splitlines()
+             if not re.match(r"^\s*(persistence|persistence_location|log_dest|pid_file)\b", ln)]
+    text = "\n".join(lines)
+    if _LISTENER.search(text):
+        text = _LISTENER.sub(f"listener {port} {host}", text, count=1)
+    else:
+        text = f"listener {port} {host}\n" + text
+    text += f"\npersistence {'true' if persistence else 'false'}\n"
+    if persistence:
+        text += f"persistence_location {workdir}/\n"
+    text += f"log_dest file {workdir}/mosquitto.log\n"
+    return text + "\n"
+
+
+class MosquittoBroker:
+    """A Mosquitto process on a free loopback port.
+
+    >>> with MosquittoBroker() as b:  # doctest: +SKIP
+    ...     print(b.url)
+    mqtt://127.0.0.1:41234
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Path | str | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        persistence: bool = False,
+        workdir: Path | str | None = None,
+        extra_config: str = "",
+    ) -> None:
+        conf = Path(config) if config else (DEFAULT_CONF if DEFAULT_CONF.exists()
+                                            else _PACKAGED_CONF)
+        self.template = conf.read_text(encoding="utf-8") + "\n" + extra_config
+        self.host = host
+        self.port = port or free_port(host)
+        self.persistence = persistence
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="accept-mosquitto-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        binary = find_mosquitto()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            render_config(self.template, self.port, self.host, self.workdir, self.persistence),
+            encoding="utf-8",
+        )
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raw = self.proc.stderr.read() if self.proc.stderr else b""
+                err = raw.decode(errors="replace")
+                log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                raise BrokerError(
+                    f"mosquitto exited with code {self.proc.returncode}: {err.strip()} "
+                    f"{log.strip()[-800:]}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not accept connections on {self.url} in {timeout}s")
+
+    def stop(self, grace: float = 5.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash or power loss would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stop()
+
+    def restart(self, timeout: float = 10.0) -> MosquittoBroker:
+        self.stop()
+        return self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> MosquittoBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

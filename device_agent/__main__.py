@@ -1,0 +1,86 @@
+"""``python -m device_agent --broker mqtt://host:1883 --device-id pi-kitchen``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+from accept_mqtt.broker_url import BrokerUrlError, parse_bandwidth, parse_broker_url
+from accept_mqtt.topics import TopicError, check_id
+
+from .agent import Agent, AgentConfig
+
+log = logging.getLogger("device_agent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m device_agent",
+        description="accept-mqtt device agent: runs the pipeline stage a plan gives it.",
+    )
+    p.add_argument("--broker", default=os.environ.get("ACCEPT_BROKER", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://[user:pass@]host[:port] or mqtts:// (env ACCEPT_BROKER)")
+    p.add_argument("--device-id", default=os.environ.get("ACCEPT_DEVICE_ID",
+                                                         socket.gethostname().split(".")[0]),
+                   help="[A-Za-z0-9_-]{1,64}; default: the host name")
+    p.add_argument("--root", default="accept", help="topic root (default: accept)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for compute")
+    p.add_argument("--slowdown", type=float, default=1.0,
+                   help="emulate a device this many times slower (sleeps after compute)")
+    p.add_argument("--bandwidth", default=None,
+                   help="emulate a slower uplink, e.g. 20mbit (paces this agent's sends)")
+    p.add_argument("--keepalive", type=int, default=10,
+                   help="MQTT keepalive seconds; a dead agent is marked offline after 1.5x this")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+async def _main(cfg: AgentConfig) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, task.cancel)
+    async with Agent(cfg) as agent:
+        await agent.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s agent[%(process)d]: %(message)s")
+    try:
+        parse_broker_url(args.broker)
+        check_id("device", args.device_id)
+        bw = parse_bandwidth(args.bandwidth)
+        if args.slowdown < 1.0:
+            raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (got {args.threads})")
+    except (BrokerUrlError, TopicError, ValueError) as e:
+        print(f"device_agent: {e}", file=sys.stderr)
+        return 2
+    cfg = AgentConfig(broker=args.broker, device_id=args.device_id, root=args.root,
+                      threads=args.threads, slowdown=args.slowdown, bandwidth_bps=bw,
+                      keepalive=args.keepalive)
+    try:
+        asyncio.run(_main(cfg))
+    except asyncio.CancelledError:
+        pass
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # aiomqtt.MqttError and friends: say what, not a traceback
+        print(f"device_agent: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""The device agent: one MQTT connection, runs whatever pipeline stage a plan gives it.
+
+Lifecycle::
+
+    async with Agent(AgentConfig(broker="mqtt://host:1883", device_id="pi-kitchen")) as agent:
+        await agent.run()          # until cancelled
+
+* On connect it publishes its retained profile and ``online`` status, with a Last Will that
+  marks it ``offline`` if the connection drops without a goodbye.
+* It watches ``{root}/jobs/+/plan``; a plan naming this device makes it build that stage
+  (from the plan's model, seed and layer range: the same weights as a one-process run),
+  subscribe to the stage's ``fwd``/``bwd`` topics and report ``busy``. An empty retained plan
+  ends the job.
+* Frames are validated before use; a bad frame is logged and reported on the job's metrics
+  topic (``{"type": "error", ...}``, naming topic and reason) and dropped. Nothing else
+  changes: the stage's stash, weights and step counter are untouched.
+* Compute runs in a worker thread (``asyncio.to_thread``) so the connection stays serviced
+  and paced sends overlap compute, as a real NIC overlaps a CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import msgpack
+import torch
+
+from accept_mqtt import codec
+from accept_mqtt.broker_url import parse_broker_url
+from accept_mqtt.descriptors import describe, output_shapes
+from accept_mqtt.plan import Plan, PlanError
+from accept_mqtt.stage import StageError, StageRunner
+from accept_mqtt.topics import Topics, check_id
+from accept_mqtt.zoo import build_model
+
+from .link import Link
+from .profile import device_profile
+
+log = logging.getLogger("device_agent")
+
+
+@dataclass
+class AgentConfig:
+    broker: str
+    device_id: str
+    root: str = "accept"
+    threads: int = 1
+    slowdown: float = 1.0
+    bandwidth_bps: float | None = None
+    keepalive: int = 10  # seconds; the broker fires the Last Will after 1.5x this
+    timing_every: int = 1  # publish timing samples every N optimizer steps
+
+
+@dataclass
+class _Work:
+    topic: str
+    payload: bytes
+    direction: str  # "fwd" | "bwd"
+
+
+class _Job:
+    """Everything an agent holds for the stage it runs in one job."""
+
+    def __init__(self, plan: Plan, device: str, threads: int, slowdown: float) -> None:
+        stage = plan.stage_of(device)
+        assert stage is not None
+        self.plan = plan
+        self.stage = stage
+        self.k = stage.index
+        self.last = stage.index == len(plan.stages) - 1
+        model = build_model(plan.model, seed=plan.seed, **plan.model_args)
+        descs = describe(model)
+        in_shape = model.input_shape if stage.start == 0 else output_shapes(model)[stage.start - 1]
+        self.runner = StageRunner(
+            model.layers[stage.start:stage.end], descs[stage.start:stage.end], in_shape,
+            is_first=stage.index == 0, is_last=self.last, optimizer_cfg=dict(plan.optimizer),
+            slowdown=slowdown, threads=threads,
+        )
+        self.step = plan.start_step
+        self.nmb = 0  # micro-batches in the current step (from its frames)
+        self.fwd_done: dict[int, set[int]] = defaultdict(set)
+        self.bwd_done: dict[int, set[int]] = defaultdict(set)
+        self.deferred: list[tuple[int, int]] = []  # gpipe: last stage's waiting backwards
+        self.fwd_q: deque[_Work] = deque()
+        self.bwd_q: deque[_Work] = deque()
+        self.errors = 0
+
+    @property
+    def next_bits(self) -> int:
+        return self.stage.act_bits
+
+    @property
+    def prev_bits(self) -> int:
+        return self.stage.grad_bits
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        check_id("device", config.device_id)
+        self.cfg = config
+        self.topics = Topics(config.root)
+        self.url = parse_broker_url(config.broker)
+        self.job: _Job | None = None
+        self._client: aiomqtt.Client | None = None
+        self._link: Link | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.profile: dict[str, Any] = {}
+        self.errors: list[dict[str, Any]] = []
+
+    # -- connection ----------------------------------------------------------------------
+    def _status(self, state: str, **extra: Any) -> bytes:
+        d = {"v": 1, "state": state, "device": self.cfg.device_id, "time": time.time(), **extra}
+        return json.dumps(d).encode()
+
+    async def __aenter__(self) -> Agent:
+        torch.set_num_threads(self.cfg.threads)
+        self.profile = device_profile(self.cfg.device_id, threads=self.cfg.threads,
+                                      slowdown=self.cfg.slowdown,
+                                      bandwidth_bps=self.cfg.bandwidth_bps)
+        will = aiomqtt.Will(self.topics.status(self.cfg.device_id),
+                            self._status("offline", reason="connection lost"), qos=1, retain=True)
+        self._client = aiomqtt.Client(
+            **self.url.client_kwargs(), identifier=f"accept-agent-{self.cfg.device_id}",
+            will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
+        )
+        await self._client.__aenter__()
+        c = self._client
+        self._link = Link(self._publish_frame, self.cfg.bandwidth_bps)
+        self._link.start()
+        await c.publish(self.topics.profile(self.cfg.device_id), json.dumps(self.profile),
+                        qos=1, retain=True)
+        await c.publish(self.topics.status(self.cfg.device_id), self._status("online"),
+                        qos=1, retain=True)
+        await c.subscribe(f"{self.topics.root}/jobs/+/plan", qos=1)
+        log.info("agent %s online at %s (threads=%d slowdown=%g bandwidth=%s)",
+                 self.cfg.device_id, self.url, self.cfg.threads, self.cfg.slowdown,
+                 self.cfg.bandwidth_bps)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._link is not None:
+            await self._link.close()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.publish(self.topics.status(self.cfg.device_id),
+                                           self._status("offline", reason="shutdown"),
+                                           qos=1, retain=True, timeout=2)
+            with contextlib.suppress(Exception):
+                await self._client.__aexit__(None, None, None)
+        self._client = None
+
+    async def _publish_frame(self, topic: str, payload: bytes) -> None:
+        assert self._client is not None
+        await self._client.publish(topic, payload, qos=1)
+
+    async def _publish_json(self, topic: str, obj: Any, qos: int = 1, retain: bool = False) -> None:
+        assert self._client is not None
+        await self._client.publish(topic, json.dumps(obj), qos=qos, retain=retain)
+
+    # -- main loop -----------------------------------------------------------------------
+    async def run(self) -> None:
+        assert self._client is not None, "use 'async with Agent(...)'"
+        self._tasks.append(asyncio.create_task(self._worker(), name="worker"))
+        async for msg in self._client.messages:
+            try:
+                await self._dispatch(msg.topic.value, bytes(msg.payload or b""))
+            except Exception as e:  # one bad message must never stop the agent
+                log.exception("failed to handle message on %s", msg.topic.value)
+                await self._report_error(msg.topic.value, f"{type(e).__name__}: {e}")
+
+    async def _dispatch(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        root_n = len(self.topics.root.split("/"))
+        tail = parts[root_n:]
+        if len(tail) == 3 and tail[0] == "jobs" and tail[2] == "plan":
+            await self._on_plan(tail[1], payload)
+            return
+        job = self.job
+        if job is None or len(tail) < 3 or tail[1] != job.plan.job:
+            return
+        rest = tail[2:]
+        if rest[0] == "stage" and len(rest) == 3 and rest[2] in ("fwd", "bwd"):
+            work = _Work(topic, payload, rest[2])
+            (job.fwd_q if rest[2] == "fwd" else job.bwd_q).append(work)
+            self._wake.set()
+        elif rest == ["sync"]:
+            await self._on_sync(payload)
+
+    async def _on_plan(self, job_id: str, payload: bytes) -> None:
+        current = self.job
+        if not payload:  # the coordinator cleared the retained plan: job over
+            if current is not None and current.plan.job == job_id:
+                await self._leave_job("job ended")
+            return
+        try:
+            plan = Plan.from_json(payload)
+        except PlanError as e:
+            log.error("rejected plan on job %s: %s", job_id, e)
+            if current is None or current.plan.job == job_id:
+                await self._report_error(self.topics.plan(job_id), str(e), job=job_id)
+            return
+        mine = plan.stage_of(self.cfg.device_id)
+        if current is not None and current.plan.job != job_id:
+            if mine is not None:
+                await self._report_error(self.topics.plan(job_id),
+                                         f"device is busy with job {current.plan.job}", job=job_id)
+            return
+        if mine is None:
+            if current is not None:
+                await self._leave_job("not in the new plan")
+            return
+        if current is not None and current.plan.version == plan.version:
+            return
+        if current is not None:
+            await self._leave_job(f"re-plan to version {plan.version}")
+        await self._join_job(plan)
+
+    async def _join_job(self, plan: Plan) -> None:
+        assert self._client is not None
+        try:
+            job = await asyncio.to_thread(_Job, plan, self.cfg.device_id, self.cfg.threads,
+                                          self.cfg.slowdown)
+        except Exception as e:
+            await self._report_error(self.topics.plan(plan.job), f"cannot build stage: {e}",
+                                     job=plan.job)
+            return
+        self.job = job
+        t, k = self.topics, job.k
+        await self._client.subscribe(t.fwd(plan.job, k), qos=1)
+        if not job.last:
+            await self._client.subscribe(t.bwd(plan.job, k), qos=1)
+        await self._client.subscribe(t.sync(plan.job), qos=1)
+        await self._publish_json(t.status(self.cfg.device_id),
+                                 json.loads(self._status("busy", job=plan.job, stage=k)),
+                                 retain=True)
+        await self._event({"op": "ready", "version": plan.version, "stage": k})
+        log.info("stage %d of job %s: layers [%d, %d), plan v%d", k, plan.job, job.stage.start,
+                 job.stage.end, plan.version)
+
+    async def _leave_job(self, why: str) -> None:
+        job, self.job = self.job, None
+        if job is None or self._client is None:
+            return
+        t = self.topics
+        for topic in (t.fwd(job.plan.job, job.k), t.bwd(job.plan.job, job.k),
+                      t.sync(job.plan.job)):
+            with contextlib.suppress(Exception):
+                await self._client.unsubscribe(topic)
+        await self._client.publish(t.status(self.cfg.device_id), self._status("online"),
+                                   qos=1, retain=True)
+        log.info("left job %s: %s", job.plan.job, why)
+
+    async def _on_sync(self, payload: bytes) -> None:
+        job = self.job
+        assert job is not None
+        try:
+            cmd = json.loads(payload)
+            op = cmd["op"]
+        except (ValueError, KeyError, TypeError):
+            await self._report_error(self.topics.sync(job.plan.job), "sync message is not "
+                                     "JSON with an 'op'")
+            return
+        if op == "weights":
+            await self._send_weights(job)
+        elif op == "ping":
+            await self._event({"op": "pong", "stage": job.k, "step": job.step})
+        else:
+            await self._report_error(self.topics.sync(job.plan.job), f"unknown sync op {op!r}")
+
+    async def _send_weights(self, job: _Job) -> None:
+        state = await asyncio.to_thread(job.runner.state_dict, job.stage.start)
+        body = {
+            "v": 1, "job": job.plan.job, "stage": job.k, "step": job.step,
+            "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                            "data": t.contiguous().numpy().tobytes()} for n, t in state.items()},
+        }
+        assert self._link is not None
+        self._link.send(self.topics.weights(job.plan.job, job.k),
+                        msgpack.packb(body, use_bin_type=True), "weights")
+
+    # -- compute -------------------------------------------------------------------------
+    def _pick(self, job: _Job) -> _Work | None:
+        first, second = ((job.bwd_q, job.fwd_q) if job.plan.schedule == "1f1b"
+                         else (job.fwd_q, job.bwd_q))
+        if first:
+            return first.popleft()
+        if second:
+            return second.popleft()
+        return None
+
+    async def _worker(self) -> None:
+        while True:
+            job = self.job
+            work = self._pick(job) if job is not None else None
+            if work is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            assert job is not None
+            try:
+                if work.direction == "fwd":
+                    await self._forward(job, work)
+                else:
+                    await self._backward(job, work)
+            except (codec.FrameError, StageError, ValueError) as e:
+                job.errors += 1
+                await self._report_error(work.topic, getattr(e, "reason", str(e)))
+            except Exception as e:
+                job.errors += 1
+                log.exception("stage %d failed on %s", job.k, work.topic)
+                await self._report_error(work.topic, f"{type(e).__name__}: {e}")
+
+    def _check_frame(self, job: _Job, frame: codec.TensorFrame, topic: str, kind: str) -> None:
+        if frame.kind != kind:
+            raise codec.FrameError(topic, f"expected kind {kind!r} on this topic, got "
+                                   f"{frame.kind!r}")
+        if frame.job != job.plan.job:
+            raise codec.FrameError(topic, f"frame for job {frame.job!r} on job {job.plan.job!r}")
+        if frame.extra.get("train", True) and frame.step != job.step:
+            raise codec.FrameError(topic, f"frame for step {frame.step} but this stage is at "
+                                   f"step {job.step}")
+
+    async def _forward(self, job: _Job, work: _Work) -> None:
+        frame = codec.from_bytes(work.payload, work.topic)
+        x = codec.decode(frame)
+        job.runner.check_input(x)  # the frame's own shape first: the most specific reason
+        self._check_frame(job, frame, work.topic, "act")
+        labels = frame.labels_tensor()
+        train = bool(frame.extra.get("train", True))
+        extra = {k: frame.extra[k] for k in ("nmb", "bsz", "train") if k in frame.extra}
+        if not train:
+            out = await asyncio.to_thread(job.runner.infer, x)
+            if job.last:
+                if labels is None or len(labels) != len(out):
+                    raise StageError("evaluation frame reached the last stage without labels")
+                loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
+                await self._event({"op": "eval", "step": frame.step, "mb": frame.mb,
+                                   "correct": int((out.argmax(1) == labels).sum()),
+                                   "n": len(labels), "loss_sum": float(loss)})
+            else:
+                self._send_tensor(job, out, frame, "act", labels, extra)
+            return
+        nmb, bsz = frame.extra.get("nmb"), frame.extra.get("bsz")
+        if not isinstance(nmb, int) or not isinstance(bsz, int) or nmb < 1 or bsz < 1:
+            raise codec.FrameError(work.topic, "training frame needs positive int 'nmb' and "
+                                   "'bsz' keys")
+        if not 0 <= frame.mb < nmb:
+            raise codec.FrameError(work.topic, f"mb {frame.mb} out of range for nmb {nmb}")
+        if frame.mb in job.fwd_done[frame.step]:
+            log.warning("duplicate forward frame %s mb %d dropped", work.topic, frame.mb)
+            return
+        key = (frame.step, frame.mb)
+        res = await asyncio.to_thread(job.runner.forward, key, x, labels, 1.0 / bsz)
+        job.fwd_done[frame.step].add(frame.mb)
+        job.nmb = nmb
+        if not job.last:
+            assert res.out is not None
+            self._send_tensor(job, res.out, frame, "act", labels, extra)
+            return
+        await self._event({"op": "loss", "step": frame.step, "mb": frame.mb, "loss": res.loss,
+                           "correct": res.correct, "n": res.n})
+        if job.plan.schedule == "1f1b":
+            await self._run_backward(job, key, None)
+        else:
+            job.deferred.append(key)
+            if len(job.fwd_done[frame.step]) == nmb:
+                for k in reversed(job.deferred):
+                    await self._run_backward(job, k, None)
+                job.deferred.clear()
+
+    async def _backward(self, job: _Job, work: _Work) -> None:
+        frame = codec.from_bytes(work.payload, work.topic)
+        self._check_frame(job, frame, work.topic, "grad")
+        if frame.mb in job.bwd_done[frame.step]:
+            log.warning("duplicate gradient frame %s mb %d dropped", work.topic, frame.mb)
+            return
+        g = codec.decode(frame)
+        await self._run_backward(job, (frame.step, frame.mb), g)
+
+    async def _run_backward(self, job: _Job, key: tuple[int, int], g: torch.Tensor | None) -> None:
+        step, mb = key
+        gin = await asyncio.to_thread(job.runner.backward, key, g)
+        job.bwd_done[step].add(mb)
+        if gin is not None and job.k > 0:
+            fake = codec.TensorFrame(job.plan.job, step, mb, "grad", (), 32, "raw", None, 0.0,
+                                     0.0, b"")
+            self._send_tensor(job, gin, fake, "grad", None, {})
+        if job.k == 0:
+            await self._event({"op": "done", "step": step, "mb": mb})
+        if len(job.bwd_done[step]) == job.nmb:
+            await self._finish_step(job, step)
+
+    async def _finish_step(self, job: _Job, step: int) -> None:
+        await asyncio.to_thread(job.runner.step)
+        job.step = step + 1
+        job.fwd_done.pop(step, None)
+        job.bwd_done.pop(step, None)
+        assert self._link is not None
+        link = self._link
+        await self._event({
+            "op": "stepped", "step": step, "stage": job.k,
+            "busy_ms": round(job.runner.stats.busy_ms, 3),
+            "send_ms": round(link.busy_ms, 3),
+            "bytes_act": link.bytes_by_kind["act"], "bytes_grad": link.bytes_by_kind["grad"],
+        })
+        if self.cfg.timing_every and step % self.cfg.timing_every == 0:
+            samples = _aggregate(job.runner.drain_timings())
+            await self._publish_json(self.topics.timing(job.plan.job, self.cfg.device_id),
+                                     samples, qos=0)
+
+    def _send_tensor(self, job: _Job, t: torch.Tensor, src: codec.TensorFrame, kind: str,
+                     labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
+        bits = job.next_bits if kind == "act" else job.prev_bits
+        stochastic = kind == "grad" and job.plan.stochastic_grad_rounding
+        frame = codec.encode(
+            t, bits=bits, job=job.plan.job, step=src.step, mb=src.mb, kind=kind, labels=labels,
+            stochastic=stochastic, seed=_frame_seed(job.plan.seed, src.step, src.mb, job.k),
+            extra=extra,
+        )
+        k = job.k + 1 if kind == "act" else job.k - 1
+        topic = (self.topics.fwd if kind == "act" else self.topics.bwd)(job.plan.job, k)
+        assert self._link is not None
+        self._link.send(topic, codec.to_bytes(frame), kind)
+
+    # -- reporting -----------------------------------------------------------------------
+    async def _event(self, body: dict[str, Any]) -> None:
+        job = self.job
+        if job is None or self._client is None:
+            return
+        body = {"device": self.cfg.device_id, "time": time.time(), **body}
+        await self._publish_json(self.topics.events(job.plan.job, self.cfg.device_id), body)
+
+    async def _report_error(self, topic: str, reason: str, job: str | None = None) -> None:
+        log.error("rejected message on %s: %s", topic, reason)
+        err = {"type": "error", "device": self.cfg.device_id, "topic": topic, "reason": reason,
+               "time": time.time()}
+        self.errors.append(err)
+        job_id = job or (self.job.plan.job if self.job else None)
+        if job_id is None or self._client is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._publish_json(self.topics.metrics(job_id), err)
+
+
+def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:
+    """Stochastic-rounding seed of one frame: fixed by the run's seed, never by time."""
+    return (seed * 1_000_003 + step * 10_007 + mb * 101 + stage) % 2**32
+
+
+def _aggregate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ms per (layer, direction, batch) over one step's micro-batches."""
+    acc: dict[tuple[int, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        acc[(s["layer"]["index"], s["dir"], s["batch"])].append(s)
+    out = []
+    for group in acc.values():
+        s = dict(group[0])
+        s["ms"] = round(sum(g["ms"] for g in group) / len(group), 4)
+        s["n"] = len(group)
+        out.append(s)
+    return out
