@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import codec
+from .aio import cancel_and_wait
 from .broker_url import parse_broker_url
 from .config import TrainConfig
 from .data import Dataset, load_dataset
@@ -110,7 +111,7 @@ class Coordinator:
         self.job = check_id("job", job or new_job_id())
         self.topics = Topics(root)
         self.url = parse_broker_url(broker)
-        self.progress = progress or (lambda kind, info: None)
+        self.progress = progress or (lambda kind, info: log.debug("%s %s", kind, info))
         self.devices: dict[str, dict[str, Any]] = {}  # id -> {"status": {...}, "profile": {...}}
         self.state = RunState()
         self.plan: Plan | None = None
@@ -143,10 +144,7 @@ class Coordinator:
                 # clearing the retained plan tells every agent that the job is over
                 await self._client.publish(self.topics.plan(self.job), b"", qos=1, retain=True,
                                            timeout=5)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        await cancel_and_wait(self._reader)
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.__aexit__(None, None, None)

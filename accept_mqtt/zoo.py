@@ -13,6 +13,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,6 +205,9 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 class UnknownModelError(ValueError):
     pass
 
@@ -236,8 +240,10 @@ def build_model(
     shape = tuple(input_shape) if input_shape is not None else entry.input_shape
     classes = num_classes if num_classes is not None else entry.num_classes
     # Initialise under a private generator state so building a model never disturbs (and is
-    # never disturbed by) whatever else the process has drawn from torch's global RNG.
-    with torch.random.fork_rng(devices=[]):
+    # never disturbed by) whatever else the process has drawn from torch's global RNG. The
+    # lock matters when several agents build their stages in threads of one process: the
+    # global generator is shared, and interleaved draws would give different weights.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers = entry.builder(shape, classes, width)
     return ZooModel(name, layers, shape, classes)

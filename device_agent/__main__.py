@@ -43,12 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def _main(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, task.cancel)
     async with Agent(cfg) as agent:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, agent.stop)
         await agent.run()
 
 

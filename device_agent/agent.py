@@ -34,6 +34,7 @@ import msgpack
 import torch
 
 from accept_mqtt import codec
+from accept_mqtt.aio import cancel_and_wait
 from accept_mqtt.broker_url import parse_broker_url
 from accept_mqtt.descriptors import describe, output_shapes
 from accept_mqtt.plan import Plan, PlanError
@@ -112,6 +113,7 @@ class Agent:
         self._client: aiomqtt.Client | None = None
         self._link: Link | None = None
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.profile: dict[str, Any] = {}
         self.errors: list[dict[str, Any]] = []
@@ -147,11 +149,7 @@ class Agent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._tasks)
         if self._link is not None:
             await self._link.close()
         if self._client is not None:
@@ -172,9 +170,28 @@ class Agent:
         await self._client.publish(topic, json.dumps(obj), qos=qos, retain=retain)
 
     # -- main loop -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask ``run()`` to return (safe from a signal handler)."""
+        self._stop.set()
+
     async def run(self) -> None:
+        """Serve until ``stop()``, cancellation, or the connection is lost (raises)."""
         assert self._client is not None, "use 'async with Agent(...)'"
-        self._tasks.append(asyncio.create_task(self._worker(), name="worker"))
+        worker = asyncio.create_task(self._worker(), name="worker")
+        reader = asyncio.create_task(self._read(), name="reader")
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
+        self._tasks += [worker, reader]
+        try:
+            done, _ = await asyncio.wait({worker, reader, stop},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            await cancel_and_wait(worker, reader, stop)
+
+    async def _read(self) -> None:
+        assert self._client is not None
         async for msg in self._client.messages:
             try:
                 await self._dispatch(msg.topic.value, bytes(msg.payload or b""))
@@ -240,10 +257,8 @@ class Agent:
             return
         self.job = job
         t, k = self.topics, job.k
-        await self._client.subscribe(t.fwd(plan.job, k), qos=1)
-        if not job.last:
-            await self._client.subscribe(t.bwd(plan.job, k), qos=1)
-        await self._client.subscribe(t.sync(plan.job), qos=1)
+        topics = [t.fwd(plan.job, k), t.sync(plan.job)] + ([] if job.last else [t.bwd(plan.job, k)])
+        await self._client.subscribe([(topic, 1) for topic in topics], timeout=10)
         await self._publish_json(t.status(self.cfg.device_id),
                                  json.loads(self._status("busy", job=plan.job, stage=k)),
                                  retain=True)
@@ -256,10 +271,11 @@ class Agent:
         if job is None or self._client is None:
             return
         t = self.topics
-        for topic in (t.fwd(job.plan.job, job.k), t.bwd(job.plan.job, job.k),
-                      t.sync(job.plan.job)):
-            with contextlib.suppress(Exception):
-                await self._client.unsubscribe(topic)
+        topics = [t.fwd(job.plan.job, job.k), t.bwd(job.plan.job, job.k), t.sync(job.plan.job)]
+        try:
+            await self._client.unsubscribe(topics, timeout=10)
+        except Exception as e:  # stale subscriptions are harmless: _dispatch checks the job
+            log.warning("unsubscribe from job %s failed: %s", job.plan.job, e)
         await self._client.publish(t.status(self.cfg.device_id), self._status("online"),
                                    qos=1, retain=True)
         log.info("left job %s: %s", job.plan.job, why)

@@ -1,0 +1,25 @@
+"""Small asyncio helpers shared by the agent and the coordinator (no MQTT here).
+
+``cancel_and_wait`` exists because on Python 3.11 ``asyncio.wait_for`` (used inside aiomqtt
+for every subscribe/unsubscribe/publish with a timeout) can swallow a cancellation that
+lands while its inner future completes; a single ``task.cancel()`` then leaves the task
+running for ever. Re-cancelling until the task is really done makes shutdown certain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[object] | None, retry: float = 0.5) -> None:
+    """Cancel ``tasks`` and wait until each is done, cancelling again if one ignores it."""
+    pending = {t for t in tasks if t is not None and not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry)
+    for t in tasks:
+        if t is not None and t.done() and not t.cancelled():
+            with contextlib.suppress(BaseException):
+                t.exception()  # retrieved, so asyncio does not log "never retrieved"

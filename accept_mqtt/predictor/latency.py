@@ -1,0 +1,211 @@
+"""Online per-layer latency regressors: features -> milliseconds.
+
+Guarantees:
+
+* Targets live in log space, so a 0.01 ms ReLU and a 500 ms convolution weigh alike, and every
+  prediction is a positive, finite number of milliseconds (the log residual is clipped).
+* ``LatencyPredictor`` with ``use_prior=True`` (the default) predicts
+  ``log(ms) = log_prior_ms + residual``: before it has learnt anything it returns the FLOPs
+  prior, and on a device it has never seen it starts from that device's micro-benchmark.
+* With ``memory`` (the default) a layer run seen before (same shape, batch, direction and
+  threads) is corrected by the median of its own recent residuals, shrunk toward the
+  regressor by how often it was seen: repeated layers converge to their measured time while
+  new ones fall back on the regressor.
+* ``learn_one`` ignores non-positive or non-finite times (a backward with nothing to compute
+  reports 0 ms) instead of failing.
+* ``FlopsBaseline`` is the comparison point: ``ms = k * FLOPs * batch / bench_gflops`` (backward
+  at twice the forward FLOPs) with one constant ``k`` fitted online.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import OrderedDict, deque
+from typing import Any
+
+from river import base, forest, linear_model, neighbors, optim, preprocessing, tree
+
+from .features import BWD_FLOPS_FACTOR, Features, run_key
+
+MAX_LOG_RESIDUAL = 6.0  # the learnt correction never moves the prior by more than e^6 (~400x)
+
+REGRESSORS = ("linear", "hat", "arf", "knn")
+
+
+def make_regressor(kind: str = "arf", seed: int = 0) -> base.Regressor:
+    """A fresh River regressor of one of the compared families (see docs/predictor.md).
+
+    >>> type(make_regressor("hat")).__name__
+    'Pipeline'
+    """
+    if kind == "linear":
+        return preprocessing.StandardScaler() | linear_model.LinearRegression(
+            optimizer=optim.SGD(0.01), intercept_lr=0.01, l2=1e-4)
+    if kind == "hat":
+        return preprocessing.StandardScaler() | tree.HoeffdingAdaptiveTreeRegressor(
+            grace_period=50, leaf_prediction="adaptive", model_selector_decay=0.3,
+            leaf_model=linear_model.LinearRegression(optimizer=optim.SGD(0.01), l2=1e-4),
+            seed=seed)
+    if kind == "arf":
+        return preprocessing.StandardScaler() | forest.ARFRegressor(
+            n_models=5, grace_period=50, leaf_prediction="adaptive", model_selector_decay=0.3,
+            aggregation_method="mean",
+            leaf_model=linear_model.LinearRegression(optimizer=optim.SGD(0.01), l2=1e-4),
+            seed=seed)
+    if kind == "knn":
+        return preprocessing.StandardScaler() | neighbors.KNNRegressor(
+            n_neighbors=5, engine=neighbors.LazySearch(window_size=1000))
+    raise ValueError(f"unknown regressor {kind!r}; choose from {', '.join(REGRESSORS)}")
+
+
+class ResidualMemory:
+    """Per-key robust memory of a residual: median of the last ``window`` values.
+
+    ``predict_one`` shrinks that median toward 0 by ``n / (n + prior_count)`` for ``n`` values
+    seen, and returns 0 for a key never seen. The least recently used keys are forgotten
+    beyond ``max_keys``.
+
+    >>> m = ResidualMemory(window=3, prior_count=0.0)
+    >>> x = {"k": 1.0}
+    >>> for y in (0.1, 5.0, 0.3, 0.2):
+    ...     m.learn_one(x, y)
+    >>> m.predict_one(x), m.predict_one({"k": 2.0}), m.count(x)
+    (0.3, 0.0, 3)
+    """
+
+    def __init__(self, window: int = 7, prior_count: float = 0.5, max_keys: int = 100_000,
+                 key: Any = None) -> None:
+        self.window = window
+        self.prior_count = prior_count
+        self.max_keys = max_keys
+        self.key = key if key is not None else (lambda x: tuple(sorted(x.items())))
+        self._mem: OrderedDict[Any, deque[float]] = OrderedDict()
+
+    def learn_one(self, x: Features, y: float) -> None:
+        k = self.key(x)
+        q = self._mem.get(k)
+        if q is None:
+            q = self._mem[k] = deque(maxlen=self.window)
+            if len(self._mem) > self.max_keys:
+                self._mem.popitem(last=False)
+        else:
+            self._mem.move_to_end(k)
+        q.append(y)
+
+    def count(self, x: Features) -> int:
+        q = self._mem.get(self.key(x))
+        return len(q) if q else 0
+
+    def predict_one(self, x: Features) -> float:
+        q = self._mem.get(self.key(x))
+        if not q:
+            return 0.0
+        n = len(q)
+        return statistics.median(q) * n / (n + self.prior_count)
+
+    def clear(self) -> None:
+        self._mem.clear()
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+
+class LatencyPredictor:
+    """Latency of one layer on one device: a River regressor on log milliseconds.
+
+    ``x`` is a dict from ``features.features``; with ``use_prior`` the regressor learns the
+    log ratio of the measured time to the features' ``log_prior_ms``, and with ``memory`` a
+    ``ResidualMemory`` keyed by ``features.run_key`` learns what the regressor still misses.
+
+    >>> from accept_mqtt.predictor.features import features
+    >>> layer = {"type": "linear", "flops": 2_000_000, "params": 1_000_000, "in_elems": 1000,
+    ...          "out_elems": 1000, "kernel": 1, "stride": 1, "in_channels": 1000,
+    ...          "out_channels": 1000}
+    >>> x = features(layer, {"bench_gflops": 50.0, "threads": 1}, 16, "fwd")
+    >>> model = LatencyPredictor()
+    >>> round(model.predict_one(x), 3)  # nothing learnt yet: the FLOPs prior
+    1.707
+    >>> for _ in range(100):
+    ...     model.learn_one(x, 4.0)
+    >>> round(model.predict_one(x), 3)
+    4.0
+    """
+
+    def __init__(self, regressor: base.Regressor | str = "hat", *, use_prior: bool = True,
+                 memory: bool = True, seed: int = 0) -> None:
+        self.regressor = make_regressor(regressor, seed) if isinstance(regressor, str) \
+            else regressor
+        self.use_prior = use_prior
+        self.memory = ResidualMemory(key=run_key) if memory else None
+        self.n_learned = 0
+
+    def _offset(self, x: Features) -> float:
+        return x["log_prior_ms"] if self.use_prior else 0.0
+
+    def learn_one(self, x: Features, ms: float) -> None:
+        if not (ms > 0 and math.isfinite(ms)):
+            return
+        y = math.log(ms) - self._offset(x)
+        if self.memory is not None:
+            self.memory.learn_one(x, y - self._model_residual(x))
+        self.regressor.learn_one(x, y)
+        self.n_learned += 1
+
+    def _model_residual(self, x: Features) -> float:
+        r = self.regressor.predict_one(x)
+        r = float(r) if r is not None and math.isfinite(r) else 0.0
+        return max(-MAX_LOG_RESIDUAL, min(MAX_LOG_RESIDUAL, r))
+
+    def predict_log(self, x: Features) -> float:
+        """Predicted natural log of the time in ms."""
+        r = self._model_residual(x)
+        if self.memory is not None:
+            r += self.memory.predict_one(x)
+        return self._offset(x) + max(-MAX_LOG_RESIDUAL, min(MAX_LOG_RESIDUAL, r))
+
+    def predict_one(self, x: Features) -> float:
+        return math.exp(self.predict_log(x))
+
+
+class FlopsBaseline:
+    """``ms = k * FLOPs * batch / (bench_gflops * 1e9) * 1e3``, one constant ``k`` learnt online.
+
+    ``k`` is the geometric mean of measured / FLOPs-time over layers that have FLOPs, so it
+    minimises log error; layers without FLOPs (flatten, dropout) are predicted at 0 ms.
+
+    >>> from accept_mqtt.predictor.features import features
+    >>> layer = {"type": "linear", "flops": 2_000_000, "in_elems": 1000, "out_elems": 1000}
+    >>> x = features(layer, {"bench_gflops": 50.0}, 10, "fwd")
+    >>> b = FlopsBaseline()
+    >>> b.learn_one(x, 1.2)
+    >>> round(b.predict_one(x), 3), round(b.k, 2)
+    (1.2, 3.0)
+    """
+
+    def __init__(self) -> None:
+        self._sum_log_k = 0.0
+        self._n = 0
+
+    @property
+    def k(self) -> float:
+        return math.exp(self._sum_log_k / self._n) if self._n else 1.0
+
+    @staticmethod
+    def _flops_ms(x: Features) -> float:
+        work = math.expm1(x["log_flops"]) * x["batch"]
+        if x["bwd"]:
+            work *= BWD_FLOPS_FACTOR
+        return 1e3 * work / (math.exp(x["log_gflops"]) * 1e9)
+
+    def learn_one(self, x: Features, ms: float) -> None:
+        f = self._flops_ms(x)
+        if f > 0 and ms > 0 and math.isfinite(ms):
+            self._sum_log_k += math.log(ms / f)
+            self._n += 1
+
+    def predict_one(self, x: Features) -> float:
+        return self.k * self._flops_ms(x)
+
+    def state(self) -> dict[str, Any]:
+        return {"sum_log_k": self._sum_log_k, "n": self._n}

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real Mosquitto on a free port, in-process agents, a coordinator runner.
+
+Every test that touches MQTT gets its own broker process (its own config and directory,
+torn down after), never a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from accept_mqtt.aio import cancel_and_wait
+from accept_mqtt.broker_url import parse_broker_url
+from broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
+
+
+def _have_mosquitto() -> bool:
+    try:
+        find_mosquitto()
+        return True
+    except MosquittoNotFound:
+        return False
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoBroker]:
+    if not _have_mosquitto():
+        pytest.fail("mosquitto is not installed: run 'make test' (it installs it) or "
+                    "'apt-get install mosquitto'")
+    b = MosquittoBroker()
+    b.start()
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_agents(url: str, ids: list[str], **kw: Any) -> AsyncIterator[list[Any]]:
+    """Agents as tasks in this event loop (fast start; same code as the process agent)."""
+    from device_agent.agent import Agent, AgentConfig
+
+    agents: list[Agent] = []
+    tasks: list[asyncio.Task[None]] = []
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        for dev in ids:
+            a = await stack.enter_async_context(Agent(AgentConfig(url, dev, **kw)))
+            agents.append(a)
+            tasks.append(asyncio.create_task(a.run()))
+        try:
+            yield agents
+        finally:
+            for a in agents:
+                a.stop()
+            await cancel_and_wait(*tasks)
+
+
+async def wait_retained(url: str, topic: str, predicate: Any, timeout: float) -> dict[str, Any]:
+    """The first JSON payload on ``topic`` (retained or live) that satisfies ``predicate``."""
+    u = parse_broker_url(url)
+    async with aiomqtt.Client(u.host, u.port) as c:
+        await c.subscribe(topic, qos=1)
+        async with asyncio.timeout(timeout):
+            async for msg in c.messages:
+                body = json.loads(bytes(msg.payload or b"{}"))
+                if predicate(body):
+                    return body
+    raise AssertionError("unreachable")

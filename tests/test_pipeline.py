@@ -1,0 +1,171 @@
+"""The spine: a model trains cut over three agents that talk only through a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiomqtt
+import msgpack
+import pytest
+import torch
+
+from accept_mqtt import codec
+from accept_mqtt.config import TrainConfig
+from accept_mqtt.coordinator import Coordinator, DeviceLost
+from accept_mqtt.data import load_dataset
+from accept_mqtt.local import AgentSpec, LocalCluster
+from accept_mqtt.reference import train_reference
+from accept_mqtt.zoo import build_model
+from broker import MosquittoBroker
+
+from .conftest import running_agents, wait_retained
+
+DEVICES = ["dev-a", "dev-b", "dev-c"]
+
+
+def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
+    base = dict(model="cnn", dataset="digits", epochs=1, batch_size=32, micro_batches=4,
+                max_steps=6, seed=7, runs_dir=str(tmp_path), device_timeout=20,
+                step_timeout=30, partition="flops")
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_pipeline_matches_one_process_training(broker: MosquittoBroker, tmp_path: Path,
+                                               schedule: str) -> None:
+    cfg = _cfg(tmp_path, schedule=schedule)
+
+    async def main() -> dict:
+        async with running_agents(broker.url, DEVICES):
+            async with Coordinator(broker.url, cfg, job="equiv") as coord:
+                return await coord.run()
+
+    record = asyncio.run(main())
+    assert record["steps"] == 6
+    assert [s["device"] for s in record["plan"]["stages"]] == DEVICES
+    assert all(s["end"] > s["start"] for s in record["plan"]["stages"])
+    got = torch.load(Path(record["model_path"]))
+
+    data = load_dataset("digits", seed=cfg.seed)
+    ref = train_reference(build_model("cnn", seed=cfg.seed), data, batch_size=32,
+                          micro_batches=4, optimizer=cfg.optimizer_cfg(), seed=cfg.seed,
+                          max_steps=6)
+    init = build_model("cnn", seed=cfg.seed).sequential().state_dict()
+    assert set(got) == set(ref)
+    moved = 0
+    for name, want in ref.items():
+        torch.testing.assert_close(got[name].to(want.dtype), want, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+        moved += int(not torch.equal(init[name], want))
+    assert moved > 10, "training must actually have changed the parameters"
+    # traffic really crossed both links, in both directions
+    assert all(ln["act_bytes"] > 0 and ln["grad_bytes"] > 0 for ln in record["links"])
+
+
+def test_bad_frames_are_rejected_and_training_finishes(broker: MosquittoBroker,
+                                                       tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, max_steps=8)
+    job = "robust"
+    seen_on_metrics: list[dict] = []
+
+    async def attack(coord: Coordinator) -> None:
+        while coord.state.step < 2:
+            await asyncio.sleep(0.01)
+        wrong = codec.encode(torch.zeros(4, 3, 3), bits=32, job=job, step=coord.state.step,
+                             mb=0, kind="act", extra={"nmb": 4, "bsz": 32, "train": True})
+        good = codec.to_bytes(codec.encode(torch.zeros(8, 16, 8, 8), bits=32, job=job, step=0,
+                                           mb=0, kind="act"))
+        async with aiomqtt.Client(broker.host, broker.port) as c:
+            await c.publish(f"accept/jobs/{job}/stage/1/fwd", b"\x00garbage\xff", qos=1)
+            await c.publish(f"accept/jobs/{job}/stage/2/fwd", good[: len(good) // 2], qos=1)
+            await c.publish(f"accept/jobs/{job}/stage/1/fwd", codec.to_bytes(wrong), qos=1)
+
+    async def watch() -> None:
+        async with aiomqtt.Client(broker.host, broker.port) as c:
+            await c.subscribe(f"accept/jobs/{job}/metrics")
+            async for msg in c.messages:
+                body = json.loads(bytes(msg.payload or b"{}"))
+                if body.get("type") == "error":
+                    seen_on_metrics.append(body)
+
+    async def main() -> dict:
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)
+        async with running_agents(broker.url, DEVICES) as agents:
+            async with Coordinator(broker.url, cfg, job=job) as coord:
+                attacker = asyncio.create_task(attack(coord))
+                record = await coord.run()
+                await attacker
+            alive = all(not t.done() for t in asyncio.all_tasks() if t.get_name() == "worker")
+            assert alive
+            assert sum(len(a.errors) for a in agents) == 3
+        watcher.cancel()
+        return record
+
+    record = asyncio.run(main())
+    assert record["steps"] == 8, "training must finish despite the bad frames"
+    assert record["final_accuracy"] is not None
+    by_topic: dict[str, list[str]] = {}
+    for e in record["errors"]:
+        by_topic.setdefault(e["topic"].split("/", 3)[-1], []).append(e["reason"])
+    assert len(by_topic["stage/1/fwd"]) == 2 and len(by_topic["stage/2/fwd"]) == 1, by_topic
+    garbage, wrong_shape = by_topic["stage/1/fwd"]
+    assert "not a msgpack map" in garbage
+    assert "does not match this stage" in wrong_shape and "[4, 3, 3]" in wrong_shape
+    (truncated,) = by_topic["stage/2/fwd"]
+    assert any(w in truncated for w in ("truncated", "incomplete", "bytes but")), truncated
+    assert {e["device"] for e in record["errors"]} == {"dev-b", "dev-c"}
+    assert len(seen_on_metrics) == 3, "third-party subscribers see the errors on metrics"
+    assert all(e["topic"].startswith(f"accept/jobs/{job}/stage/") for e in seen_on_metrics)
+
+
+def test_killed_agent_is_marked_offline_by_last_will(tmp_path: Path) -> None:
+    specs = [AgentSpec(f"lwt-{i}", keepalive=2) for i in range(3)]
+    with LocalCluster(specs, workdir=tmp_path) as cluster:
+        cfg = _cfg(tmp_path, max_steps=None, epochs=50, device_timeout=60)
+
+        async def main() -> None:
+            async with Coordinator(cluster.url, cfg, job="lwt") as coord:
+                run = asyncio.create_task(coord.run())
+                while coord.state.step < 3:
+                    if run.done():
+                        run.result()
+                    await asyncio.sleep(0.05)
+                cluster.kill_agent("lwt-1")
+                with pytest.raises(DeviceLost, match="lwt-1"):
+                    await asyncio.wait_for(run, 30)
+            status = await wait_retained(cluster.url, "accept/devices/lwt-1/status",
+                                         lambda b: True, 5)
+            assert status["state"] == "offline"
+            assert status["reason"] == "connection lost"  # the Will, not a goodbye
+            other = await wait_retained(cluster.url, "accept/devices/lwt-0/status",
+                                        lambda b: True, 5)
+            assert other["state"] in ("online", "busy")
+
+        asyncio.run(main())
+
+
+def test_weights_message_is_msgpack(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """Checkpoint/migration payloads on weights/{k} follow docs/protocol.md."""
+    cfg = _cfg(tmp_path, max_steps=1)
+    captured: list[bytes] = []
+
+    async def main() -> None:
+        async with running_agents(broker.url, DEVICES):
+            async with aiomqtt.Client(broker.host, broker.port) as c:
+                await c.subscribe("accept/jobs/w/weights/+")
+                async with Coordinator(broker.url, cfg, job="w") as coord:
+                    await coord.run()
+                async with asyncio.timeout(5):
+                    async for msg in c.messages:
+                        captured.append(bytes(msg.payload or b""))
+                        if len(captured) == 3:
+                            break
+
+    asyncio.run(main())
+    bodies = sorted((msgpack.unpackb(p, raw=False) for p in captured), key=lambda b: b["stage"])
+    assert [b["stage"] for b in bodies] == [0, 1, 2]
+    assert bodies[0]["tensors"]["0.weight"]["shape"] == [16, 1, 3, 3]
