@@ -129,7 +129,7 @@ def _solve(p: PartitionProblem, masks: Iterable[int] | None = None,
             cand_v = np.maximum(costs.base(d), prev[None, None])
             bad = costs.mask(d, k - 1)
             if bad is not None:
-                pass
+                np.copyto(cand_v, np.inf, where=bad)
             cand_v = cand_v.reshape(L + 1, c, -1)
             j = cand_v.argmin(axis=2)
             v = np.take_along_axis(cand_v, j[..., None], axis=2)[..., 0]

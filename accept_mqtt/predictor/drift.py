@@ -96,7 +96,7 @@ class DeviceState:
                  drift_delta: float = 0.002) -> None:
         self.device = device
         self.offsets: deque[float] = deque(maxlen=offset_window)
-        self.memory = ResidualMemory(window=5, prior_count=0.5, key=run_key)
+        self.memory = ResidualMemory(window=5, prior_count=0.1, key=run_key)
         self.drift = SpeedDrift(delta=drift_delta, min_factor=min_factor)
         self.min_drift_ms = min_drift_ms
         self.errors: deque[tuple[float, float, float]] = deque(maxlen=error_window)

@@ -74,7 +74,7 @@ class ResidualMemory:
     (0.3, 0.0, 3)
     """
 
-    def __init__(self, window: int = 7, prior_count: float = 0.5, max_keys: int = 100_000,
+    def __init__(self, window: int = 7, prior_count: float = 0.1, max_keys: int = 100_000,
                  key: Any = None) -> None:
         self.window = window
         self.prior_count = prior_count

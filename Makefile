@@ -1,0 +1,34 @@
+# accept-mqtt: `make demo` and `make test` set everything up on a fresh Debian machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build of torch that Debian/x86 machines here carry; pyproject keeps a wide range.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint setup mosquitto bench clean
+
+setup: mosquitto $(STAMP)
+
+mosquitto:
+	@bash broker/ensure_mosquitto.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev,plot]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/accept-mqtt train --model cnn --dataset digits --devices 3 --epochs 4 \
+		--json runs/demo.json
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
