@@ -1,0 +1,117 @@
+"""Pure parts alone: zoo, descriptors, plan, topics, micro-batches, stage, broker launcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accept_mqtt.descriptors import describe, output_shapes
+from accept_mqtt.microbatch import epoch_batches, split
+from accept_mqtt.plan import Plan, PlanError, Stage
+from accept_mqtt.planning import equal_cuts, proportional_cuts
+from accept_mqtt.topics import TopicError, Topics
+from accept_mqtt.zoo import ZOO, UnknownModelError, build_model
+from broker import MosquittoNotFound, find_mosquitto, render_config
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_cut_anywhere_and_describe_themselves(name: str) -> None:
+    m = build_model(name, seed=3)
+    d = describe(m)
+    assert len(d) == len(m.layers)
+    shapes = output_shapes(m)
+    x = torch.randn(2, *m.input_shape)
+    m.sequential().eval()
+    full = m.sequential()(x)
+    mid = len(m.layers) // 2
+    y = m.slice(mid, len(m.layers))(m.slice(0, mid)(x))
+    torch.testing.assert_close(full, y)
+    for a, b in zip(d, d[1:], strict=False):
+        assert b.in_elems == a.out_elems  # descriptors chain: what leaves one enters the next
+    assert d[0].in_elems == torch.Size(m.input_shape).numel()
+    assert all(int(torch.Size(s).numel()) == dd.out_elems for s, dd in zip(shapes, d, strict=True))
+    assert sum(x.params for x in d) == sum(p.numel() for p in m.sequential().parameters())
+    assert any(x.flops > 0 for x in d)
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    a = build_model("vgg", seed=1, width=0.25).sequential().state_dict()
+    b = build_model("vgg", seed=1, width=0.25).sequential().state_dict()
+    c = build_model("vgg", seed=2, width=0.25).sequential().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(UnknownModelError, match="the zoo has"):
+        build_model("resnet9000", seed=0)
+
+
+def test_conv_flops_by_hand() -> None:
+    d = describe(build_model("cnn", seed=0))[0]  # Conv2d(1, 16, 3, padding=1) on 1x8x8
+    assert (d.type, d.kernel, d.in_channels, d.out_channels) == ("conv2d", 3, 1, 16)
+    assert d.flops == 2 * (16 * 8 * 8) * 1 * 9
+    assert d.params == 16 * 9 + 16
+
+
+def test_plan_round_trip_and_validation() -> None:
+    st = (Stage(0, "a", 0, 3), Stage(1, "b", 3, 5, act_bits=4, grad_bits=8))
+    p = Plan(job="j", version=1, model="cnn", num_layers=5, stages=st)
+    assert Plan.from_json(p.to_json()) == p
+    with pytest.raises(PlanError, match="stage 1 covers layers"):
+        Plan(job="j", version=1, model="cnn", num_layers=5,
+             stages=(Stage(0, "a", 0, 3), Stage(1, "b", 2, 5)))
+    with pytest.raises(PlanError, match="holds two stages"):
+        Plan(job="j", version=1, model="cnn", num_layers=5,
+             stages=(Stage(0, "a", 0, 3), Stage(1, "a", 3, 5)))
+    with pytest.raises(PlanError, match="not JSON"):
+        Plan.from_json("{nope")
+    with pytest.raises(PlanError, match="act_bits must be"):
+        Plan(job="j", version=1, model="cnn", num_layers=1, stages=(Stage(0, "a", 0, 1, 9),))
+
+
+def test_topics_refuse_wildcards() -> None:
+    t = Topics("accept")
+    assert t.fwd("j1", 2) == "accept/jobs/j1/stage/2/fwd"
+    for bad in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(TopicError):
+            t.status(bad)
+    assert t.parse_device("accept/devices/pi-1/status") == "pi-1"
+    assert t.parse_device("accept/jobs/x/plan") is None
+
+
+def test_micro_batches() -> None:
+    assert split(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert split(2, 4) == [(0, 1), (1, 2)]
+    a = epoch_batches(100, 32, seed=1, epoch=0)
+    assert [len(b) for b in a] == [32, 32, 32, 4]
+    assert torch.equal(torch.cat(a).sort().values, torch.arange(100))
+    assert torch.equal(a[0], epoch_batches(100, 32, seed=1, epoch=0)[0])
+    assert not torch.equal(a[0], epoch_batches(100, 32, seed=1, epoch=1)[0])
+
+
+def test_cuts() -> None:
+    assert equal_cuts(14, 3) == [0, 5, 9, 14]
+    cuts = proportional_cuts([1.0] * 10, [1, 1, 2])
+    assert cuts[0] == 0 and cuts[-1] == 10 and all(b > a for a, b in zip(cuts, cuts[1:],
+                                                                           strict=False))
+    assert cuts[3] - cuts[2] >= cuts[1] - cuts[0]
+
+
+def test_broker_config_and_missing_binary(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    text = render_config("listener 1883 0.0.0.0\nallow_anonymous true\n", 4242, "127.0.0.1",
+                         tmp_path, persistence=False)
+    assert "listener 4242 127.0.0.1" in text and "0.0.0.0" not in text
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("MOSQUITTO_BIN", raising=False)
+    monkeypatch.setattr("broker.Path.is_file", lambda self: False)
+    with pytest.raises(MosquittoNotFound, match="apt-get install mosquitto"):
+        find_mosquitto()
+
+
+def test_device_agent_needs_no_river() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, device_agent.agent, device_agent.__main__; "
+            "bad = [m for m in ('river', 'accept_mqtt.coordinator', 'sklearn') "
+            "if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
