@@ -44,7 +44,7 @@ from .data import Dataset, load_dataset
 from .descriptors import describe
 from .microbatch import epoch_batches, split
 from .plan import Plan
-from .planning import DeviceInfo, build_plan, equal_cuts, flops_plan
+from .planning import DeviceInfo, build_plan, make_partition, prior_costs
 from .topics import Topics, check_id
 from .zoo import ZOO, build_model
 
@@ -123,6 +123,7 @@ class Coordinator:
         self._device_change = asyncio.Event()
         self.timing_samples: list[dict[str, Any]] = []
         self.profiles: dict[str, dict[str, Any]] = {}
+        self._info: dict[str, DeviceInfo] = {}
 
     # -- connection ----------------------------------------------------------------------
     async def __aenter__(self) -> Coordinator:
@@ -265,15 +266,21 @@ class Coordinator:
                   start_step: int = 0) -> Plan:
         model = build_model(self.cfg.model, seed=self.cfg.seed, width=self.cfg.width)
         descs = describe(model)
-        method = self.cfg.partition
-        if method == "equal":
-            order = sorted(devices, key=lambda d: d.id)
-            cuts = equal_cuts(len(descs), len(order))
-        else:  # "auto"/"predictor" fall back to FLOPs until the predictor is wired in
-            order, cuts = flops_plan(descs, devices)
-            method = "flops"
-        return build_plan(self.job, self.cfg, len(descs), order, cuts, method=method,
-                          version=version, start_step=start_step)
+        method = {"auto": "dp", "predictor": "dp"}.get(self.cfg.partition, self.cfg.partition)
+        res = make_partition(descs, devices, self.cfg, method=method, costs=self.layer_costs)
+        name = {"dp": f"dp+{self.cost_source}"}.get(method, method)
+        return build_plan(self.job, self.cfg, len(descs), [self._info[d] for d in res.devices],
+                          list(res.cuts), method=name, version=version,
+                          act_bits=list(res.act_bits), grad_bits=list(res.grad_bits),
+                          predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
+                          start_step=start_step)
+
+    cost_source = "flops-prior"
+
+    def layer_costs(self, descs: list[Any], profile: dict[str, Any],
+                    batch: int) -> list[tuple[float, float]]:
+        """(fwd_ms, bwd_ms) per layer on the device with ``profile``."""
+        return prior_costs(descs, profile, batch)
 
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
         """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
@@ -372,8 +379,9 @@ class Coordinator:
                             synthetic_size=cfg.synthetic_size)
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
         devices = await self.wait_for_devices(cfg.devices, cfg.device_timeout)
-        plan = self.make_plan(devices)
         self.profiles = {d.id: d.profile for d in devices}
+        self._info = {d.id: d for d in devices}
+        plan = self.make_plan(devices)
         await self.publish_plan(plan)
         t_start = time.time()
         await self._train_epochs(data)

@@ -6,11 +6,13 @@ and always returns a valid ``Plan`` or raises ``PlanningError`` naming what does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .config import TrainConfig
 from .descriptors import LayerDescriptor
+from .partition import PartitionResult, equal_split, flops_split, partition, problem_from_profiles
 from .plan import Plan, cuts_to_stages
 
 
@@ -29,42 +31,55 @@ class DeviceInfo:
         return float(self.profile.get("bench_gflops") or 1.0)
 
 
-def proportional_cuts(work: list[float], shares: list[float]) -> list[int]:
-    """Cut points giving stage ``i`` about ``shares[i]`` of the total ``work``, >= 1 layer each.
+CostFn = Callable[[list[LayerDescriptor], dict[str, Any], int], list[tuple[float, float]]]
 
-    >>> proportional_cuts([1, 1, 1, 1], [1, 1])
-    [0, 2, 4]
+
+def prior_costs(descs: list[LayerDescriptor], profile: dict[str, Any],
+                batch: int) -> list[tuple[float, float]]:
+    """FLOPs prior: (fwd_ms, bwd_ms) per layer at the device's benchmark GFLOP/s.
+
+    Backward is taken as twice the forward (weights and inputs gradients), the usual rule.
     """
-    n, k = len(work), len(shares)
-    if k > n:
-        raise PlanningError(f"{k} stages need at least {k} layers, the model has {n}")
-    total, share_total = sum(work), sum(shares)
-    cuts, acc, target = [0], 0.0, 0.0
-    for i in range(k - 1):
-        target += total * shares[i] / share_total
-        j = cuts[-1] + 1  # at least one layer in this stage
-        acc = sum(work[: j])
-        while j < n - (k - 1 - i) and acc + work[j] / 2 <= target:
-            acc += work[j]
-            j += 1
-        cuts.append(j)
-    cuts.append(n)
-    return cuts
+    gflops = float(profile.get("bench_gflops") or 1.0)
+    out = []
+    for d in descs:
+        fwd = max(d.flops, d.out_elems) * batch / (gflops * 1e9) * 1e3
+        out.append((fwd, 2.0 * fwd))
+    return out
 
 
-def equal_cuts(n: int, k: int) -> list[int]:
-    if k > n:
-        raise PlanningError(f"{k} stages need at least {k} layers, the model has {n}")
-    return [round(i * n / k) for i in range(k + 1)]
+def make_partition(
+    descs: list[LayerDescriptor],
+    devices: list[DeviceInfo],
+    cfg: TrainConfig,
+    *,
+    method: str,
+    costs: CostFn = prior_costs,
+) -> PartitionResult:
+    """Cut points, device order and link bits by ``method``: dp | flops | equal.
 
-
-def flops_plan(descs: list[LayerDescriptor], devices: list[DeviceInfo],
-               equal_devices: bool = False) -> tuple[list[DeviceInfo], list[int]]:
-    """FLOPs-proportional split: stage work proportional to each device's benchmark score."""
+    Every requested device gets a stage (the user asked for ``--devices N``); the bit widths
+    are the configured ones. ``dp`` minimises the time per mini-batch (fill and drain
+    included, ``objective="minibatch"``) under ``costs``.
+    """
+    mb = max(1, -(-cfg.batch_size // cfg.micro_batches))  # micro-batch size (ceil)
     order = sorted(devices, key=lambda d: d.id)
-    shares = [1.0] * len(order) if equal_devices else [d.speed for d in order]
-    work = [3.0 * max(d.flops, 1) for d in descs]  # backward ~ 2x forward
-    return order, proportional_cuts(work, shares)
+    per_dev = [costs(descs, d.profile, mb) for d in order]
+    problem = problem_from_profiles(
+        [d.id for d in order], [[f for f, _ in c] for c in per_dev],
+        [[b for _, b in c] for c in per_dev], descs, mb, {d.id: d.profile for d in order},
+        act_bits=(cfg.act_bits,), grad_bits=(cfg.grad_bits,), min_act_bits=cfg.act_bits,
+        min_grad_bits=cfg.grad_bits, micro_batches=cfg.micro_batches, schedule=cfg.schedule,
+        use_all_devices=True, fixed_order=method != "dp",
+    )
+    if len(order) > len(descs):
+        raise PlanningError(f"{len(order)} stages need at least {len(order)} layers, "
+                            f"the model has {len(descs)}")
+    if method == "equal":
+        return equal_split(problem, bits=cfg.act_bits)
+    if method == "flops":
+        return flops_split(problem, bits=cfg.act_bits)
+    return partition(problem, objective="minibatch")
 
 
 def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceInfo],

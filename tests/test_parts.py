@@ -8,7 +8,6 @@ import torch
 from accept_mqtt.descriptors import describe, output_shapes
 from accept_mqtt.microbatch import epoch_batches, split
 from accept_mqtt.plan import Plan, PlanError, Stage
-from accept_mqtt.planning import equal_cuts, proportional_cuts
 from accept_mqtt.topics import TopicError, Topics
 from accept_mqtt.zoo import ZOO, UnknownModelError, build_model
 from broker import MosquittoNotFound, find_mosquitto, render_config
@@ -87,12 +86,22 @@ def test_micro_batches() -> None:
     assert not torch.equal(a[0], epoch_batches(100, 32, seed=1, epoch=1)[0])
 
 
-def test_cuts() -> None:
-    assert equal_cuts(14, 3) == [0, 5, 9, 14]
-    cuts = proportional_cuts([1.0] * 10, [1, 1, 2])
-    assert cuts[0] == 0 and cuts[-1] == 10 and all(b > a for a, b in zip(cuts, cuts[1:],
-                                                                           strict=False))
-    assert cuts[3] - cuts[2] >= cuts[1] - cuts[0]
+@pytest.mark.parametrize("method", ["equal", "flops", "dp"])
+def test_every_partition_method_gives_a_valid_plan(method: str) -> None:
+    from accept_mqtt.config import TrainConfig
+    from accept_mqtt.planning import DeviceInfo, build_plan, make_partition
+
+    cfg = TrainConfig(model="cnn", devices=3)
+    descs = describe(build_model("cnn", seed=0))
+    devs = [DeviceInfo(f"d{i}", {"bench_gflops": g, "memory_mb": 4096})
+            for i, g in enumerate([10.0, 5.0, 2.5])]
+    res = make_partition(descs, devs, cfg, method=method)
+    plan = build_plan("j", cfg, len(descs), [d for i in res.devices for d in devs if d.id == i],
+                      list(res.cuts), method=method)
+    assert len(plan.stages) == 3 and plan.stages[-1].end == len(descs)
+    if method == "dp":  # the fastest device gets the most work
+        work = {s.device: sum(d.flops for d in descs[s.start:s.end]) for s in plan.stages}
+        assert max(work, key=work.__getitem__) == "d0"
 
 
 def test_broker_config_and_missing_binary(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

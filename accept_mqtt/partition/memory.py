@@ -25,7 +25,7 @@ def in_flight(p: PartitionProblem, stages_after: int) -> int:
     """Micro-batches whose activations a stage with ``stages_after`` later stages stashes."""
     if p.schedule == "gpipe":
         return p.micro_batches
-    return min(stages_after + 2, p.micro_batches)
+    return min(stages_after + 1, p.micro_batches)
 
 
 def _input_elems(p: PartitionProblem) -> np.ndarray:

@@ -5,7 +5,8 @@ the measurements):
 
 1. the roofline prior from the layer's FLOPs and elements and the device's micro-benchmark;
 2. a shared ``LatencyPredictor`` (a River regressor on the prior's residual, plus a memory of
-   each recently seen layer run), learnt from the shipped seed samples and every device;
+   each recently seen layer run), learnt from the shipped seed samples and, online, from
+   what the device levels below fail to explain on every device;
 3. per device, a median speed offset and per-layer residuals (``drift.DeviceState``), with an
    ADWIN detector that reports when the device's speed changes.
 
@@ -151,10 +152,12 @@ class CostModel:
         device = str(sample.get("device") or profile.get("device") or "unknown")
         st = self._state(device, profile)
         shared = self.predictor.predict_log(x)
-        predicted = math.exp(shared + st.correction(x))
-        st.learn(x, ms, shared, predicted)
-        # the shared model learns the time with this device's speed offset taken out
-        self.predictor.learn_one(x, ms * math.exp(-st.offset))
+        full = st.predict_log(x, shared)
+        st.learn(x, ms, shared, full)
+        # The shared model learns only what this device's own levels did not explain (its
+        # prediction error, added to its own prediction): device-specific speed stays with
+        # the device, and levels that both learnt the same residual would double-count it.
+        self.predictor.learn_one(x, ms * math.exp(shared - full))
         self.baseline.learn_one(x, ms)
         self.n_observed += 1
 
@@ -175,7 +178,7 @@ class CostModel:
         log_ms = self.predictor.predict_log(x)
         st = self.devices.get(device) if device else None
         if st is not None:
-            log_ms += st.correction(x)
+            log_ms = st.predict_log(x, log_ms)
         return math.exp(log_ms)
 
     def predict_ms(self, layer: Any, profile: Profile, batch: int, direction: str, *,

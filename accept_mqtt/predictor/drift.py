@@ -2,13 +2,18 @@
 
 Guarantees:
 
-* ``SpeedDrift`` runs ``river.drift.ADWIN`` on a device's log ratio measured / predicted (the
-  device-independent prediction, so the signal keeps its level until the device changes) and
-  reports a change only when ADWIN finds one *and* the speed moved by at least
-  ``min_factor`` (either way); ``factor`` says by how much.
-* ``DeviceState`` keeps a robust (median) speed offset of the device relative to the shared
-  model and per-layer residuals of its own; on a reported drift both restart from the
-  samples after the change, so predictions follow a device that slowed down within a step.
+* ``SpeedDrift`` runs ``river.drift.ADWIN`` on a device's prequential log error (measured /
+  predicted, each prediction made before learning the sample). It reports a change only
+  when ADWIN finds one *and* the latest samples are off by at least ``min_factor`` (either
+  way) *and* differ from the older window by as much, so noise, a one-off spike and the
+  model catching up after a change are not reported; ``factor`` is measured / predicted
+  at detection. It restarts after each report.
+* ``DeviceState`` keeps three robust (median) levels for the device: a speed offset relative
+  to the shared model, a correction per layer type and direction, and the recent offset-free
+  times of each layer run on it. Each level defers to the one above until it has samples,
+  so ten samples already fix the speed and the per-layer memory wins where it has data. On
+  a reported drift the offset moves by the reported factor at once and the finer levels
+  restart, so predictions follow a device that slowed down within a step.
 * ``error()`` is the mean absolute percentage error of the last ``window`` predictions made
   for the device *before* it learnt from each sample (prequential), so it is honest.
 """
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 from river import drift
 
-from .features import Features, run_key
+from .features import Features, run_key, type_key
 from .latency import ResidualMemory
 
 CLIP = 3.0  # a single sample moves a log-ratio statistic by at most e^3
@@ -39,6 +44,8 @@ class DriftEvent:
 
 class SpeedDrift:
     """ADWIN on the log of measured / predicted time, with the size of the change.
+
+    ``update`` returns None, or the factor measured / predicted when a change is reported.
 
     >>> import random
     >>> rng = random.Random(0)
@@ -64,13 +71,8 @@ class SpeedDrift:
         self.adwin = drift.ADWIN(delta=self.delta, clock=self.clock)
         self.recent: deque[float] = deque(maxlen=self.n_recent)
 
-    @property
-    def level(self) -> float:
-        """Mean log ratio over the current window (0 when empty)."""
-        return float(self.adwin.estimation) if self.adwin.width else 0.0
-
     def update(self, log_ratio: float) -> float | None:
-        """Feed one log ratio; returns the speed factor new/old when a change is reported."""
+        """Feed one log ratio; returns measured / predicted when a change is reported."""
         x = max(-CLIP, min(CLIP, log_ratio))
         self.recent.append(x)
         w0, t0 = self.adwin.width, self.adwin.total
@@ -82,20 +84,23 @@ class SpeedDrift:
         dropped = w0 + 1 - self.adwin.width
         if dropped <= 0:
             return None
-        change = statistics.median(self.recent) - (t0 + x - self.adwin.total) / dropped
-        if abs(change) < math.log(self.min_factor):
+        level = statistics.median(self.recent)
+        change = level - (t0 + x - self.adwin.total) / dropped
+        if min(abs(level), abs(change)) < math.log(self.min_factor):
             return None
-        return math.exp(change)
+        self.reset()
+        return math.exp(level)
 
 
 class DeviceState:
     """What the cost model knows about one device beyond the shared latency model."""
 
     def __init__(self, device: str, *, offset_window: int = 31, error_window: int = 200,
-                 min_drift_ms: float = 0.05, min_factor: float = 1.3,
+                 min_drift_ms: float = 0.02, min_factor: float = 1.3,
                  drift_delta: float = 0.002) -> None:
         self.device = device
         self.offsets: deque[float] = deque(maxlen=offset_window)
+        self.by_type = ResidualMemory(window=15, prior_count=2.0, key=type_key)
         self.memory = ResidualMemory(window=5, prior_count=0.1, key=run_key)
         self.drift = SpeedDrift(delta=drift_delta, min_factor=min_factor)
         self.min_drift_ms = min_drift_ms
@@ -110,27 +115,33 @@ class DeviceState:
         """Median log ratio of this device's times to the shared model's (0 if unknown)."""
         return statistics.median(self.offsets) if self.offsets else 0.0
 
-    def correction(self, x: Features) -> float:
-        """Log correction for ``x`` on this device: speed offset plus the layer's residual."""
-        return self.offset + self.memory.predict_one(x)
+    def predict_log(self, x: Features, shared_log: float) -> float:
+        """Log ms of ``x`` here: the layer's own recent times on this device where it has
+        them, else the shared model's ``shared_log`` corrected by what this device does
+        differently for the layer's type and direction; all scaled by the speed offset."""
+        fallback = shared_log + self.by_type.predict_one(x)
+        return self.offset + self.memory.blend(x, fallback)
 
-    def learn(self, x: Features, ms: float, shared_log: float, predicted_ms: float) -> None:
+    def learn(self, x: Features, ms: float, shared_log: float, predicted_log: float) -> None:
         """One measured sample; ``shared_log`` is the shared model's log prediction for it
-        and ``predicted_ms`` what the full model predicted (for the rolling error)."""
+        and ``predicted_log`` this device's (``predict_log``), both made before learning."""
         self.samples += 1
-        self.errors.append((abs(predicted_ms - ms) / ms, abs(predicted_ms - ms), ms))
-        e1 = max(-CLIP, min(CLIP, math.log(ms) - shared_log))
-        watched = math.exp(shared_log) >= self.min_drift_ms
-        if watched:
-            factor = self.drift.update(e1)
+        predicted = math.exp(predicted_log)
+        self.errors.append((abs(predicted - ms) / ms, abs(predicted - ms), ms))
+        if predicted >= self.min_drift_ms:
+            factor = self.drift.update(math.log(ms) - predicted_log)
             if factor is not None:
                 self.events.append(DriftEvent(self.device, factor, self.samples))
                 self.pending_drift = True
-                # restart from the latest samples (they include this one, appended below)
+                shift = math.log(factor)
+                shifted = [o + shift for o in self.offsets]
                 self.offsets.clear()
-                self.offsets.extend(list(self.drift.recent)[:-1])
+                self.offsets.extend(shifted)
+                self.by_type.clear()
                 self.memory.clear()
-        self.memory.learn_one(x, e1 - self.offset)
+        e1 = max(-CLIP, min(CLIP, math.log(ms) - shared_log))
+        self.by_type.learn_one(x, e1 - self.offset)
+        self.memory.learn_one(x, math.log(ms) - self.offset)
         self.offsets.append(e1)
 
     def error(self) -> float | None:
@@ -147,5 +158,6 @@ class DeviceState:
     def reset(self) -> None:
         """Forget everything learnt about this device (its profile changed)."""
         self.offsets.clear()
+        self.by_type.clear()
         self.memory.clear()
         self.drift.reset()

@@ -140,3 +140,9 @@ def run_key(x: Features) -> tuple[float, ...]:
     """What identifies one layer run on any device of one kind: layer shape, batch, direction
     and threads, but not the device's speed (so slowed-down copies of a device share it)."""
     return tuple(round(x.get(k, 0.0), 6) for k in _KEY_FEATURES)
+
+
+def type_key(x: Features) -> tuple[str, float]:
+    """Layer type and direction of a feature dict."""
+    t = next((t for t in LAYER_TYPES if x.get(f"t_{t}")), "other")
+    return t, x.get("bwd", 0.0)

@@ -8,9 +8,9 @@ Guarantees:
   ``log(ms) = log_prior_ms + residual``: before it has learnt anything it returns the FLOPs
   prior, and on a device it has never seen it starts from that device's micro-benchmark.
 * With ``memory`` (the default) a layer run seen before (same shape, batch, direction and
-  threads) is corrected by the median of its own recent residuals, shrunk toward the
-  regressor by how often it was seen: repeated layers converge to their measured time while
-  new ones fall back on the regressor.
+  threads) is predicted from the median of its own recent (prior-relative) times, blended
+  with the regressor by how often it was seen: repeated layers converge to their measured
+  time while new ones fall back on the regressor.
 * ``learn_one`` ignores non-positive or non-finite times (a backward with nothing to compute
   reports 0 ms) instead of failing.
 * ``FlopsBaseline`` is the comparison point: ``ms = k * FLOPs * batch / bench_gflops`` (backward
@@ -33,45 +33,70 @@ MAX_LOG_RESIDUAL = 6.0  # the learnt correction never moves the prior by more th
 REGRESSORS = ("linear", "hat", "arf", "knn")
 
 
-def make_regressor(kind: str = "arf", seed: int = 0) -> base.Regressor:
+def _linear() -> linear_model.LinearRegression:
+    return linear_model.LinearRegression(optimizer=optim.SGD(0.01), intercept_lr=0.01,
+                                         l2=1e-4, clip_gradient=1.0)
+
+
+class Clip(base.Transformer):
+    """Clip every (standardised) feature to ``[-bound, bound]``.
+
+    A device unlike any seen (a Pi with 4 threads at 5 GFLOP/s after a seed of 1-2 thread
+    x86 runs) then looks like the nearest one seen instead of sending linear leaf models
+    into wild extrapolation.
+
+    >>> Clip(3.0).transform_one({"a": -7.5, "b": 0.5})
+    {'a': -3.0, 'b': 0.5}
+    """
+
+    def __init__(self, bound: float = 3.0) -> None:
+        self.bound = bound
+
+    def transform_one(self, x: dict[str, Any]) -> dict[str, Any]:
+        b = self.bound
+        return {k: max(-b, min(b, v)) for k, v in x.items()}
+
+
+def _scaled(model: base.Regressor) -> base.Regressor:
+    return preprocessing.StandardScaler() | Clip(3.0) | model
+
+
+def make_regressor(kind: str = "hat", seed: int = 0) -> base.Regressor:
     """A fresh River regressor of one of the compared families (see docs/predictor.md).
 
     >>> type(make_regressor("hat")).__name__
     'Pipeline'
     """
     if kind == "linear":
-        return preprocessing.StandardScaler() | linear_model.LinearRegression(
-            optimizer=optim.SGD(0.01), intercept_lr=0.01, l2=1e-4)
+        return _scaled(_linear())
     if kind == "hat":
-        return preprocessing.StandardScaler() | tree.HoeffdingAdaptiveTreeRegressor(
+        return _scaled(tree.HoeffdingAdaptiveTreeRegressor(
             grace_period=50, leaf_prediction="adaptive", model_selector_decay=0.3,
-            leaf_model=linear_model.LinearRegression(optimizer=optim.SGD(0.01), l2=1e-4),
-            seed=seed)
+            leaf_model=_linear(), seed=seed))
     if kind == "arf":
-        return preprocessing.StandardScaler() | forest.ARFRegressor(
+        return _scaled(forest.ARFRegressor(
             n_models=5, grace_period=50, leaf_prediction="adaptive", model_selector_decay=0.3,
-            aggregation_method="mean",
-            leaf_model=linear_model.LinearRegression(optimizer=optim.SGD(0.01), l2=1e-4),
-            seed=seed)
+            aggregation_method="mean", leaf_model=_linear(), seed=seed))
     if kind == "knn":
-        return preprocessing.StandardScaler() | neighbors.KNNRegressor(
-            n_neighbors=5, engine=neighbors.LazySearch(window_size=1000))
+        return _scaled(neighbors.KNNRegressor(
+            n_neighbors=5, engine=neighbors.LazySearch(window_size=1000)))
     raise ValueError(f"unknown regressor {kind!r}; choose from {', '.join(REGRESSORS)}")
 
 
 class ResidualMemory:
     """Per-key robust memory of a residual: median of the last ``window`` values.
 
-    ``predict_one`` shrinks that median toward 0 by ``n / (n + prior_count)`` for ``n`` values
-    seen, and returns 0 for a key never seen. The least recently used keys are forgotten
-    beyond ``max_keys``.
+    ``blend(x, fallback)`` weighs that median by ``n / (n + prior_count)`` for ``n`` values
+    seen and ``fallback`` by the rest (so a key never seen gives ``fallback``);
+    ``predict_one`` is ``blend(x, 0.0)``. The least recently used keys are forgotten beyond
+    ``max_keys``.
 
-    >>> m = ResidualMemory(window=3, prior_count=0.0)
+    >>> m = ResidualMemory(window=3, prior_count=1.0)
     >>> x = {"k": 1.0}
     >>> for y in (0.1, 5.0, 0.3, 0.2):
     ...     m.learn_one(x, y)
-    >>> m.predict_one(x), m.predict_one({"k": 2.0}), m.count(x)
-    (0.3, 0.0, 3)
+    >>> m.count(x), round(m.predict_one(x), 3), m.blend(x, 1.5), m.blend({"k": 2.0}, 1.5)
+    (3, 0.225, 0.6, 1.5)
     """
 
     def __init__(self, window: int = 7, prior_count: float = 0.1, max_keys: int = 100_000,
@@ -97,12 +122,15 @@ class ResidualMemory:
         q = self._mem.get(self.key(x))
         return len(q) if q else 0
 
-    def predict_one(self, x: Features) -> float:
+    def blend(self, x: Features, fallback: float) -> float:
         q = self._mem.get(self.key(x))
         if not q:
-            return 0.0
-        n = len(q)
-        return statistics.median(q) * n / (n + self.prior_count)
+            return fallback
+        w = len(q) / (len(q) + self.prior_count)
+        return w * statistics.median(q) + (1.0 - w) * fallback
+
+    def predict_one(self, x: Features) -> float:
+        return self.blend(x, 0.0)
 
     def clear(self) -> None:
         self._mem.clear()
@@ -116,7 +144,8 @@ class LatencyPredictor:
 
     ``x`` is a dict from ``features.features``; with ``use_prior`` the regressor learns the
     log ratio of the measured time to the features' ``log_prior_ms``, and with ``memory`` a
-    ``ResidualMemory`` keyed by ``features.run_key`` learns what the regressor still misses.
+    ``ResidualMemory`` keyed by ``features.run_key`` remembers that ratio per layer run and
+    overrides the regressor where it has seen the run.
 
     >>> from accept_mqtt.predictor.features import features
     >>> layer = {"type": "linear", "flops": 2_000_000, "params": 1_000_000, "in_elems": 1000,
@@ -148,7 +177,7 @@ class LatencyPredictor:
             return
         y = math.log(ms) - self._offset(x)
         if self.memory is not None:
-            self.memory.learn_one(x, y - self._model_residual(x))
+            self.memory.learn_one(x, y)
         self.regressor.learn_one(x, y)
         self.n_learned += 1
 
@@ -161,7 +190,7 @@ class LatencyPredictor:
         """Predicted natural log of the time in ms."""
         r = self._model_residual(x)
         if self.memory is not None:
-            r += self.memory.predict_one(x)
+            r = self.memory.blend(x, r)
         return self._offset(x) + max(-MAX_LOG_RESIDUAL, min(MAX_LOG_RESIDUAL, r))
 
     def predict_one(self, x: Features) -> float:
