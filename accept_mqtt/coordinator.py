@@ -75,6 +75,8 @@ def new_job_id() -> str:
 
 Progress = Callable[[str, dict[str, Any]], None]
 
+CONTROL_COMMANDS = ("start", "pause", "resume", "stop", "status", "repartition", "set")
+
 
 @dataclass
 class StageTotals:
@@ -121,6 +123,9 @@ class Coordinator:
         self._weights: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._lost: str | None = None
         self._device_change = asyncio.Event()
+        self._running = asyncio.Event()  # cleared by the 'pause' control command
+        self._running.set()
+        self.stop_requested = False
         self.timing_samples: list[dict[str, Any]] = []
         self.profiles: dict[str, dict[str, Any]] = {}
         self._info: dict[str, DeviceInfo] = {}
@@ -133,7 +138,7 @@ class Coordinator:
         await self._client.__aenter__()
         t, c = self.topics, self._client
         for topic in (t.all_status, t.all_profiles, f"{t.job(self.job)}/events/+",
-                      t.metrics(self.job), f"{t.job(self.job)}/timing/+",
+                      t.metrics(self.job), t.control(self.job), f"{t.job(self.job)}/timing/+",
                       f"{t.job(self.job)}/weights/+"):
             await c.subscribe(topic, qos=1)
         self._reader = asyncio.create_task(self._read(), name="coordinator-reader")
@@ -200,12 +205,56 @@ class Coordinator:
                 log.warning("device %s rejected %s: %s", body.get("device"), body.get("topic"),
                             body.get("reason"))
                 self.progress("error", body)
+        elif tail[0] == "control":
+            self._on_control(payload)
         elif tail[0] == "timing":
             samples = json.loads(payload)
             if isinstance(samples, list):
                 self.on_timing(tail[1], samples)
         elif tail[0] == "weights":
             self._weights.put_nowait(msgpack.unpackb(payload, raw=False))
+
+    def _on_control(self, payload: bytes) -> None:
+        """A user's command on ``{root}/jobs/{job}/control``; a bad one changes nothing."""
+        topic = self.topics.control(self.job)
+        try:
+            cmd = json.loads(payload)
+            if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
+                raise ValueError("expected a JSON object with a string 'cmd'")
+        except ValueError as e:
+            self._control_error(topic, f"malformed control message: {e}")
+            return
+        name = cmd["cmd"]
+        if name not in CONTROL_COMMANDS:
+            self._control_error(topic, f"unknown command {name!r}; known: "
+                                f"{', '.join(CONTROL_COMMANDS)}")
+            return
+        log.info("control: %s", cmd)
+        if name == "pause":
+            self._running.clear()
+        elif name in ("resume", "start"):
+            self._running.set()
+        elif name == "stop":
+            self.stop_requested = True
+            self._running.set()
+        elif name in ("repartition", "set"):
+            self._control_error(topic, f"command {name!r} is not supported by this coordinator "
+                                "yet (live re-planning is not built); nothing changed")
+            return
+        asyncio.get_running_loop().create_task(self._metric({"type": "status", **self.status()}))
+
+    def _control_error(self, topic: str, reason: str) -> None:
+        log.warning("control message rejected: %s", reason)
+        err = {"type": "error", "device": "coordinator", "topic": topic, "reason": reason}
+        self.state.errors.append(err)
+        self.progress("error", err)
+        asyncio.get_running_loop().create_task(self._metric(err))
+
+    def status(self) -> dict[str, Any]:
+        return {"step": self.state.step, "epoch": self.state.epoch,
+                "paused": not self._running.is_set(), "stopping": self.stop_requested,
+                "plan_version": self.plan.version if self.plan else None,
+                "devices": self.plan.devices if self.plan else []}
 
     def on_timing(self, device: str, samples: list[dict[str, Any]]) -> None:
         """Timing samples of one device; the adaptive predictor hooks in here."""
@@ -405,6 +454,11 @@ class Coordinator:
             for idx in epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
                 if cfg.max_steps is not None and st.step >= cfg.max_steps:
                     break
+                if not self._running.is_set():
+                    self.progress("status", {"msg": f"paused at step {st.step}"})
+                    await self._running.wait()
+                if self.stop_requested:
+                    break
                 t0 = time.perf_counter()
                 res = await self.train_step(data.train_x[idx], data.train_y[idx])
                 dt = time.perf_counter() - t0
@@ -423,7 +477,7 @@ class Coordinator:
             st.history.append(ep)
             await self._metric(ep)
             self.progress("epoch", ep)
-            if cfg.max_steps is not None and st.step >= cfg.max_steps:
+            if self.stop_requested or (cfg.max_steps is not None and st.step >= cfg.max_steps):
                 break
 
     def _record(self, data: Dataset, dataset: str, t_start: float) -> dict[str, Any]:

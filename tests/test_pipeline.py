@@ -169,3 +169,61 @@ def test_weights_message_is_msgpack(broker: MosquittoBroker, tmp_path: Path) -> 
     bodies = sorted((msgpack.unpackb(p, raw=False) for p in captured), key=lambda b: b["stage"])
     assert [b["stage"] for b in bodies] == [0, 1, 2]
     assert bodies[0]["tensors"]["0.weight"]["shape"] == [16, 1, 3, 3]
+
+
+def test_control_from_mosquitto_pub(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """pause/resume/status/stop from a shell; unknown and malformed commands change nothing."""
+    import shutil
+    import subprocess
+
+    pub = shutil.which("mosquitto_pub")
+    assert pub, "mosquitto_pub missing: 'make test' installs mosquitto-clients"
+    cfg = _cfg(tmp_path, max_steps=None, epochs=20)
+    job = "ctl"
+    replies: list[dict] = []
+
+    def shell(body: str) -> None:
+        subprocess.run([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                        "-t", f"accept/jobs/{job}/control", "-m", body], check=True, timeout=10)
+
+    async def watch() -> None:
+        async with aiomqtt.Client(broker.host, broker.port) as c:
+            await c.subscribe(f"accept/jobs/{job}/metrics")
+            async for msg in c.messages:
+                body = json.loads(bytes(msg.payload or b"{}"))
+                if body.get("type") in ("status", "error"):
+                    replies.append(body)
+
+    async def main() -> dict:
+        watcher = asyncio.create_task(watch())
+        async with running_agents(broker.url, DEVICES):
+            async with Coordinator(broker.url, cfg, job=job) as coord:
+                run = asyncio.create_task(coord.run())
+                while coord.state.step < 2:
+                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(shell, '{"cmd": "pause"}')
+                await asyncio.sleep(0.5)
+                paused_at = coord.state.step
+                await asyncio.sleep(0.7)
+                assert coord.state.step == paused_at, "no step while paused"
+                await asyncio.to_thread(shell, '{"cmd": "dance"}')
+                await asyncio.to_thread(shell, "not json at all")
+                await asyncio.to_thread(shell, '{"cmd": "status"}')
+                await asyncio.sleep(0.3)
+                assert coord.state.step == paused_at, "a bad command must not resume training"
+                await asyncio.to_thread(shell, '{"cmd": "resume"}')
+                while coord.state.step < paused_at + 2:
+                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(shell, '{"cmd": "stop"}')
+                record = await asyncio.wait_for(run, 30)
+        watcher.cancel()
+        return record
+
+    record = asyncio.run(main())
+    assert record["steps"] < 20 * 23, "stop ended the job early"
+    assert record["final_accuracy"] is not None, "a stopped job is still evaluated and saved"
+    errors = [r["reason"] for r in replies if r["type"] == "error"]
+    assert any("unknown command 'dance'" in e for e in errors), errors
+    assert any("malformed control message" in e for e in errors), errors
+    statuses = [r for r in replies if r["type"] == "status"]
+    assert any(s["paused"] for s in statuses) and any(s["stopping"] for s in statuses)
