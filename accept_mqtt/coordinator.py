@@ -96,6 +96,7 @@ class RunState:
     train_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    drifts: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[int, StageTotals] = field(default_factory=dict)
 
 
@@ -129,6 +130,7 @@ class Coordinator:
         self.timing_samples: list[dict[str, Any]] = []
         self.profiles: dict[str, dict[str, Any]] = {}
         self._info: dict[str, DeviceInfo] = {}
+        self.costs: Any = None  # predictor.CostModel when planning by prediction
 
     # -- connection ----------------------------------------------------------------------
     async def __aenter__(self) -> Coordinator:
@@ -257,10 +259,26 @@ class Coordinator:
                 "devices": self.plan.devices if self.plan else []}
 
     def on_timing(self, device: str, samples: list[dict[str, Any]]) -> None:
-        """Timing samples of one device; the adaptive predictor hooks in here."""
+        """Timing samples of one device: the predictor learns from every one of them and
+        watches the device's speed; a detected change is reported as ``drift``."""
         for s in samples:
             s["device"] = device
         self.timing_samples.extend(samples)
+        profile = self.profiles.get(device) or self.devices.get(device, {}).get("profile")
+        if self.costs is None or profile is None:
+            return
+        self.costs.observe_many(profile, samples)
+        if self.costs.drift(device):
+            ev = {"type": "drift", "device": device, "step": self.state.step,
+                  "speed_factor": round(self.costs.device_factor(device), 3),
+                  "error": self.costs.device_error(device),
+                  "action": "re-plan advised (live re-planning is not built yet)"}
+            self.state.drifts.append(ev)
+            log.warning("device %s changed speed: %.2fx its profile", device,
+                        ev["speed_factor"])
+            self.progress("replan", {"reason": f"{device} now runs at "
+                                               f"{ev['speed_factor']}x its profiled time"})
+            asyncio.get_running_loop().create_task(self._metric(ev))
 
     def _on_stepped(self, ev: dict[str, Any]) -> None:
         k = int(ev["stage"])
@@ -324,12 +342,26 @@ class Coordinator:
                           predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
                           start_step=start_step)
 
-    cost_source = "flops-prior"
+    @property
+    def cost_source(self) -> str:
+        return "predictor" if self.costs is not None else "flops-prior"
 
     def layer_costs(self, descs: list[Any], profile: dict[str, Any],
                     batch: int) -> list[tuple[float, float]]:
-        """(fwd_ms, bwd_ms) per layer on the device with ``profile``."""
+        """(fwd_ms, bwd_ms) per layer on the device with ``profile``: the adaptive predictor
+        when planning uses it, else the FLOPs prior."""
+        if self.costs is not None:
+            return self.costs.layer_costs(descs, profile, batch, device=profile.get("device"))
         return prior_costs(descs, profile, batch)
+
+    def _load_costs(self) -> None:
+        """The online latency predictor (River), seeded, or restored from ``predictor_state``."""
+        if self.cfg.partition not in ("auto", "predictor") or self.costs is not None:
+            return
+        from .predictor import CostModel  # River is imported only when planning needs it
+
+        self.progress("status", {"msg": "loading the latency predictor"})
+        self.costs = CostModel.load_or_seed(self.cfg.predictor_state)
 
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
         """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
@@ -426,6 +458,7 @@ class Coordinator:
         dataset = cfg.dataset or ZOO[cfg.model].default_dataset
         data = load_dataset(dataset, path=cfg.data_path, seed=cfg.seed,
                             synthetic_size=cfg.synthetic_size)
+        self._load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
         devices = await self.wait_for_devices(cfg.devices, cfg.device_timeout)
         self.profiles = {d.id: d.profile for d in devices}
@@ -436,6 +469,8 @@ class Coordinator:
         await self._train_epochs(data)
         weights = await self.collect_weights()
         record = self._record(data, dataset, t_start)
+        if self.costs is not None and cfg.predictor_state:
+            self.costs.save(cfg.predictor_state)
         self._write(record, weights)
         await self._metric({"type": "done", "final_accuracy": record["final_accuracy"],
                             "samples_per_s": record["samples_per_s"]})
@@ -504,6 +539,9 @@ class Coordinator:
             "samples_per_s": round(st.samples / max(st.train_s, 1e-9), 2),
             "final_accuracy": st.history[-1]["test_accuracy"] if st.history else None,
             "epochs": st.history, "stages": stages, "links": links, "errors": st.errors,
+            "drifts": st.drifts, "timing_samples": len(self.timing_samples),
+            "predictor_error": None if self.costs is None else {
+                d: self.costs.device_error(d) for d in self.plan.devices},
             "started": t_start, "finished": time.time(), "torch": torch.__version__,
         }
 
