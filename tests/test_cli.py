@@ -22,6 +22,11 @@ def test_train_without_broker_runs_a_private_cluster(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert rec["steps"] == 5 and len(rec["stages"]) == 3
+    # default planning: the DP fed by the online predictor, which learnt from agents' samples
+    assert rec["plan"]["method"] == "dp+predictor"
+    assert all(s["predicted_ms"] > 0 for s in rec["plan"]["stages"])
+    assert rec["timing_samples"] > 0
+    assert all(e is not None for e in rec["predictor_error"].values())
     assert 0.0 <= rec["final_accuracy"] <= 1.0
     assert "samples/s" in p.stdout and "held-out accuracy" in p.stdout
     assert (Path(rec["record_path"])).exists() and Path(rec["model_path"]).exists()
