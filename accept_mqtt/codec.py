@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     The result has exactly ``packed_nbytes(len(codes), bits)`` bytes, last one zero-padded.
     """
     n = len(codes)
+    if n and (int(np.min(codes)) < 0 or int(np.max(codes)) >= 2**bits):
+        raise ValueError(f"codes must be in 0..{2**bits - 1} for {bits} bits")
     buf = np.zeros(_padded_len(n), np.uint8)
     buf[:n] = codes
     return _pack(buf, n, bits).tobytes()
@@ -227,10 +230,10 @@ def wire_scales(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
         )
     s32 = s64.astype(np.float32)
     normal = s32 >= _F32_TINY
-    down = normal & (s32 > s64)
-    up = ~normal & (s32 < s64)
-    s32[down] = np.nextafter(s32[down], np.float32(0))
-    s32[up] = np.nextafter(s32[up], np.float32(np.inf))
+    wrong_way = np.where(normal, s32 > s64, s32 < s64)
+    if wrong_way.any():
+        toward = np.where(normal, np.float32(0), np.float32(np.inf))
+        s32 = np.where(wrong_way, np.nextafter(s32, toward), s32)
     return s32
 
 
@@ -288,8 +291,9 @@ def quantize(
     fast = bool(((scale == 0) | (scale >= _F32_SAFE_SCALE)).all()) and float(
         (hi - lo).max()) < _F32_SAFE_RANGE
     dt = np.float32 if fast else np.float64
-    with np.errstate(divide="ignore"):
-        inv = np.where(scale > 0, 1.0 / scale.astype(np.float64), 0.0).astype(dt)
+    # in float64: 1/scale of a subnormal scale overflows float32
+    inv = np.divide(1.0, scale.astype(np.float64), out=np.zeros(scale.shape),
+                    where=scale > 0).astype(dt)
     if axis is None:
         src, lo_b, inv_b = arr.reshape(-1), dt(lo32[0]), dt(inv[0])
     else:
@@ -324,6 +328,10 @@ def _value_table(lo: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
 # Per-tensor decode of widths that divide 8 looks up whole packed bytes: one gather gives
 # 8/bits floats, stored as one wide item (void for 16 and 32 bytes, exact byte copies).
 _BYTE_ITEM = {8: np.dtype("<f4"), 4: _U64, 2: np.dtype("V16"), 1: np.dtype("V32")}
+# _BYTE_CODES[bits][byte] = the 8/bits codes in that byte, first code first.
+_BYTE_CODES = {
+    b: (np.arange(256)[:, None] >> (np.arange(8 // b) * b)) & (2**b - 1) for b in _BYTE_ITEM
+}
 
 
 def dequantize(
@@ -338,9 +346,7 @@ def dequantize(
     raw = np.frombuffer(data, np.uint8) if isinstance(data, bytes | bytearray) else data
     raw = raw[: packed_nbytes(n, bits)]
     if axis is None and bits in _BYTE_ITEM:
-        per = 8 // bits
-        byte_codes = (np.arange(256)[:, None] >> (np.arange(per) * bits)) & (2**bits - 1)
-        by_byte = np.ascontiguousarray(table[0][byte_codes]).view(_BYTE_ITEM[bits]).reshape(-1)
+        by_byte = table[0][_BYTE_CODES[bits]].view(_BYTE_ITEM[bits]).reshape(-1)
         out = by_byte.take(raw).view(np.float32)[:n]
     elif axis is None:
         out = table[0].take(unpack_codes(raw, n, bits))
@@ -378,6 +384,8 @@ def encode(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not _is_int(bits):
+        raise ValueError(f"bits must be an int, got {bits!r}")
     if not isinstance(job, str) or not _JOB_ID.match(job):
         raise ValueError(f"job id {job!r} must match [A-Za-z0-9_-]{{1,64}}")
     for name, val in (("step", step), ("mb", mb)):
@@ -445,6 +453,11 @@ def _bin_header(n: int) -> bytes:
 
 
 def _f32_exact(v: float | list[float]) -> bool:
+    if not isinstance(v, list):
+        try:
+            return struct.unpack("<f", struct.pack("<f", v))[0] == v
+        except (OverflowError, struct.error, TypeError):
+            return False
     a = np.asarray(v, np.float64)
     with np.errstate(over="ignore"):
         return bool((a.astype(np.float32).astype(np.float64) == a).all())
@@ -510,24 +523,24 @@ def _is_number(v: object) -> bool:
 
 
 def _check_floats(topic: str, name: str, v: object, count: int | None, axis: int | None) -> \
-        np.ndarray:
-    """``lo``/``scale`` as a float64 array: one number (``count`` None) or ``count`` of them."""
+        float:
+    """Check ``lo``/``scale``: one number (``count`` None) or ``count`` of them; their min."""
     if count is None:
-        if not _is_number(v):
+        if not isinstance(v, int | float) or isinstance(v, bool):
             raise FrameError(topic, f"{name} must be a number when axis is nil, got {v!r:.60}")
-        vals = [v]
-    else:
-        if not isinstance(v, list) or not all(_is_number(e) for e in v):
-            raise FrameError(topic, f"{name} must be a list of numbers (per channel on axis "
-                             f"{axis}), got {type(v).__name__}")
-        if len(v) != count:
-            raise FrameError(topic, f"{name} has {len(v)} values but axis {axis} has {count} "
-                             f"channels")
-        vals = v
-    arr = np.asarray(vals, np.float64)
+        if not math.isfinite(v):
+            raise FrameError(topic, f"{name} has NaN or inf")
+        return float(v)
+    if not isinstance(v, list) or not all(_is_number(e) for e in v):
+        raise FrameError(topic, f"{name} must be a list of numbers (per channel on axis "
+                         f"{axis}), got {type(v).__name__}")
+    if len(v) != count:
+        raise FrameError(topic, f"{name} has {len(v)} values but axis {axis} has {count} "
+                         f"channels")
+    arr = np.asarray(v, np.float64)
     if not np.isfinite(arr).all():
         raise FrameError(topic, f"{name} has NaN or inf")
-    return arr
+    return float(arr.min()) if arr.size else 0.0
 
 
 def validate(frame: TensorFrame, topic: str = "") -> None:
@@ -561,8 +574,7 @@ def validate(frame: TensorFrame, topic: str = "") -> None:
             raise FrameError(topic, f"axis {f.axis} out of range for shape {list(f.shape)}")
         count = None if f.axis is None else f.shape[f.axis]
         _check_floats(topic, "lo", f.lo, count, f.axis)
-        scale = _check_floats(topic, "scale", f.scale, count, f.axis)
-        if (scale < 0).any():
+        if _check_floats(topic, "scale", f.scale, count, f.axis) < 0:
             raise FrameError(topic, "negative scale")
     if not isinstance(f.data, bytes):
         raise FrameError(topic, f"data must be bin, got {type(f.data).__name__}")

@@ -1,0 +1,247 @@
+"""``accept-mqtt bench accuracy``: what k-bit compression of the pipeline's cuts costs in accuracy.
+
+For each model, in one process: cut the layer list into 3 consecutive stages with the most
+even FLOPs (exhaustive over cut pairs), and train with every boundary tensor going through the
+real wire codec, ``decode(from_bytes(to_bytes(encode(...))))``: activations forward with
+nearest rounding, gradients backward with stochastic rounding, per-tensor min-max. ``fp32`` is
+the same plumbing with raw 32-bit frames (exact). Held-out accuracy is measured with the
+activations compressed the same way, as a deployed pipeline would infer.
+
+Guarantee: for one ``--seed`` every bit width starts from the same weights
+(``build_model(seed=...)``), sees the same data in the same order and the same optimiser
+(SGD, momentum 0.9), so the accuracy difference is the codec's alone. One seed is one sample:
+differences under a point or so are within seed-to-seed noise, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import codec
+from .codec import machine_info
+
+BITS = (32, 8, 4, 2)  # 32 = fp32 (raw frames), the baseline
+LR = 0.05
+MOMENTUM = 0.9
+BATCH = 32
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    p.add_argument("--models", default="cnn,har1d", help="comma-separated zoo models")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per run")
+    p.add_argument("--seed", type=int, default=0, help="weights, data split and order")
+    p.add_argument("--bits", default=",".join(map(str, BITS)),
+                   help="bit widths to compare; 32 is the fp32 baseline")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the activations-only / gradients-only runs")
+    p.add_argument("--quick", action="store_true", help="2 epochs, no ablation (a smoke test)")
+
+
+def balanced_cuts(flops: list[int], stages: int = 3) -> list[int]:
+    """Cut points ``c_1 < ... < c_{stages-1}`` minimising the largest stage's FLOPs."""
+    if stages != 3:
+        raise ValueError("only 3 stages are supported")
+    n = len(flops)
+    prefix = [0]
+    for f in flops:
+        prefix.append(prefix[-1] + f)
+    best: tuple[int, int, int] | None = None
+    for a in range(1, n - 1):
+        for b in range(a + 1, n):
+            worst = max(prefix[a], prefix[b] - prefix[a], prefix[n] - prefix[b])
+            if best is None or worst < best[0]:
+                best = (worst, a, b)
+    assert best is not None, "a model needs at least 3 layers for 3 stages"
+    return [best[1], best[2]]
+
+
+class WireLink:
+    """One cut: sends activations and gradients through the real codec, counting bytes.
+
+    ``compress`` names the directions that use ``bits``; the other goes as raw fp32 frames.
+    """
+
+    def __init__(self, bits: int, cut: int, seed: int,
+                 compress: tuple[str, ...] = ("act", "grad")) -> None:
+        self.bits, self.cut, self.seed, self.compress = bits, cut, seed, compress
+        self.step = 0
+        self.bytes = {"act": 0, "grad": 0}
+
+    def send(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        grad = kind == "grad"
+        bits = self.bits if kind in self.compress else 32
+        frame = codec.encode(
+            t, bits=bits, job="accuracy", step=self.step, mb=0, kind=kind,
+            stochastic=grad and bits <= 8,
+            # a fresh, reproducible rounding stream per step and cut
+            seed=(self.seed * 1_000_003 + self.step * 101 + self.cut) % 2**32,
+        )
+        payload = codec.to_bytes(frame)
+        self.bytes[kind] += len(payload)
+        topic = f"accept/jobs/accuracy/stage/{self.cut + (0 if grad else 1)}/" + (
+            "bwd" if grad else "fwd")
+        return codec.decode(codec.from_bytes(payload, topic))
+
+
+class _Cut(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, link: WireLink) -> torch.Tensor:  # type: ignore[override]
+        ctx.link = link
+        return link.send(x, "act")
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.link.send(g.contiguous(), "grad"), None
+
+
+class Pipeline(nn.Module):
+    """Stages in order with a ``WireLink`` at every cut."""
+
+    def __init__(self, stages: list[nn.Module], links: list[WireLink]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.links = links
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, stage in enumerate(self.stages):
+            if i:
+                x = _Cut.apply(x, self.links[i - 1])
+            x = stage(x)
+        return x
+
+
+def train_one(name: str, bits: int, epochs: int, seed: int,
+              compress: tuple[str, ...] = ("act", "grad")) -> dict[str, Any]:
+    """Train ``name`` with its cuts at ``bits``; a diverged run reports the step, no accuracy."""
+    from ..data import load_dataset
+    from ..descriptors import describe
+    from ..zoo import ZOO, build_model
+
+    ds = load_dataset(ZOO[name].default_dataset, seed=seed)
+    model = build_model(name, seed=seed, input_shape=ds.input_shape,
+                        num_classes=ds.num_classes)
+    a, b = balanced_cuts([d.flops for d in describe(model)])
+    links = [WireLink(bits, 0, seed, compress), WireLink(bits, 1, seed, compress)]
+    net = Pipeline([model.slice(0, a), model.slice(a, b), model.slice(b, len(model.layers))],
+                   links)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    order = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    step, last_loss, diverged = 0, float("nan"), None
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(ds.train_x), generator=order)
+        total, seen = 0.0, 0
+        for i in range(0, len(perm), BATCH):
+            idx = perm[i : i + BATCH]
+            for link in links:
+                link.step = step
+            try:
+                loss = nn.functional.cross_entropy(net(ds.train_x[idx]), ds.train_y[idx])
+                if not torch.isfinite(loss):
+                    raise ValueError("loss is inf or NaN")
+                opt.zero_grad()
+                loss.backward()
+            except ValueError as e:  # the codec refuses inf/NaN: training has blown up
+                if "inf or NaN" not in str(e):
+                    raise
+                diverged = step
+                break
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            step += 1
+        if diverged is not None:
+            break
+        last_loss = total / seen
+    acc = None if diverged is not None else _accuracy(net, ds.test_x, ds.test_y)
+    label = "fp32" if bits == 32 else f"{bits}-bit"
+    if bits != 32 and compress != ("act", "grad"):
+        label += f" {compress[0]} only"
+    return {
+        "bits": bits,
+        "compress": list(compress) if bits != 32 else [],
+        "label": label,
+        "test_acc": acc,
+        "diverged_at_step": diverged,
+        "train_loss_last_epoch": last_loss,
+        "steps": step,
+        "cut_bytes_per_step": sum(sum(lk.bytes.values()) for lk in links) / max(step, 1),
+        "elapsed_s": time.perf_counter() - t0,
+        "cuts": [a, b],
+        "dataset": ds.name,
+        "n_train": len(ds.train_x),
+        "n_test": len(ds.test_x),
+    }
+
+
+def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            correct += int((net(x[i : i + 256]).argmax(1) == y[i : i + 256]).sum())
+    return correct / len(x)
+
+
+def _row(r: dict[str, Any]) -> str:
+    if r["test_acc"] is None:
+        return f"{r['label']:>17}  diverged at step {r['diverged_at_step']}"
+    return (f"{r['label']:>17} {100 * r['test_acc']:8.2f}% {r['delta_pp']:+7.2f}p "
+            f"{r['train_loss_last_epoch']:11.4f} {r['cut_bytes_per_step'] / 1e3:12.1f} "
+            f"{r['elapsed_s']:7.1f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)  # reproducible sums, and no thread stalls on a shared box
+    epochs = 2 if args.quick else args.epochs
+    bits = [int(b) for b in args.bits.split(",")]
+    if bits[0] != 32:
+        bits = [32] + [b for b in bits if b != 32]
+    models = [m for m in args.models.split(",") if m]
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {
+        "bench": "accuracy",
+        "what": "held-out accuracy after training with every cut's activations (nearest) and "
+                "gradients (stochastic) through the k-bit wire codec; 3 FLOPs-balanced stages",
+        "machine": machine_info(),
+        "seed": args.seed, "epochs": epochs, "batch": BATCH,
+        "optimizer": f"SGD lr={LR} momentum={MOMENTUM}",
+        "models": {},
+    }
+    print(f"accuracy vs cut compression: {epochs} epochs, seed {args.seed}, batch {BATCH}, "
+          f"SGD lr {LR} momentum {MOMENTUM}, one thread on {record['machine']['cpu']}")
+    for name in models:
+        plan: list[tuple[int, tuple[str, ...]]] = [(b, ("act", "grad")) for b in bits]
+        if not (args.quick or args.no_ablation):
+            plan += [(b, (kind,)) for b in bits if b != 32 for kind in ("act", "grad")]
+        rows: list[dict[str, Any]] = []
+        for b, compress in plan:
+            r = train_one(name, b, epochs, args.seed, compress)
+            base = rows[0]["test_acc"] if rows else r["test_acc"]
+            r["delta_pp"] = None if r["test_acc"] is None else 100 * (r["test_acc"] - base)
+            rows.append(r)
+        first = rows[0]
+        print(f"\n{name} on {first['dataset']} ({first['n_train']} train / {first['n_test']} "
+              f"held out), cuts after layers {first['cuts'][0] - 1} and {first['cuts'][1] - 1}")
+        print(f"{'cuts at':>17} {'test acc':>9} {'vs fp32':>8} {'train loss':>11} "
+              f"{'cut KB/step':>12} {'time s':>7}")
+        for r in rows:
+            print(_row(r))
+        record["models"][name] = rows
+    record["elapsed_s"] = time.perf_counter() - t0
+    print(f"\none seed: differences within about a point are seed noise. "
+          f"total {record['elapsed_s']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json}")
+    return 0
