@@ -9,6 +9,11 @@ Guarantees:
 * A slowdown ``s`` is emulated by multiplying measured times by ``s`` -- exactly what an agent
   started with ``--slowdown s`` reports (it sleeps ``(s - 1)`` times each compute and reports
   ``s`` times it) -- and the profile's ``bench_gflops`` is divided by ``s`` as the agent's is.
+* ``pin_allocator()`` (called by ``run``) fixes glibc's malloc thresholds first: with the
+  default dynamic ones a layer's backward can take 2-4x longer or not depending on which
+  tensor sizes the process freed before (page faults after heap trimming), which would make
+  times depend on the order of measurement. Agents should call it too (see
+  docs/predictor.md), so that what they time matches the seed.
 * Samples with no measurable compute (``ms <= 0``: a backward through a layer with neither
   parameters nor an input that needs a gradient) are kept out of the output.
 * The output is JSON lines, gzip-compressed when the path ends in ``.gz``, written to a
@@ -20,7 +25,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -42,7 +49,29 @@ DEFAULT_PLAN: tuple[tuple[str, float], ...] = (
 )
 
 
-def measure(name: str, width: float, *, threads: int, batch: int, reps: int, warmup: int = 1,
+def pin_allocator(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**30) -> bool:
+    """Fix glibc malloc's mmap and trim thresholds (no-op elsewhere); True if applied.
+
+    Tensors up to 32 MiB then come from the heap, and freed memory is kept instead of being
+    returned to the OS and faulted in again on the next step: layer times stop depending on
+    what the process did before (and elementwise backward passes get up to 2-4x faster).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(
+            libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def measure(name: str, width: float, *, threads: int, batch: int, reps: int, warmup: int = 2,
             seed: int = 0) -> Iterator[list[Sample]]:
     """Yield the timing samples of ``reps`` training iterations (fwd + bwd) of a zoo model.
 
@@ -118,13 +147,60 @@ def wait_for_quiet(max_cores: float, max_wait: float, interval: float = 0.5) -> 
     return time.monotonic() - t0
 
 
-def measure_quietly(name: str, width: float, *, threads: int, batch: int, reps: int,
-                    warmup: int = 1, max_cores: float = 0.3, retries: int = 2,
-                    max_wait: float = 30.0) -> tuple[list[list[Sample]], float, int]:
-    """``measure`` on a quiet machine: wait for quiet, measure, and measure again (up to
-    ``retries`` times) if other processes used more than ``max_cores`` meanwhile.
+class Calibrator:
+    """A fixed 2-3 ms workload (small matmuls and Python dispatch, like a layer run) timed
+    before and after each measurement: when it runs more than ``tolerance`` times slower than
+    its best, something is stealing this CPU (another process, an SMT sibling, the
+    hypervisor), whether ``/proc/stat`` shows it or not."""
 
-    Returns the iterations, the other processes' load during them and the attempts made.
+    def __init__(self, threads: int, tolerance: float = 1.15) -> None:
+        self.threads = threads
+        self.tolerance = tolerance
+        self.best = float("inf")
+
+    def probe(self) -> float:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            g = torch.Generator().manual_seed(0)
+            a = torch.randn(160, 160, generator=g)
+            v = torch.randn(4096, generator=g)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(8):
+                    torch.mm(a, a)
+                    for _ in range(20):
+                        torch.relu(v)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(old)
+        self.best = min(self.best, best)
+        return best
+
+    def warm_up(self, seconds: float = 2.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            self.probe()
+            time.sleep(0.05)
+
+    def ok(self) -> bool:
+        return self.probe() <= self.tolerance * self.best
+
+
+def measure_quietly(name: str, width: float, *, threads: int, batch: int, reps: int,
+                    warmup: int = 2, max_cores: float = 0.3, retries: int = 3,
+                    max_wait: float = 30.0, calibrator: Calibrator | None = None
+                    ) -> tuple[list[list[Sample]], float, int]:
+    """``measure`` on a quiet machine: wait until other processes are idle (and the
+    ``calibrator``, if given, runs at its best speed), measure, and measure again (up to
+    ``retries`` times) if other processes used more than ``max_cores`` meanwhile or the
+    calibrator slowed down.
+
+    Returns the iterations, the other processes' load during them (``inf`` when the
+    calibrator said the CPU was slow) and the attempts made.
     """
     load = OtherLoad()
     iterations: list[list[Sample]] = []
@@ -132,10 +208,16 @@ def measure_quietly(name: str, width: float, *, threads: int, batch: int, reps: 
     while attempts <= retries:
         attempts += 1
         wait_for_quiet(max_cores, max_wait)
+        if calibrator is not None:
+            t0 = time.monotonic()
+            while not calibrator.ok() and time.monotonic() - t0 < max_wait:
+                time.sleep(0.5)
         load.start()
         iterations = list(measure(name, width, threads=threads, batch=batch, reps=reps,
                                   warmup=warmup))
         others = load.cores()
+        if calibrator is not None and not calibrator.ok():
+            others = float("inf")
         if others <= max_cores:
             break
     return iterations, others, attempts
@@ -273,9 +355,9 @@ def parse_plan(text: str | None) -> list[tuple[str, float]]:
 
 
 def collect(plan: list[tuple[str, float]], *, threads: list[int], batches: list[int],
-            slowdowns: list[float], reps: int, warmup: int = 1, aggregate: bool = True,
+            slowdowns: list[float], reps: int, warmup: int = 2, aggregate: bool = True,
             host: str = "local", progress: bool = True, max_cores: float = 0.3,
-            retries: int = 2) -> list[Sample]:
+            retries: int = 3) -> list[Sample]:
     """Measure ``plan`` under each thread count and batch, then emulate each slowdown."""
     from device_agent.profile import device_profile
 
@@ -287,17 +369,20 @@ def collect(plan: list[tuple[str, float]], *, threads: list[int], batches: list[
             base = device_profile(device_name(t, 1.0, host), threads=t, slowdown=1.0,
                                   bench=False)
             bench = robust_bench(t)
+            calibrator = Calibrator(t)
+            calibrator.warm_up()
             measured: list[Sample] = []
             for name, width in plan:
                 for b in batches:
                     its, others, _ = measure_quietly(name, width, threads=t, batch=b, reps=reps,
                                                      warmup=warmup, max_cores=max_cores,
-                                                     retries=retries)
+                                                     retries=retries, calibrator=calibrator)
                     for it in its:
                         measured.extend(it)
                     label = f"threads={t} {name}x{width:g} batch={b}"
                     if others > max_cores:
-                        contended.append(f"{label} ({others:.1f} other cores busy)")
+                        contended.append(f"{label} ({others:.1f} other cores busy)"
+                                         if math.isfinite(others) else f"{label} (CPU slow)")
                     advance(label)
             base["bench_gflops"] = max(bench, robust_bench(t))
             if aggregate:
@@ -319,11 +404,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slowdowns", default="1,2,4", help="emulated slowdowns [%(default)s]")
     p.add_argument("--batches", default="4,16,64", help="micro-batch sizes [%(default)s]")
     p.add_argument("--reps", type=int, default=3, help="measured iterations each [%(default)s]")
-    p.add_argument("--warmup", type=int, default=1, help="discarded iterations [%(default)s]")
+    p.add_argument("--warmup", type=int, default=2, help="discarded iterations [%(default)s]")
     p.add_argument("--raw", action="store_true",
                    help="keep every repetition instead of the median per layer")
     p.add_argument("--host", default="local", help="device-name prefix [%(default)s]")
-    p.add_argument("--max-other-load", type=float, default=0.3,
+    p.add_argument("--max-other-load", type=float, default=0.2,
                    help="retry a measurement if other processes used more cores [%(default)s]")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -343,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"accept-mqtt profile: {e}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
+    pin_allocator()
     samples = collect(plan, threads=threads, batches=batches, slowdowns=slowdowns,
                       reps=args.reps, warmup=args.warmup, aggregate=not args.raw,
                       host=args.host, progress=not args.no_progress,

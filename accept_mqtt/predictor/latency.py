@@ -14,7 +14,7 @@ Guarantees:
 * ``learn_one`` ignores non-positive or non-finite times (a backward with nothing to compute
   reports 0 ms) instead of failing.
 * ``FlopsBaseline`` is the comparison point: ``ms = k * FLOPs * batch / bench_gflops`` (backward
-  at twice the forward FLOPs) with one constant ``k`` fitted online.
+  at twice the forward FLOPs) with one constant ``k`` fitted online (ratio of totals).
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ class LatencyPredictor:
 class FlopsBaseline:
     """``ms = k * FLOPs * batch / (bench_gflops * 1e9) * 1e3``, one constant ``k`` learnt online.
 
-    ``k`` is the geometric mean of measured / FLOPs-time over layers that have FLOPs, so it
-    minimises log error; layers without FLOPs (flatten, dropout) are predicted at 0 ms.
+    ``k`` is total measured time over total FLOPs-time (backward counted at twice the forward
+    FLOPs), i.e. what a FLOPs-proportional partitioner assumes; layers without FLOPs (flatten,
+    dropout) are predicted at 0 ms.
 
     >>> from accept_mqtt.predictor.features import features
     >>> layer = {"type": "linear", "flops": 2_000_000, "in_elems": 1000, "out_elems": 1000}
@@ -213,28 +214,25 @@ class FlopsBaseline:
     """
 
     def __init__(self) -> None:
-        self._sum_log_k = 0.0
-        self._n = 0
+        self._measured = 0.0
+        self._flops_ms = 0.0
 
     @property
     def k(self) -> float:
-        return math.exp(self._sum_log_k / self._n) if self._n else 1.0
+        return self._measured / self._flops_ms if self._flops_ms > 0 else 1.0
 
     @staticmethod
-    def _flops_ms(x: Features) -> float:
+    def _work_ms(x: Features) -> float:
         work = math.expm1(x["log_flops"]) * x["batch"]
         if x["bwd"]:
             work *= BWD_FLOPS_FACTOR
         return 1e3 * work / (math.exp(x["log_gflops"]) * 1e9)
 
     def learn_one(self, x: Features, ms: float) -> None:
-        f = self._flops_ms(x)
+        f = self._work_ms(x)
         if f > 0 and ms > 0 and math.isfinite(ms):
-            self._sum_log_k += math.log(ms / f)
-            self._n += 1
+            self._measured += ms
+            self._flops_ms += f
 
     def predict_one(self, x: Features) -> float:
-        return self.k * self._flops_ms(x)
-
-    def state(self) -> dict[str, Any]:
-        return {"sum_log_k": self._sum_log_k, "n": self._n}
+        return self.k * self._work_ms(x)
