@@ -245,6 +245,18 @@ class Coordinator:
             return
         asyncio.get_running_loop().create_task(self._metric({"type": "status", **self.status()}))
 
+    def _partition_would_move(self) -> bool:
+        """Whether planning now, with what the predictor has learnt, gives other cuts/order."""
+        if self.plan is None or not self._info:
+            return False
+        try:
+            fresh = self.make_plan(list(self._info.values()), version=self.plan.version + 1)
+        except Exception as e:  # planning trouble must not stop training
+            log.warning("re-planning check failed: %s", e)
+            return False
+        key = lambda p: [(s.device, s.start, s.end) for s in p.stages]  # noqa: E731
+        return key(fresh) != key(self.plan)
+
     def _control_error(self, topic: str, reason: str) -> None:
         log.warning("control message rejected: %s", reason)
         err = {"type": "error", "device": "coordinator", "topic": topic, "reason": reason}
@@ -269,10 +281,12 @@ class Coordinator:
             return
         self.costs.observe_many(profile, samples)
         if self.costs.drift(device):
+            moved = self._partition_would_move()
             ev = {"type": "drift", "device": device, "step": self.state.step,
                   "speed_factor": round(self.costs.device_factor(device), 3),
-                  "error": self.costs.device_error(device),
-                  "action": "re-plan advised (live re-planning is not built yet)"}
+                  "error": self.costs.device_error(device), "partition_moves": moved,
+                  "action": ("re-plan advised (live re-planning is not built yet)" if moved
+                             else "none: the current partition is still the best")}
             self.state.drifts.append(ev)
             log.warning("device %s changed speed: %.2fx its profile", device,
                         ev["speed_factor"])

@@ -41,6 +41,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--device-timeout", "device_timeout", float, "seconds to wait for device agents"),
     ("--runs-dir", "runs_dir", str, "where run records and models go (default runs/)"),
+    ("--predictor-state", "predictor_state", str,
+     "file the latency predictor is restored from and saved to (survives restarts)"),
 ]
 
 

@@ -260,3 +260,27 @@ def test_seed_fixes_the_first_frames_on_the_wire(broker: MosquittoBroker, tmp_pa
     assert codec.from_bytes(b["stage/1/fwd"]).bits == 4
     assert codec.from_bytes(b["stage/1/bwd"]).bits == 4
     assert len(b["stage/1/fwd"]) < len(a["stage/1/fwd"]) / 6
+
+
+def test_a_device_that_slows_down_is_noticed(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """The coordinator learns from timing samples and flags a device whose speed changed."""
+    cfg = _cfg(tmp_path, max_steps=70, partition="auto")
+    seen: list[dict] = []
+
+    async def main() -> dict:
+        async with running_agents(broker.url, DEVICES) as agents:
+            async with Coordinator(broker.url, cfg, job="drift",
+                                   progress=lambda k, i: seen.append({"kind": k, **i})) as coord:
+                run = asyncio.create_task(coord.run())
+                while coord.state.step < 25:
+                    await asyncio.sleep(0.02)
+                slow = next(a for a in agents if a.cfg.device_id == coord.plan.stages[0].device)
+                slow.job.runner.slowdown = 6.0  # thermal throttling, emulated
+                return await asyncio.wait_for(run, 120)
+
+    record = asyncio.run(main())
+    assert record["timing_samples"] > 100
+    drifted = [d for d in record["drifts"] if d["device"] == record["plan"]["stages"][0]["device"]]
+    assert drifted, record["drifts"]
+    assert drifted[0]["speed_factor"] > 2.0
+    assert drifted[0]["step"] > 25
