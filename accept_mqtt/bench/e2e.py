@@ -1,0 +1,170 @@
+"""``accept-mqtt bench e2e``: end-to-end training speed on an emulated heterogeneous cluster.
+
+Each scenario starts one private Mosquitto and one agent process per device, with compute
+emulation (``--slowdown``: sleep after compute, so slow devices take no CPU from others on a
+2-core machine) and link emulation (``--bandwidth``: the agent paces its own sends; no ``tc``
+shaping here). Then, interleaved in one invocation so machine noise hits all alike, it trains
+the same model for the same number of steps with:
+
+1. ``equal-fp32``: equal layer counts, fp32 frames (the baseline);
+2. ``flops-fp32``: FLOPs-proportional split, fp32;
+3. ``predictor-fp32``: the DP fed by the online latency predictor, fp32;
+4. ``accept``: the predictor's DP with compressed links (``--act-bits``/``--grad-bits``).
+
+It reports measured samples/s (median of repeats, with min-max), speed-up over the baseline
+measured side by side, the ideal bound (measured per-layer compute of the whole model on this
+machine, over the summed device speeds, links ignored), the fraction of the bound reached,
+predicted vs measured stage times, and held-out accuracy after the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig
+from ..coordinator import Coordinator
+from ..descriptors import describe
+from ..local import AgentSpec, LocalCluster
+from ..stage import StageRunner
+from ..zoo import build_model
+
+SCENARIOS: dict[str, list[tuple[float, str]]] = {
+    # (slowdown, uplink) per device
+    "3dev-speeds-1-1/2-1/4-slow-links": [(1.0, "10mbit"), (2.0, "50mbit"), (4.0, "10mbit")],
+    "4dev-one-much-slower": [(1.0, "50mbit"), (1.0, "50mbit"), (1.0, "50mbit"), (6.0, "50mbit")],
+}
+
+
+def methods(act_bits: int, grad_bits: int) -> dict[str, dict[str, Any]]:
+    return {
+        "equal-fp32": {"partition": "equal"},
+        "flops-fp32": {"partition": "flops"},
+        "predictor-fp32": {"partition": "auto"},
+        "accept": {"partition": "auto", "act_bits": act_bits, "grad_bits": grad_bits},
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--grad-bits", type=int, default=8)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated names")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--quick", action="store_true", help="1 repeat, 10 steps, first scenario")
+
+
+def measured_layer_ms(model_name: str, batch: int, reps: int = 5) -> list[float]:
+    """Median fwd+bwd ms per layer of the whole model on this machine, one thread."""
+    torch.set_num_threads(1)
+    m = build_model(model_name, seed=0)
+    descs = describe(m)
+    runner = StageRunner(m.layers, descs, m.input_shape, True, True, {"name": "sgd", "lr": 0.0})
+    x = torch.randn(batch, *m.input_shape)
+    y = torch.zeros(batch, dtype=torch.long)
+    per: list[list[float]] = [[] for _ in descs]
+    for r in range(reps + 1):
+        runner.forward((r, 0), x, y)
+        runner.backward((r, 0))
+        samples = runner.drain_timings()
+        if r == 0:
+            continue  # warm-up
+        acc = [0.0] * len(descs)
+        for s in samples:
+            acc[s["layer"]["index"]] += s["ms"]
+        for i, v in enumerate(acc):
+            per[i].append(v)
+    return [statistics.median(v) for v in per]
+
+
+async def _one(url: str, cfg: TrainConfig, job: str) -> dict[str, Any]:
+    async with Coordinator(url, cfg, job=job) as coord:
+        return await coord.run()
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenarios {unknown}; known: {list(SCENARIOS)}")
+        return 2
+    steps, repeats = args.steps, args.repeats
+    if args.quick:
+        steps, repeats, names = 10, 1, names[:1]
+    mb = max(1, args.batch_size // args.micro_batches)
+    layer_ms = measured_layer_ms(args.model, mb)
+    results: dict[str, Any] = {
+        "what": "samples/s of synchronous pipeline training, measured; median of repeats",
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "emulation": "compute: agent sleeps (slowdown-1)x after compute; links: agent-side "
+                     "send pacing at the given bandwidth (no tc)",
+        "model": args.model, "steps": steps, "repeats": repeats, "batch_size": args.batch_size,
+        "micro_batches": args.micro_batches, "scenarios": {},
+    }
+    meths = methods(args.act_bits, args.grad_bits)
+    for name in names:
+        devs = SCENARIOS[name]
+        specs = [AgentSpec(f"e2e-{i}", s, bw) for i, (s, bw) in enumerate(devs)]
+        speed = sum(1.0 / s for s, _ in devs)
+        ideal_ms = sum(layer_ms) / speed
+        bound = mb / ideal_ms * 1e3
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in meths}
+        with LocalCluster(specs) as cluster:
+            for r in range(repeats):
+                for mname, over in meths.items():  # interleaved
+                    cfg = TrainConfig(model=args.model, epochs=1, max_steps=steps,
+                                      batch_size=args.batch_size,
+                                      micro_batches=args.micro_batches, seed=args.seed,
+                                      devices=len(devs), runs_dir="runs/bench-e2e",
+                                      device_timeout=120, **over)
+                    t0 = time.time()
+                    rec = asyncio.run(_one(cluster.url, cfg, f"e2e-{r}-{mname}"))
+                    runs[mname].append(rec)
+                    print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} "
+                          f"{rec['samples_per_s']:8.1f} samples/s  acc "
+                          f"{rec['final_accuracy']:.3f}  ({time.time() - t0:.0f}s)", flush=True)
+        base = [x["samples_per_s"] for x in runs["equal-fp32"]]
+        table = {}
+        for mname, recs in runs.items():
+            sps = [x["samples_per_s"] for x in recs]
+            ratios = [a / b for a, b in zip(sps, base, strict=True)]  # same repeat, side by side
+            last = recs[-1]
+            table[mname] = {
+                "samples_per_s_median": statistics.median(sps),
+                "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
+                "speedup_vs_baseline_median": statistics.median(ratios),
+                "fraction_of_ideal": statistics.median(sps) / bound,
+                "accuracy_median": statistics.median(x["final_accuracy"] for x in recs),
+                "plan": [(s["device"], s["start"], s["end"], s["act_bits"], s["grad_bits"])
+                         for s in last["plan"]["stages"]],
+                "stage_ms_predicted": [s["predicted_ms"] for s in last["stages"]],
+                "stage_ms_measured": [s["measured_ms_per_microbatch"] for s in last["stages"]],
+            }
+        results["scenarios"][name] = {"devices": devs, "ideal_samples_per_s": bound,
+                                      "methods": table}
+        print(f"\n{name}: devices (slowdown, uplink) {devs}; ideal bound {bound:.0f} samples/s")
+        print(f"{'method':16s} {'samples/s med [min-max]':>26s} {'speed-up':>9s} "
+              f"{'of ideal':>9s} {'accuracy':>9s}")
+        for mname, row in table.items():
+            print(f"{mname:16s} {row['samples_per_s_median']:10.1f} "
+                  f"[{row['samples_per_s_min']:.0f}-{row['samples_per_s_max']:.0f}]"
+                  f"{'':>4s} {row['speedup_vs_baseline_median']:8.2f}x "
+                  f"{100 * row['fraction_of_ideal']:8.1f}% {row['accuracy_median']:9.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.json}")
+    return 0
