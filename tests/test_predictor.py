@@ -236,13 +236,15 @@ def test_load_or_seed_falls_back_on_a_bad_file(tmp_path: Path, seeded: CostModel
 
 
 # -- drift ---------------------------------------------------------------------------------
-def _drift_run(model: CostModel, jump_at: int | None, n: int, seed: int = 0) -> list[int]:
-    """Feed a device's steps (all layers of har1d, fwd+bwd); returns steps where drift fired."""
+def _drift_run(model: CostModel, jump_at: int | None, n: int, seed: int = 0,
+               switch_at: int | None = None) -> list[int]:
+    """Feed a device's steps (all layers of har1d, fwd+bwd; from ``switch_at`` on those of
+    cnn, as after a re-plan); returns the steps where drift was reported."""
     rng = random.Random(seed)
-    descs = _descs("har1d")
     profile = dict(PROFILE, device="dev-d")
     fired = []
     for step in range(n):
+        descs = _descs("cnn" if switch_at is not None and step >= switch_at else "har1d")
         factor = 3.0 if jump_at is not None and step >= jump_at else 1.0
         for d in descs:
             for di in ("fwd", "bwd"):
@@ -256,6 +258,8 @@ def _drift_run(model: CostModel, jump_at: int | None, n: int, seed: int = 0) -> 
 def test_drift_fires_on_a_3x_jump_and_not_when_stationary() -> None:
     model = CostModel()
     assert _drift_run(model, None, 150) == []
+    # a new workload (other layers, which the model predicts less well) is not a drift
+    assert _drift_run(CostModel(), None, 80, seed=3, switch_at=40) == []
     model = CostModel()
     fired = _drift_run(model, 60, 90, seed=1)
     assert fired and 60 <= fired[0] <= 63, fired

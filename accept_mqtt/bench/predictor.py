@@ -12,8 +12,12 @@ What it does (docs/predictor.md explains the choices):
    baseline, (b) the seeded model alone, (c) the online model (prequential: each training
    iteration is predicted, then learnt), and a noise floor (the same layer's previous
    measurement on the same device), as MAPE, median APE, time-weighted error and per-stage
-   error; for held-out devices the learning curve after 0, 10, 50 and 200 of their samples;
+   error; for held-out devices the learning curve after 0, 10, 50 and 200 of their samples
+   (per job: one model, width and batch, samples in the order an agent publishes them);
    the cost of ``learn_one``/``predict_one``. Prints tables, writes JSON (``--json``).
+4. With ``--compare``: each River regressor (linear, Hoeffding adaptive tree, adaptive
+   random forest, kNN) alone, on the prior's residual and inside the cost model, on the
+   same streams.
 
 Guarantee: the numbers are computed on samples measured in this run, never on the seed the
 model was trained on; everything random is seeded.
@@ -195,34 +199,38 @@ def evaluate_devices(seed_model: Any, devices: list[Device]) -> dict[str, dict[s
     return out
 
 
-def learning_curve(seed_model: Any, d: Device, runs: int,
-                   points: Sequence[int] = CURVE_POINTS) -> dict[str, Any]:
-    """MAPE on the device's last repetition after learning n of its other samples."""
+def learning_curve(seed_model: Any, d: Device, points: Sequence[int] = CURVE_POINTS
+                   ) -> dict[str, Any]:
+    """MAPE on a held-out device after its first n samples, once per job it could run.
+
+    A job is one (model, width, batch) configuration: the device's samples arrive in the
+    order an agent publishes them (step after step, forward then backward), the first n are
+    learnt and the configuration's last measured step is predicted. Each job starts from the
+    seeded model, so the spread over jobs is the spread over workloads.
+    """
     from ..predictor.features import sample_features
 
-    last_rep = max(s["rep"] for it in d.iterations for s in it)
-    evals = [it for it in d.iterations if it and it[0]["rep"] == last_rep]
-    pool = [s for it in d.iterations if it and it[0]["rep"] != last_rep for s in it]
-    eval_x = [[sample_features(d.profile, s) for s in it] for it in evals]
+    jobs: dict[tuple[Any, ...], list[Iteration]] = defaultdict(list)
+    for it in d.iterations:
+        if it:
+            jobs[(it[0]["model"], it[0]["width"], it[0]["batch"])].append(it)
     curves: dict[int, list[dict[str, Any]]] = {n: [] for n in points}
-    for r in range(runs):
-        rng = random.Random(r)
-        order = pool[:]
-        rng.shuffle(order)
+    for its in jobs.values():
+        evals, stream = its[-1], [s for it in its[:-1] for s in it]
+        xs = [sample_features(d.profile, s) for s in evals]
         model = copy.deepcopy(seed_model)
         fed = 0
         for n in points:
-            for s in order[fed:n]:
+            for s in stream[fed:n]:
                 model.observe(d.profile, s)
             fed = max(fed, n)
             sc = Score()
-            for it, xs in zip(evals, eval_x, strict=True):
-                sc.add(pairs(it, [model.predict_features(x, d.name) for x in xs]))
+            sc.add(pairs(evals, [model.predict_features(x, d.name) for x in xs]))
             curves[n].append(sc.summary())
-    return {"runs": runs, "eval_layers": sum(len(pairs(it, [0.0] * len(it))) for it in evals),
-            "pool_samples": len(pool),
-            "points": {str(n): spread([c["mape"] for c in curves[n]]) | {
-                "wape": spread([c["wape"] for c in curves[n]])} for n in points}}
+    return {"jobs": len(jobs), "points": {
+        str(n): spread([c["mape"] for c in curves[n]]) | {
+            "wape": spread([c["wape"] for c in curves[n]]),
+            "stage": spread([c["stage_mape"] for c in curves[n]])} for n in points}}
 
 
 def spread(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -265,7 +273,9 @@ def call_costs(seed_model: Any, devices: list[Device], n: int = 2000) -> dict[st
 
 
 def compare_regressors(seed_path: Path, devices: list[Device]) -> list[dict[str, Any]]:
-    """Each River candidate, with and without the prior / memory, on the same streams."""
+    """Each River candidate on the same streams: alone (no prior, no memory), on the prior's
+    residual, and inside the full cost model with its regressor frozen after the seed or
+    learning online too."""
     from ..predictor import CostModel, LatencyPredictor
     from ..predictor.features import sample_features
     from ..predictor.latency import REGRESSORS
@@ -276,34 +286,36 @@ def compare_regressors(seed_path: Path, devices: list[Device]) -> list[dict[str,
     seed_x = [(sample_features(s["profile"], s), s["ms"]) for s in seed]
     seen = [d for d in devices if not d.held_out]
     rows = []
-    variants = [(k, True, True) for k in REGRESSORS] + [(k, False, True) for k in REGRESSORS] \
-        + [(k, True, False) for k in REGRESSORS]
-    for kind, prior, memory in variants:
-        pred = LatencyPredictor(kind, use_prior=prior, memory=memory)
-        ape, t_learn, t_pred = [], 0.0, 0.0
-        for x, ms in seed_x:  # prequential on the (shuffled) seed stream
-            t0 = time.perf_counter()
-            p = pred.predict_one(x)
-            t1 = time.perf_counter()
-            pred.learn_one(x, ms)
-            t_learn += time.perf_counter() - t1
-            t_pred += t1 - t0
-            ape.append(abs(p - ms) / ms)
-        model = CostModel(pred)
-        res = evaluate_devices(model, seen)
-        rows.append({
-            "regressor": kind, "prior": prior, "memory": memory,
-            "seed_prequential_mape": round(100 * statistics.mean(ape), 2),
-            "measured_seed_only_mape": spread([r["seed"]["mape"] for r in res.values()]),
-            "measured_online_mape": spread([r["online"]["mape"] for r in res.values()]),
-            "learn_one_us": round(1e6 * t_learn / len(seed_x), 1),
-            "predict_one_us": round(1e6 * t_pred / len(seed_x), 1),
-        })
-        print(f"  {kind:6s} prior={prior!s:5s} memory={memory!s:5s} "
-              f"seed-stream MAPE {rows[-1]['seed_prequential_mape']:7.1f}%  measured: seed-only "
-              f"{rows[-1]['measured_seed_only_mape']['median']}%, online "
-              f"{rows[-1]['measured_online_mape']['median']}%  learn "
-              f"{rows[-1]['learn_one_us']:.0f}us", file=sys.stderr, flush=True)
+    variants = [("alone", False, False, True), ("prior", True, False, True),
+                ("full", True, True, False), ("full+online", True, True, True)]
+    for name, prior, memory, online in variants:
+        for kind in REGRESSORS:
+            pred = LatencyPredictor(kind, use_prior=prior, memory=memory)
+            ape, t_learn, t_pred = [], 0.0, 0.0
+            for x, ms in seed_x:  # prequential on the (shuffled) seed stream
+                t0 = time.perf_counter()
+                p = pred.predict_one(x)
+                t1 = time.perf_counter()
+                pred.learn_one(x, ms)
+                t_learn += time.perf_counter() - t1
+                t_pred += t1 - t0
+                ape.append(abs(p - ms) / ms)
+            res = evaluate_devices(CostModel(pred, online_regressor=online), seen)
+            rows.append({
+                "variant": name, "regressor": kind, "prior": prior, "memory": memory,
+                "online_regressor": online,
+                "seed_prequential_mape": round(100 * statistics.mean(ape), 2),
+                "measured_seed_only_mape": spread([r["seed"]["mape"] for r in res.values()]),
+                "measured_online_mape": spread([r["online"]["mape"] for r in res.values()]),
+                "measured_online_wape": spread([r["online"]["wape"] for r in res.values()]),
+                "learn_one_us": round(1e6 * t_learn / len(seed_x), 1),
+                "predict_one_us": round(1e6 * t_pred / len(seed_x), 1),
+            })
+            r = rows[-1]
+            print(f"  {name:11s} {kind:6s} seed-stream MAPE {r['seed_prequential_mape']:7.1f}%"
+                  f"  measured: seed-only {r['measured_seed_only_mape']['median']}%, online "
+                  f"{r['measured_online_mape']['median']}%  learn {r['learn_one_us']:.0f}us "
+                  f"predict {r['predict_one_us']:.0f}us", file=sys.stderr, flush=True)
     return rows
 
 
@@ -327,38 +339,40 @@ def print_report(res: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=None if sys.stdout.isatty() else 120)
     m = res["machine"]
     con.print(f"[bold]predictor bench[/] on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
-              f"river {m['river']}; {res['config']['plan']} x batches {res['config']['batches']}"
-              f" x threads {res['config']['threads']}, {res['config']['reps']} reps; seed "
+              f"river {m['river']}; measured {res['config']['plan']} x batches "
+              f"{res['config']['batches']} x threads {res['config']['threads']}, "
+              f"{res['config']['reps']} reps after {res['config']['warmup']} warm-up; seed "
               f"{res['seed']['samples']} samples (trained in {res['seed']['train_s']:.1f}s); "
               f"load avg before/after {m['loadavg']} / {res['loadavg_after']}")
-    tab = Table(title="per-layer fwd+bwd latency error per device, % (MAPE | median APE | "
-                      "time-weighted | per-stage MAPE)")
-    tab.add_column("device")
-    tab.add_column("layers", justify="right")
-    for meth in ("baseline", "seed", "online", "floor"):
-        tab.add_column({"baseline": "(a) FLOPs baseline", "seed": "(b) seed alone",
-                        "online": "(c) online", "floor": "noise floor"}[meth], justify="right")
+    names = {"baseline": "(a) FLOPs baseline", "seed": "(b) seed alone",
+             "online": "(c) online", "floor": "noise floor"}
+    tab = Table(title="per-layer fwd+bwd latency error, % (noise floor: the same layer's "
+                      "previous measurement on the device)")
+    for col in ("device", "layer runs", "predictor", "MAPE", "median APE", "time-weighted",
+                "per-stage MAPE"):
+        tab.add_column(col, justify="right" if col not in ("device", "predictor") else "left")
     for name, r in res["devices"].items():
-        cells = [" | ".join(_fmt(r[meth][k]) for k in ("mape", "median_ape", "wape",
-                                                        "stage_mape"))
-                 for meth in ("baseline", "seed", "online", "floor")]
-        tab.add_row(name + (" (held out)" if name in res["held_out"] else ""),
-                    str(r["online"]["n_layers"]), *cells)
+        label = name + (" (held out)" if name in res["held_out"] else "")
+        for i, meth in enumerate(("baseline", "seed", "online", "floor")):
+            q = r[meth]
+            tab.add_row(label if i == 0 else "", str(q["n_layers"]) if i == 0 else "",
+                        names[meth], _fmt(q["mape"]), _fmt(q["median_ape"]), _fmt(q["wape"]),
+                        _fmt(q["stage_mape"]), end_section=i == 3)
     con.print(tab)
     s = res["summary"]
-    con.print("seen devices, MAPE median [min-max] over devices: " + ", ".join(
+    con.print("seen devices, MAPE median \\[min-max] over devices: " + ", ".join(
         f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in s.items()))
     for name, c in res["learning_curves"].items():
-        tab = Table(title=f"held-out {name}: MAPE % after n of its samples "
-                          f"({c['runs']} runs, eval {c['eval_layers']} layer runs)")
-        for col in ("n", "MAPE median", "min", "max", "time-weighted median"):
+        tab = Table(title=f"held-out {name}: error % on a job's last step after n of its "
+                          f"samples (median \\[min-max] over {c['jobs']} jobs)")
+        for col in ("n", "per-layer MAPE", "time-weighted", "per-stage MAPE"):
             tab.add_column(col, justify="right")
         for n, p in c["points"].items():
-            tab.add_row(n, _fmt(p["median"]), _fmt(p["min"]), _fmt(p["max"]),
-                        _fmt(p["wape"]["median"]))
+            tab.add_row(n, *(f"{_fmt(q['median'])} [{_fmt(q['min'])}-{_fmt(q['max'])}]"
+                             for q in (p, p["wape"], p["stage"])))
         con.print(tab)
     tab = Table(title="cost per call (us)")
     for col in ("call", "median", "p90", "calls"):
@@ -366,6 +380,20 @@ def print_report(res: dict[str, Any]) -> None:
     for k, v in res["call_costs"].items():
         tab.add_row(k, f"{v['median_us']:.1f}", f"{v['p90_us']:.1f}", str(v["calls"]))
     con.print(tab)
+    if res.get("regressors"):
+        tab = Table(title="River regressors on the same streams (MAPE %; measured: median "
+                          "over seen devices)")
+        for col in ("variant", "regressor", "seed stream (prequential)", "measured, seed only",
+                    "measured, online", "online time-weighted", "learn_one us",
+                    "predict_one us"):
+            tab.add_column(col, justify="right")
+        for r in res["regressors"]:
+            tab.add_row(r["variant"], r["regressor"], _fmt(r["seed_prequential_mape"]),
+                        _fmt(r["measured_seed_only_mape"]["median"]),
+                        _fmt(r["measured_online_mape"]["median"]),
+                        _fmt(r["measured_online_wape"]["median"]), _fmt(r["learn_one_us"]),
+                        _fmt(r["predict_one_us"]))
+        con.print(tab)
     for w in res["warnings"]:
         con.print(f"[yellow]warning:[/] {w}")
 
@@ -377,7 +405,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed samples to start from (default: the shipped ones)")
     p.add_argument("--plan", default=None, help="models to measure, model[:width],... ")
     p.add_argument("--reps", type=int, default=None, help="iterations per configuration")
-    p.add_argument("--runs", type=int, default=None, help="learning-curve runs")
     p.add_argument("--compare", action="store_true",
                    help="also compare the River regressors (slow: a minute or two)")
     p.add_argument("--no-progress", action="store_true")
@@ -391,12 +418,11 @@ def run(args: argparse.Namespace) -> int:
     plan_text = args.plan or (QUICK_PLAN if args.quick else FULL_PLAN)
     plan = parse_plan(plan_text)
     reps = args.reps or (3 if args.quick else 5)
-    runs = args.runs or (3 if args.quick else 5)
     threads, batches = (1, 2), (16, 32)
     seed_path = Path(args.seed_samples) if args.seed_samples else SEED_SAMPLES
     res: dict[str, Any] = {"machine": machine(), "config": {
         "plan": plan_text, "batches": list(batches), "threads": list(threads), "reps": reps,
-        "warmup": 2, "runs": runs, "seen_slowdowns": list(SEEN_SLOWDOWNS)}}
+        "warmup": 2, "seen_slowdowns": list(SEEN_SLOWDOWNS)}}
     res["machine"]["allocator_pinned"] = pin_allocator()
     t0 = time.perf_counter()
     seed_model = CostModel.seeded(seed_path)
@@ -414,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
     seen = [d for d in devices if not d.held_out]
     res["summary"] = {m: spread([res["devices"][d.name][m]["mape"] for d in seen])
                       for m in ("baseline", "seed", "online", "floor")}
-    res["learning_curves"] = {d.name: learning_curve(seed_model, d, runs)
+    res["learning_curves"] = {d.name: learning_curve(seed_model, d)
                               for d in devices if d.held_out}
     res["call_costs"] = call_costs(seed_model, devices)
     if args.compare:

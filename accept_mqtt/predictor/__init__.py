@@ -7,11 +7,12 @@ benchmarks use it offline. Start from ``CostModel.seeded()``; see docs/predictor
 from .costs import CostModel
 from .drift import DeviceState, DriftEvent, SpeedDrift
 from .features import features, layer_features, prior_ms, sample_features
-from .latency import FlopsBaseline, LatencyPredictor, ResidualMemory, make_regressor
+from .latency import FlopsBaseline, LatencyPredictor, ResidualMemory, RunMemory, make_regressor
 from .store import SEED_SAMPLES, PredictorStateError, read_samples
 
 __all__ = [
     "SEED_SAMPLES", "CostModel", "DeviceState", "DriftEvent", "FlopsBaseline",
-    "LatencyPredictor", "PredictorStateError", "ResidualMemory", "SpeedDrift", "features",
-    "layer_features", "make_regressor", "prior_ms", "read_samples", "sample_features",
+    "LatencyPredictor", "PredictorStateError", "ResidualMemory", "RunMemory", "SpeedDrift",
+    "features", "layer_features", "make_regressor", "prior_ms", "read_samples",
+    "sample_features",
 ]

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 Profile = Mapping[str, Any]
 Progress = Callable[[int, int], None]
 
-_SEEDED: dict[tuple[str, float, str], CostModel] = {}
+_SEEDED: dict[tuple[str, float, str], CostModel] = {}  # built once per process, then copied
 
 
 def _as_dict(layer: Any) -> Mapping[str, Any]:
@@ -71,8 +71,10 @@ class CostModel:
     KIND = "CostModel"
 
     def __init__(self, predictor: LatencyPredictor | None = None, *, min_factor: float = 1.3,
-                 drift_delta: float = 0.002, profile_tolerance: float = 0.25) -> None:
+                 drift_delta: float = 0.002, profile_tolerance: float = 0.25,
+                 online_regressor: bool = False) -> None:
         self.predictor = predictor if predictor is not None else LatencyPredictor()
+        self.online_regressor = online_regressor
         self.baseline = FlopsBaseline()
         self.devices: dict[str, DeviceState] = {}
         self.min_factor = min_factor
@@ -84,8 +86,9 @@ class CostModel:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def seeded(cls, path: str | Path | None = None, *, regressor: str = "hat",
-               progress: Progress | None = None) -> CostModel:
-        """A model pre-trained on seed samples (default: the ones shipped with the package)."""
+               progress: Progress | None = None, **kwargs: Any) -> CostModel:
+        """A model pre-trained on seed samples (default: the ones shipped with the package);
+        ``kwargs`` go to the constructor."""
         path = Path(path) if path is not None else SEED_SAMPLES
         try:
             key = (str(path.resolve()), path.stat().st_mtime, regressor)
@@ -95,7 +98,12 @@ class CostModel:
             model = cls(LatencyPredictor(regressor))
             model.learn_seed(read_samples(path), progress=progress)
             _SEEDED[key] = model
-        return copy.deepcopy(_SEEDED[key])
+        model = copy.deepcopy(_SEEDED[key])
+        for name, value in kwargs.items():
+            if not hasattr(model, name) or name in ("predictor", "baseline", "devices"):
+                raise TypeError(f"CostModel.seeded() got an unexpected argument {name!r}")
+            setattr(model, name, value)
+        return model
 
     def learn_seed(self, samples: Iterable[Mapping[str, Any]],
                    progress: Progress | None = None) -> int:
@@ -157,7 +165,10 @@ class CostModel:
         # The shared model learns only what this device's own levels did not explain (its
         # prediction error, added to its own prediction): device-specific speed stays with
         # the device, and levels that both learnt the same residual would double-count it.
-        self.predictor.learn_one(x, ms * math.exp(shared - full))
+        # By default only its per-run memory learns online; its regressor keeps what the seed
+        # taught it (measured: updating it online made predictions swing, docs/predictor.md).
+        self.predictor.learn_one(x, ms * math.exp(shared - full),
+                                 regressor=self.online_regressor)
         self.baseline.learn_one(x, ms)
         self.n_observed += 1
 

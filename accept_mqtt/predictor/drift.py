@@ -3,17 +3,19 @@
 Guarantees:
 
 * ``SpeedDrift`` runs ``river.drift.ADWIN`` on a device's prequential log error (measured /
-  predicted, each prediction made before learning the sample). It reports a change only
-  when ADWIN finds one *and* the latest samples are off by at least ``min_factor`` (either
-  way) *and* differ from the older window by as much, so noise, a one-off spike and the
-  model catching up after a change are not reported; ``factor`` is measured / predicted
-  at detection. It restarts after each report.
+  predicted, each prediction made before learning the sample) on layer runs the device has
+  already timed at least twice, so a new workload is not mistaken for a slower device. It
+  reports a change only when ADWIN finds one *and* the latest samples are off by at least
+  ``min_factor`` (either way) *and* differ from the older window by as much, so noise, a
+  one-off spike and the model catching up after a change are not reported; ``factor`` is
+  measured / predicted at detection. It restarts after each report. Slow changes (a device
+  warming up) raise no report: the per-layer memory follows them.
 * ``DeviceState`` keeps three robust (median) levels for the device: a speed offset relative
-  to the shared model, a correction per layer type and direction, and the recent offset-free
-  times of each layer run on it. Each level defers to the one above until it has samples,
-  so ten samples already fix the speed and the per-layer memory wins where it has data. On
-  a reported drift the offset moves by the reported factor at once and the finer levels
-  restart, so predictions follow a device that slowed down within a step.
+  to the shared model, a correction per layer type and direction, and the recent times of
+  each layer run on it (``RunMemory``). Each level defers to the one above until it has
+  samples, so ten samples already fix the speed and the per-layer memory wins where it has
+  data. On a reported drift the offset and the remembered times move by the reported
+  factor at once, so predictions follow a device that slowed down within a step.
 * ``error()`` is the mean absolute percentage error of the last ``window`` predictions made
   for the device *before* it learnt from each sample (prequential), so it is honest.
 """
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 
 from river import drift
 
-from .features import Features, run_key, type_key
-from .latency import ResidualMemory
+from .features import Features, type_key
+from .latency import ResidualMemory, RunMemory
 
 CLIP = 3.0  # one sample moves the drift statistic by at most e^3
 OFFSET_CLIP = 6.0  # ... and the speed offset by e^6 (a micro-benchmark can be 50x off)
@@ -102,7 +104,7 @@ class DeviceState:
         self.device = device
         self.offsets: deque[float] = deque(maxlen=offset_window)
         self.by_type = ResidualMemory(window=15, prior_count=2.0, key=type_key)
-        self.memory = ResidualMemory(window=5, prior_count=0.1, key=run_key)
+        self.memory = RunMemory(window=5, prior_count=0.1)
         self.drift = SpeedDrift(delta=drift_delta, min_factor=min_factor)
         self.min_drift_ms = min_drift_ms
         self.errors: deque[tuple[float, float, float]] = deque(maxlen=error_window)
@@ -118,10 +120,10 @@ class DeviceState:
 
     def predict_log(self, x: Features, shared_log: float) -> float:
         """Log ms of ``x`` here: the layer's own recent times on this device where it has
-        them, else the shared model's ``shared_log`` corrected by what this device does
-        differently for the layer's type and direction; all scaled by the speed offset."""
-        fallback = shared_log + self.by_type.predict_one(x)
-        return self.offset + self.memory.blend(x, fallback)
+        them, else the shared model's ``shared_log`` scaled by the device's speed offset and
+        corrected by what it does differently for the layer's type and direction."""
+        fallback = shared_log + self.offset + self.by_type.predict_one(x)
+        return self.memory.blend(x, fallback)
 
     def learn(self, x: Features, ms: float, shared_log: float, predicted_log: float) -> None:
         """One measured sample; ``shared_log`` is the shared model's log prediction for it
@@ -129,7 +131,11 @@ class DeviceState:
         self.samples += 1
         predicted = math.exp(predicted_log)
         self.errors.append((abs(predicted - ms) / ms, abs(predicted - ms), ms))
-        if predicted >= self.min_drift_ms:
+        # Only layer runs this device has timed before feed the detector: their error is
+        # measurement noise until the device itself changes, whereas a new workload (a
+        # re-plan gives the device other layers) has the model's generalisation error, which
+        # is no reason to re-plan again.
+        if predicted >= self.min_drift_ms and self.memory.count(x) >= 2:
             factor = self.drift.update(math.log(ms) - predicted_log)
             if factor is not None:
                 self.events.append(DriftEvent(self.device, factor, self.samples))
@@ -138,11 +144,10 @@ class DeviceState:
                 shifted = [o + shift for o in self.offsets]
                 self.offsets.clear()
                 self.offsets.extend(shifted)
-                self.by_type.clear()
-                self.memory.clear()
+                self.memory.shift(shift)
         e1 = max(-OFFSET_CLIP, min(OFFSET_CLIP, math.log(ms) - shared_log))
         self.by_type.learn_one(x, e1 - self.offset)
-        self.memory.learn_one(x, math.log(ms) - self.offset)
+        self.memory.learn_one(x, math.log(ms))
         self.offsets.append(e1)
 
     def error(self) -> float | None:

@@ -132,13 +132,14 @@ def sample_features(profile: Mapping[str, Any], sample: Mapping[str, Any]) -> Fe
 
 _KEY_FEATURES: tuple[str, ...] = (
     *(f"t_{t}" for t in LAYER_TYPES), "t_other", "log_flops", "log_params", "log_in",
-    "log_out", "kernel", "stride", "log_cin", "log_cout", "batch", "bwd", "threads",
+    "log_out", "kernel", "stride", "log_cin", "log_cout", "bwd", "threads",
 )
 
 
 def run_key(x: Features) -> tuple[float, ...]:
-    """What identifies one layer run on any device of one kind: layer shape, batch, direction
-    and threads, but not the device's speed (so slowed-down copies of a device share it)."""
+    """What identifies one layer run on any device of one kind, batch size aside: layer
+    shape, direction and threads, but not the device's speed (so slowed-down copies of a
+    device share it)."""
     return tuple(round(x.get(k, 0.0), 6) for k in _KEY_FEATURES)
 
 

@@ -139,13 +139,113 @@ class ResidualMemory:
         return len(self._mem)
 
 
+class RunMemory:
+    """Recent log-times of each layer run (``features.run_key``) per batch size.
+
+    ``lookup(x)`` gives the median of the last ``window`` values stored for ``x``'s key and
+    batch, weighted ``n / (n + prior_count)``; for a batch size not stored but with two others
+    stored it interpolates (or extrapolates from the nearest two) linearly in *time* across
+    batch sizes -- a layer's time is close to ``overhead + batch * per-sample cost`` -- with a
+    lower weight. ``blend(x, fallback)`` mixes that with ``fallback`` by the weight. Values
+    are natural logs of times (any fixed unit); least recently used keys are forgotten.
+
+    >>> m = RunMemory(prior_count=0.0)
+    >>> x = {"threads": 1.0, "batch": 16.0}
+    >>> for batch, ms in ((16, 2.0), (64, 5.0)):
+    ...     m.learn_one(dict(x, batch=float(batch)), math.log(ms))
+    >>> v, w = m.lookup(dict(x, batch=32.0))
+    >>> round(math.exp(v), 3), w
+    (3.0, 0.7)
+    >>> m.lookup(dict(x, threads=2.0)) is None
+    True
+    """
+
+    INTERPOLATED = 0.7  # weight of an interpolated value relative to a stored one
+    EXTRAPOLATED = 0.4
+
+    def __init__(self, window: int = 7, prior_count: float = 0.1,
+                 max_keys: int = 50_000) -> None:
+        self.window = window
+        self.prior_count = prior_count
+        self.max_keys = max_keys
+        self._mem: OrderedDict[tuple[float, ...], dict[int, deque[float]]] = OrderedDict()
+        self._shift = 0.0
+
+    def shift(self, delta: float) -> None:
+        """Add ``delta`` to every value stored so far (not to later ones): a device that
+        became ``e^delta`` times slower keeps its per-layer knowledge."""
+        self._shift += delta
+
+    def learn_one(self, x: Features, v: float) -> None:
+        k = run_key(x)
+        runs = self._mem.get(k)
+        if runs is None:
+            runs = self._mem[k] = {}
+            if len(self._mem) > self.max_keys:
+                self._mem.popitem(last=False)
+        else:
+            self._mem.move_to_end(k)
+        runs.setdefault(int(x["batch"]), deque(maxlen=self.window)).append(v - self._shift)
+
+    def count(self, x: Features) -> int:
+        q = self._mem.get(run_key(x), {}).get(int(x["batch"]))
+        return len(q) if q else 0
+
+    def _weight(self, n: int) -> float:
+        return n / (n + self.prior_count)
+
+    def lookup(self, x: Features) -> tuple[float, float] | None:
+        runs = self._mem.get(run_key(x))
+        if not runs:
+            return None
+        b = int(x["batch"])
+        q = runs.get(b)
+        if q:
+            return statistics.median(q) + self._shift, self._weight(len(q))
+        known = sorted(runs)
+        if len(known) < 2:
+            return None
+        if b < known[0]:
+            (b1, b2), factor = known[:2], self.EXTRAPOLATED
+        elif b > known[-1]:
+            (b1, b2), factor = known[-2:], self.EXTRAPOLATED
+        else:
+            i = next(i for i, kb in enumerate(known) if kb > b)
+            (b1, b2), factor = known[i - 1:i + 1], self.INTERPOLATED
+        m1, m2 = (math.exp(statistics.median(runs[kb])) for kb in (b1, b2))
+        m = m1 + (m2 - m1) * (b - b1) / (b2 - b1)
+        # a layer never gets faster with more samples, nor more than proportionally slower
+        if b < b1:
+            m = min(max(m, m1 * b / b1), m1)
+        elif b > b2:
+            m = min(max(m, m2), m2 * b / b2)
+        else:
+            m = min(max(m, min(m1, m2)), max(m1, m2))
+        w = factor * self._weight(min(len(runs[b1]), len(runs[b2])))
+        return math.log(m) + self._shift, w
+
+    def blend(self, x: Features, fallback: float) -> float:
+        hit = self.lookup(x)
+        if hit is None:
+            return fallback
+        v, w = hit
+        return w * v + (1.0 - w) * fallback
+
+    def clear(self) -> None:
+        self._mem.clear()
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+
 class LatencyPredictor:
     """Latency of one layer on one device: a River regressor on log milliseconds.
 
     ``x`` is a dict from ``features.features``; with ``use_prior`` the regressor learns the
     log ratio of the measured time to the features' ``log_prior_ms``, and with ``memory`` a
-    ``ResidualMemory`` keyed by ``features.run_key`` remembers that ratio per layer run and
-    overrides the regressor where it has seen the run.
+    ``RunMemory`` remembers each layer run's time scaled to a 1 GFLOP/s device (so slowed-down
+    devices share it) and overrides the regressor where it has seen the run (at this or at
+    two other batch sizes).
 
     >>> from accept_mqtt.predictor.features import features
     >>> layer = {"type": "linear", "flops": 2_000_000, "params": 1_000_000, "in_elems": 1000,
@@ -166,19 +266,20 @@ class LatencyPredictor:
         self.regressor = make_regressor(regressor, seed) if isinstance(regressor, str) \
             else regressor
         self.use_prior = use_prior
-        self.memory = ResidualMemory(key=run_key) if memory else None
+        self.memory = RunMemory() if memory else None
         self.n_learned = 0
 
     def _offset(self, x: Features) -> float:
         return x["log_prior_ms"] if self.use_prior else 0.0
 
-    def learn_one(self, x: Features, ms: float) -> None:
+    def learn_one(self, x: Features, ms: float, *, regressor: bool = True) -> None:
+        """Learn one time; ``regressor=False`` updates the per-run memory only."""
         if not (ms > 0 and math.isfinite(ms)):
             return
-        y = math.log(ms) - self._offset(x)
         if self.memory is not None:
-            self.memory.learn_one(x, y)
-        self.regressor.learn_one(x, y)
+            self.memory.learn_one(x, math.log(ms) + x["log_gflops"])
+        if regressor or self.memory is None:
+            self.regressor.learn_one(x, math.log(ms) - self._offset(x))
         self.n_learned += 1
 
     def _model_residual(self, x: Features) -> float:
@@ -190,7 +291,10 @@ class LatencyPredictor:
         """Predicted natural log of the time in ms."""
         r = self._model_residual(x)
         if self.memory is not None:
-            r = self.memory.blend(x, r)
+            hit = self.memory.lookup(x)
+            if hit is not None:
+                v, w = hit
+                r = w * (v - x["log_gflops"] - self._offset(x)) + (1.0 - w) * r
         return self._offset(x) + max(-MAX_LOG_RESIDUAL, min(MAX_LOG_RESIDUAL, r))
 
     def predict_one(self, x: Features) -> float:
