@@ -12,8 +12,8 @@ Guarantees:
 * ``pin_allocator()`` (called by ``run``) fixes glibc's malloc thresholds first: with the
   default dynamic ones a layer's backward can take 2-4x longer or not depending on which
   tensor sizes the process freed before (page faults after heap trimming), which would make
-  times depend on the order of measurement. Agents should call it too (see
-  docs/predictor.md), so that what they time matches the seed.
+  times depend on the order of measurement. Agents call it too
+  (``device_agent.profile``), so that what they time matches the seed.
 * Samples with no measurable compute (``ms <= 0``: a backward through a layer with neither
   parameters nor an input that needs a gradient) are kept out of the output.
 * The output is JSON lines, gzip-compressed when the path ends in ``.gz``, written to a
@@ -27,7 +27,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from device_agent.profile import pin_allocator, robust_bench
+
 Sample = dict[str, Any]
 
 DEFAULT_PLAN: tuple[tuple[str, float], ...] = (
@@ -47,28 +48,6 @@ DEFAULT_PLAN: tuple[tuple[str, float], ...] = (
     ("vgg", 0.5), ("vgg", 1.0),
     ("mobilenet", 0.5), ("mobilenet", 1.0),
 )
-
-
-def pin_allocator(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**30) -> bool:
-    """Fix glibc malloc's mmap and trim thresholds (no-op elsewhere); True if applied.
-
-    Tensors up to 32 MiB then come from the heap, and freed memory is kept instead of being
-    returned to the OS and faulted in again on the next step: layer times stop depending on
-    what the process did before (and elementwise backward passes get up to 2-4x faster).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(
-            libc.mallopt(m_trim_threshold, trim_threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 def measure(name: str, width: float, *, threads: int, batch: int, reps: int, warmup: int = 2,
@@ -250,14 +229,6 @@ def emulate(samples: Iterable[Sample], profile: dict[str, Any], slowdown: float,
         prof["bench_gflops"] = round(float(profile["bench_gflops"]) / slowdown, 3)
     return [dict(s, ms=round(s["ms"] * slowdown, 5), device=device, profile=prof)
             for s in samples]
-
-
-def robust_bench(threads: int, tries: int = 5) -> float:
-    """The device micro-benchmark, best of ``tries`` runs: one run on a busy machine can be
-    off by 100x (a descheduled OpenMP thread stalls the whole matmul), the best is stable."""
-    from device_agent.profile import microbench_gflops
-
-    return round(max(microbench_gflops(threads) for _ in range(tries)), 3)
 
 
 def device_name(threads: int, slowdown: float, host: str = "local") -> str:

@@ -15,6 +15,7 @@ from accept_mqtt.broker_url import BrokerUrlError, parse_bandwidth, parse_broker
 from accept_mqtt.topics import TopicError, check_id
 
 from .agent import Agent, AgentConfig
+from .profile import pin_allocator
 
 log = logging.getLogger("device_agent")
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AgentConfig(broker=args.broker, device_id=args.device_id, root=args.root,
                       threads=args.threads, slowdown=args.slowdown, bandwidth_bps=bw,
                       keepalive=args.keepalive)
+    pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))
     except asyncio.CancelledError:

@@ -281,6 +281,6 @@ def test_a_device_that_slows_down_is_noticed(broker: MosquittoBroker, tmp_path: 
     record = asyncio.run(main())
     assert record["timing_samples"] > 100
     drifted = [d for d in record["drifts"] if d["device"] == record["plan"]["stages"][0]["device"]]
-    assert drifted, record["drifts"]
+    assert drifted, (record["drifts"], record["plan"]["stages"], record["predictor_error"])
     assert drifted[0]["speed_factor"] > 2.0
     assert drifted[0]["step"] > 25

@@ -97,7 +97,7 @@ def test_learning_improves_on_a_synthetic_stream() -> None:
             for batch in (4, 16, 64):
                 for direction in ("fwd", "bwd"):
                     stream.append((d, batch, direction))
-    model = LatencyPredictor("hat")
+    model = LatencyPredictor()
     baseline = FlopsBaseline()
     errors = []
     for epoch in range(4):

@@ -7,8 +7,9 @@ the measurements):
 2. a shared ``LatencyPredictor`` (a River regressor on the prior's residual, plus a memory of
    each recently seen layer run), learnt from the shipped seed samples and, online, from
    what the device levels below fail to explain on every device;
-3. per device, a median speed offset and per-layer residuals (``drift.DeviceState``), with an
-   ADWIN detector that reports when the device's speed changes.
+3. per device (``drift.DeviceState``): a median speed offset, a correction per layer type
+   and the device's own recent time of each layer run, with an ADWIN detector that reports
+   when the device's speed changes.
 
 Guarantees:
 
@@ -85,7 +86,7 @@ class CostModel:
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def seeded(cls, path: str | Path | None = None, *, regressor: str = "hat",
+    def seeded(cls, path: str | Path | None = None, *, regressor: str = "arf",
                progress: Progress | None = None, **kwargs: Any) -> CostModel:
         """A model pre-trained on seed samples (default: the ones shipped with the package);
         ``kwargs`` go to the constructor."""
@@ -240,7 +241,8 @@ class CostModel:
         return st.weighted_error() if st else None
 
     def device_factor(self, device: str) -> float:
-        """How much slower (>1) or faster (<1) ``device`` runs than its profile predicts."""
+        """How much slower (>1) or faster (<1) ``device`` runs than the shared model predicts
+        from its profile (its whole offset; a drift event's ``factor`` is the change)."""
         st = self.devices.get(device)
         return math.exp(st.offset) if st else 1.0
 

@@ -2,9 +2,12 @@
 
 Guarantees:
 
-* ``SpeedDrift`` runs ``river.drift.ADWIN`` on a device's prequential log error (measured /
-  predicted, each prediction made before learning the sample) on layer runs the device has
-  already timed at least twice, so a new workload is not mistaken for a slower device. It
+* ``SpeedDrift`` runs ``river.drift.ADWIN`` on a device's log ratio of measured time to a
+  slow reference of the same layer run on the same device (the median of its last 31 times),
+  only on layer runs the device has already timed at least three times, so a new workload is
+  not mistaken for a slower device. The reference is slow on purpose: the prediction itself
+  follows a change within three samples (median of 5), which used to end the error before
+  ADWIN had seen enough of it, so a 6x slowdown went unreported about one run in three. It
   reports a change only when ADWIN finds one *and* the latest samples are off by at least
   ``min_factor`` (either way) *and* differ from the older window by as much, so noise, a
   one-off spike and the model catching up after a change are not reported; ``factor`` is
@@ -105,6 +108,8 @@ class DeviceState:
         self.offsets: deque[float] = deque(maxlen=offset_window)
         self.by_type = ResidualMemory(window=15, prior_count=2.0, key=type_key)
         self.memory = RunMemory(window=5, prior_count=0.1)
+        # the drift detector's yardstick: slow, so a sudden change stays visible to ADWIN
+        self.reference = RunMemory(window=31, prior_count=0.1)
         self.drift = SpeedDrift(delta=drift_delta, min_factor=min_factor)
         self.min_drift_ms = min_drift_ms
         self.errors: deque[tuple[float, float, float]] = deque(maxlen=error_window)
@@ -135,8 +140,9 @@ class DeviceState:
         # measurement noise until the device itself changes, whereas a new workload (a
         # re-plan gives the device other layers) has the model's generalisation error, which
         # is no reason to re-plan again.
-        if predicted >= self.min_drift_ms and self.memory.count(x) >= 2:
-            factor = self.drift.update(math.log(ms) - predicted_log)
+        ref = self.reference.lookup(x) if self.reference.count(x) >= 3 else None
+        if ref is not None and math.exp(ref[0]) >= self.min_drift_ms:
+            factor = self.drift.update(math.log(ms) - ref[0])
             if factor is not None:
                 self.events.append(DriftEvent(self.device, factor, self.samples))
                 self.pending_drift = True
@@ -145,9 +151,11 @@ class DeviceState:
                 self.offsets.clear()
                 self.offsets.extend(shifted)
                 self.memory.shift(shift)
+                self.reference.shift(shift)
         e1 = max(-OFFSET_CLIP, min(OFFSET_CLIP, math.log(ms) - shared_log))
         self.by_type.learn_one(x, e1 - self.offset)
         self.memory.learn_one(x, math.log(ms))
+        self.reference.learn_one(x, math.log(ms))
         self.offsets.append(e1)
 
     def error(self) -> float | None:
@@ -166,4 +174,5 @@ class DeviceState:
         self.offsets.clear()
         self.by_type.clear()
         self.memory.clear()
+        self.reference.clear()
         self.drift.reset()

@@ -61,7 +61,7 @@ def _scaled(model: base.Regressor) -> base.Regressor:
     return preprocessing.StandardScaler() | Clip(3.0) | model
 
 
-def make_regressor(kind: str = "hat", seed: int = 0) -> base.Regressor:
+def make_regressor(kind: str = "arf", seed: int = 0) -> base.Regressor:
     """A fresh River regressor of one of the compared families (see docs/predictor.md).
 
     >>> type(make_regressor("hat")).__name__
@@ -75,7 +75,7 @@ def make_regressor(kind: str = "hat", seed: int = 0) -> base.Regressor:
             leaf_model=_linear(), seed=seed))
     if kind == "arf":
         return _scaled(forest.ARFRegressor(
-            n_models=5, grace_period=50, leaf_prediction="adaptive", model_selector_decay=0.3,
+            n_models=3, grace_period=50, leaf_prediction="adaptive", model_selector_decay=0.3,
             aggregation_method="mean", leaf_model=_linear(), seed=seed))
     if kind == "knn":
         return _scaled(neighbors.KNNRegressor(
@@ -261,7 +261,7 @@ class LatencyPredictor:
     4.0
     """
 
-    def __init__(self, regressor: base.Regressor | str = "hat", *, use_prior: bool = True,
+    def __init__(self, regressor: base.Regressor | str = "arf", *, use_prior: bool = True,
                  memory: bool = True, seed: int = 0) -> None:
         self.regressor = make_regressor(regressor, seed) if isinstance(regressor, str) \
             else regressor
