@@ -294,6 +294,17 @@ class Coordinator:
                                                f"{ev['speed_factor']}x its profiled time"})
             asyncio.get_running_loop().create_task(self._metric(ev))
 
+    def _stage_totals(self) -> list[dict[str, Any]]:
+        """Cumulative per-stage counters of this plan's agents (for the metrics topic)."""
+        assert self.plan is not None
+        out = []
+        for s in self.plan.stages:
+            tot = self.state.stages.get(s.index, StageTotals())
+            out.append({"stage": s.index, "device": s.device, "busy_ms": round(tot.busy_ms, 3),
+                        "send_ms": round(tot.send_ms, 3), "bytes_act": tot.bytes_act,
+                        "bytes_grad": tot.bytes_grad})
+        return out
+
     def _on_stepped(self, ev: dict[str, Any]) -> None:
         k = int(ev["stage"])
         tot = self.state.stages.setdefault(k, StageTotals())
@@ -515,8 +526,10 @@ class Coordinator:
                 st.samples += len(idx)
                 info = {"type": "step", "step": st.step, "epoch": epoch, "loss": res["loss"],
                         "train_acc": res["train_acc"], "samples_per_s": len(idx) / dt,
+                        "step_ms": round(dt * 1e3, 3), "total_steps": total,
                         "stage_busy_ms": {k: round(v.busy_ms, 1)
-                                          for k, v in sorted(st.stages.items())}}
+                                          for k, v in sorted(st.stages.items())},
+                        "stages": self._stage_totals()}
                 await self._metric(info)
                 self.progress("step", info)
             ev = await self.evaluate(data.test_x, data.test_y)
