@@ -38,7 +38,10 @@ VERSION = 1
 KINDS = ("act", "grad")
 RAW_BITS = (16, 32)
 MINMAX_BITS = tuple(range(1, 9))
-SCHEMES = ("raw", "minmax")
+# "minmax0" is an extension scheme (docs/protocol.md): the min-max grid shifted and widened
+# so that 0 is exactly a code wherever a range straddles 0; decoded exactly like "minmax".
+SCHEMES = ("raw", "minmax", "minmax0")
+_ZERO_SCALE_BITS = 16  # significant bits of a minmax0 scale: z * scale is then exact (z <= 255)
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # PROTOCOL.md "Topics"
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, 2**-126
@@ -237,6 +240,47 @@ def wire_scales(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
     return s32
 
 
+def zero_aligned_grid(lo: np.ndarray, hi: np.ndarray,
+                      bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(lo, scale)`` per channel whose grid ``lo + c * scale`` has 0 as a code.
+
+    Where ``lo < 0 < hi`` (and ``bits >= 2``): ``lo = -z * scale`` for the integer ``z`` in
+    ``[1, 2**bits - 2]`` that needs the smallest ``scale`` covering ``[lo, hi]``, with
+    ``scale`` rounded *up* to 16 significant bits, so ``z * scale`` is exact in float32 and
+    code ``z`` decodes to exactly 0.0 by the wire's formula. Elsewhere (a range that does not
+    straddle 0 has no zero to keep, or 1 bit, or a scale too small for 16 significant bits)
+    the plain min-max grid of ``wire_scales``. The grid always covers ``[lo, hi]``.
+
+    Why: gradients behind a ReLU are mostly exact zeros; on the plain grid 0 falls between
+    two codes and stochastic rounding turns each zero into noise as large as the gradient
+    (docs/codec.md, measured), which stops 4-bit gradients from training at all.
+    """
+    scale = wire_scales(lo, hi, bits)
+    lo_out = lo.astype(np.float32)
+    top = 2**bits - 1
+    straddle = (lo < 0) & (hi > 0)
+    if top < 3 or not straddle.any():
+        return lo_out, scale
+    span = np.where(straddle, hi - lo, 1.0)
+    z0 = np.floor(top * -lo / span)
+    best = np.full(lo.shape, np.inf)
+    best_z = np.ones(lo.shape)
+    # the needed scale max(-lo/z, hi/(top-z)) falls then rises in z: the optimum is next to
+    # the real-valued crossing z0 (floor or ceil)
+    for dz in (0.0, 1.0):
+        z = np.clip(z0 + dz, 1, top - 1)
+        need = np.maximum(-lo / z, hi / (top - z))
+        better = need < best
+        best = np.where(better, need, best)
+        best_z = np.where(better, z, best_z)
+    mant, exp = np.frexp(np.where(straddle, best, 1.0))
+    rounded = np.ldexp(np.ceil(mant * 2.0**_ZERO_SCALE_BITS) / 2.0**_ZERO_SCALE_BITS, exp)
+    ok = straddle & (rounded >= _F32_TINY * 2.0**_ZERO_SCALE_BITS) & (rounded * top <= _F32_MAX)
+    scale = np.where(ok, rounded.astype(np.float32), scale)
+    lo_out = np.where(ok, (-best_z * rounded).astype(np.float32), lo_out)
+    return lo_out, scale
+
+
 def _as_float32(x: torch.Tensor) -> np.ndarray:
     """``x`` as a C-contiguous float32 numpy array, sharing memory when it already is one."""
     return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
@@ -270,19 +314,24 @@ def _ranges(arr: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize(
     arr: np.ndarray, bits: int, axis: int | None = None, *, stochastic: bool = False,
-    seed: int = 0,
+    seed: int = 0, zero: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Min-max quantise a C-contiguous float32 array: (packed data, lo, scale).
 
     ``lo`` and ``scale`` are float32 arrays of one value (``axis`` None) or one per channel on
     ``axis`` (non-negative). ``data`` is a uint8 array of ``packed_nbytes(arr.size, bits)``.
+    ``zero`` uses ``zero_aligned_grid`` (scheme ``minmax0``): exact zeros stay exact zeros.
     """
     if bits not in MINMAX_BITS:
         raise ValueError(f"minmax bits must be 1..8, got {bits}")
     n = arr.size
     lo, hi = _ranges(arr, axis)
-    scale = wire_scales(lo, hi, bits)
-    lo32 = lo.astype(np.float32)  # exact: lo is an element of arr
+    if zero:
+        lo32, scale = zero_aligned_grid(lo, hi, bits)
+        lo = lo32.astype(np.float64)  # the grid may start below the minimum
+    else:
+        scale = wire_scales(lo, hi, bits)
+        lo32 = lo.astype(np.float32)  # exact: lo is an element of arr
     top = 2**bits - 1
     codes = np.zeros(_padded_len(n), np.uint8)
     if n == 0:
@@ -298,8 +347,16 @@ def quantize(
         src, lo_b, inv_b = arr.reshape(-1), dt(lo32[0]), dt(inv[0])
     else:
         src, lo_b, inv_b = _channel_view(arr, axis), lo32.astype(dt)[:, None], inv[:, None]
-    v = np.subtract(src, lo_b, dtype=dt)  # >= 0: lo is the minimum
-    v *= inv_b  # v in [0, top] up to float rounding
+    v = np.subtract(src, lo_b, dtype=dt)  # >= 0: lo is at most the minimum
+    if zero:
+        # a true division, so that an exact 0 lands exactly on its code z = -lo/scale
+        # (times 1/scale can miss it by an ulp, and then stochastic rounding can move it);
+        # the grid's scale was rounded up, so v stays in [0, top] but for float rounding
+        s_b = scale.astype(dt) if axis is None else scale.astype(dt)[:, None]
+        np.divide(v, np.where(s_b > 0, s_b, dt(1)), out=v)
+        np.minimum(v, top, out=v)
+    else:
+        v *= inv_b  # v in [0, top] up to float rounding
     if stochastic:
         # floor(v + u), u ~ U[0, 1): E[code] = v, so gradients stay unbiased on average
         v += np.random.default_rng(seed).random(v.shape, dtype=np.float32)
@@ -374,13 +431,15 @@ def encode(
     axis: int | None = None,
     stochastic: bool = False,
     seed: int = 0,
+    zero: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> TensorFrame:
     """Encode ``x`` as a frame with ``bits`` per element (32/16 raw, 1..8 minmax).
 
     ``axis`` (minmax only) gives per-channel ``lo``/``scale`` along that axis; ``stochastic``
-    rounds codes stochastically with ``seed``. Raises ``ValueError`` for inf/NaN input and for
-    arguments the wire cannot carry.
+    rounds codes stochastically with ``seed``; ``zero`` (bits 1..8) keeps exact zeros exact
+    (scheme ``minmax0``, see ``zero_aligned_grid``). Raises ``ValueError`` for inf/NaN input
+    and for arguments the wire cannot carry.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -413,8 +472,9 @@ def encode(
         else:  # torch's float16 conversion is ~100x numpy's (F16C), same IEEE rounding
             data = torch.from_numpy(arr).to(torch.float16).numpy().astype("<f2").tobytes()
     elif bits in MINMAX_BITS:
-        scheme = "minmax"
-        packed, lo32, s32 = quantize(arr, bits, axis, stochastic=stochastic, seed=seed)
+        scheme = "minmax0" if zero else "minmax"
+        packed, lo32, s32 = quantize(arr, bits, axis, stochastic=stochastic, seed=seed,
+                                     zero=zero)
         data = packed.tobytes()
         lo, scale = (float(lo32[0]), float(s32[0])) if axis is None else (
             lo32.tolist(), s32.tolist())
@@ -557,7 +617,8 @@ def validate(frame: TensorFrame, topic: str = "") -> None:
         raise FrameError(topic, f"shape must be a list of non-negative ints, got "
                          f"{list(f.shape)!r:.80}")
     if f.scheme not in SCHEMES:
-        raise FrameError(topic, f"unknown scheme {f.scheme!r:.40} (known: raw, minmax)")
+        raise FrameError(topic, f"unknown scheme {f.scheme!r:.40} (known: raw, minmax, "
+                         "minmax0)")
     allowed = RAW_BITS if f.scheme == "raw" else MINMAX_BITS
     if not _is_int(f.bits) or f.bits not in allowed:
         want = "16 or 32" if f.scheme == "raw" else "1..8"

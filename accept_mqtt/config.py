@@ -36,6 +36,7 @@ class TrainConfig:
     act_bits: int = 32
     grad_bits: int = 32
     stochastic_grad_rounding: bool = True
+    grad_scheme: str = "minmax0"  # minmax0: 0 is a code, so sparse gradients stay sparse
     devices: int = 3
     partition: str = "auto"  # auto | predictor | flops | equal
     max_steps: int | None = None
@@ -57,6 +58,9 @@ class TrainConfig:
             b = getattr(self, name)
             if b not in (*range(1, 9), 16, 32):
                 raise ConfigError(f"{name} must be 1..8, 16 or 32, got {b}")
+        if self.grad_scheme not in ("minmax", "minmax0"):
+            raise ConfigError(f"grad_scheme must be minmax or minmax0, got "
+                              f"{self.grad_scheme!r}")
         if self.schedule not in ("gpipe", "1f1b"):
             raise ConfigError(f"schedule must be gpipe or 1f1b, got {self.schedule!r}")
         if self.partition not in ("auto", "predictor", "flops", "equal"):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCHEDULES = ("gpipe", "1f1b")
+GRAD_SCHEMES = ("minmax", "minmax0")  # codec schemes for k-bit gradients (docs/codec.md)
 
 
 class PlanError(ValueError):
@@ -48,6 +49,7 @@ class Plan:
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.05})
     method: str = "flops"
     stochastic_grad_rounding: bool = True
+    grad_scheme: str = "minmax0"  # k-bit gradients keep exact zeros exact (codec.minmax0)
     predicted_bottleneck_ms: float | None = None
     start_step: int = 0  # the optimizer step the stages start at (non-zero on resume)
 
@@ -59,6 +61,9 @@ class Plan:
             raise PlanError("a plan needs at least one stage")
         if self.schedule not in SCHEDULES:
             raise PlanError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.grad_scheme not in GRAD_SCHEMES:
+            raise PlanError(f"grad_scheme must be one of {GRAD_SCHEMES}, got "
+                            f"{self.grad_scheme!r}")
         if self.micro_batches < 1:
             raise PlanError(f"micro_batches must be >= 1, got {self.micro_batches}")
         expect = 0

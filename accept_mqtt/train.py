@@ -37,6 +37,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--seed", "seed", int, "fixes data order, initial weights and rounding"),
     ("--act-bits", "act_bits", int, "bits of activations on every link: 1..8, 16, 32"),
     ("--grad-bits", "grad_bits", int, "bits of gradients on every link: 1..8, 16, 32"),
+    ("--grad-scheme", "grad_scheme", str,
+     "k-bit gradient grid: minmax0 (0 exact, default) or minmax (plain min-max)"),
     ("--partition", "partition", str, "auto, predictor, flops or equal"),
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--device-timeout", "device_timeout", float, "seconds to wait for device agents"),

@@ -441,11 +441,12 @@ class Agent:
     def _send_tensor(self, job: _Job, t: torch.Tensor, src: codec.TensorFrame, kind: str,
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
         bits = job.next_bits if kind == "act" else job.prev_bits
-        stochastic = kind == "grad" and job.plan.stochastic_grad_rounding
+        grad = kind == "grad"
         frame = codec.encode(
             t, bits=bits, job=job.plan.job, step=src.step, mb=src.mb, kind=kind, labels=labels,
-            stochastic=stochastic, seed=_frame_seed(job.plan.seed, src.step, src.mb, job.k),
-            extra=extra,
+            stochastic=grad and job.plan.stochastic_grad_rounding,
+            seed=_frame_seed(job.plan.seed, src.step, src.mb, job.k),
+            zero=grad and job.plan.grad_scheme == "minmax0", extra=extra,
         )
         k = job.k + 1 if kind == "act" else job.k - 1
         topic = (self.topics.fwd if kind == "act" else self.topics.bwd)(job.plan.job, k)

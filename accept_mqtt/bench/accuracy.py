@@ -3,7 +3,9 @@
 For each model, in one process: cut the layer list into 3 consecutive stages with the most
 even FLOPs (exhaustive over cut pairs), and train with every boundary tensor going through the
 real wire codec, ``decode(from_bytes(to_bytes(encode(...))))``: activations forward with
-nearest rounding, gradients backward with stochastic rounding, per-tensor min-max. ``fp32`` is
+nearest rounding, per-tensor min-max; gradients backward with stochastic rounding on the
+zero-aligned grid (``minmax0``, the pipeline's default) and, for comparison, on the plain
+min-max grid. ``fp32`` is
 the same plumbing with raw 32-bit frames (exact). Held-out accuracy is measured with the
 activations compressed the same way, as a deployed pipeline would infer.
 
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights, data split and order")
     p.add_argument("--bits", default=",".join(map(str, BITS)),
                    help="bit widths to compare; 32 is the fp32 baseline")
+    p.add_argument("--grad-schemes", default="minmax0,minmax",
+                   help="gradient grids to compare (the first is used for the ablation)")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the activations-only / gradients-only runs")
     p.add_argument("--quick", action="store_true", help="2 epochs, no ablation (a smoke test)")
@@ -70,8 +74,9 @@ class WireLink:
     """
 
     def __init__(self, bits: int, cut: int, seed: int,
-                 compress: tuple[str, ...] = ("act", "grad")) -> None:
+                 compress: tuple[str, ...] = ("act", "grad"), grad_scheme: str = "minmax0") -> None:
         self.bits, self.cut, self.seed, self.compress = bits, cut, seed, compress
+        self.grad_scheme = grad_scheme
         self.step = 0
         self.bytes = {"act": 0, "grad": 0}
 
@@ -80,7 +85,7 @@ class WireLink:
         bits = self.bits if kind in self.compress else 32
         frame = codec.encode(
             t, bits=bits, job="accuracy", step=self.step, mb=0, kind=kind,
-            stochastic=grad and bits <= 8,
+            stochastic=grad and bits <= 8, zero=grad and self.grad_scheme == "minmax0",
             # a fresh, reproducible rounding stream per step and cut
             seed=(self.seed * 1_000_003 + self.step * 101 + self.cut) % 2**32,
         )
@@ -119,7 +124,8 @@ class Pipeline(nn.Module):
 
 
 def train_one(name: str, bits: int, epochs: int, seed: int,
-              compress: tuple[str, ...] = ("act", "grad")) -> dict[str, Any]:
+              compress: tuple[str, ...] = ("act", "grad"),
+              grad_scheme: str = "minmax0") -> dict[str, Any]:
     """Train ``name`` with its cuts at ``bits``; a diverged run reports the step, no accuracy."""
     from ..data import load_dataset
     from ..descriptors import describe
@@ -129,7 +135,7 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
     model = build_model(name, seed=seed, input_shape=ds.input_shape,
                         num_classes=ds.num_classes)
     a, b = balanced_cuts([d.flops for d in describe(model)])
-    links = [WireLink(bits, 0, seed, compress), WireLink(bits, 1, seed, compress)]
+    links = [WireLink(bits, k, seed, compress, grad_scheme) for k in (0, 1)]
     net = Pipeline([model.slice(0, a), model.slice(a, b), model.slice(b, len(model.layers))],
                    links)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
@@ -166,8 +172,11 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
     label = "fp32" if bits == 32 else f"{bits}-bit"
     if bits != 32 and compress != ("act", "grad"):
         label += f" {compress[0]} only"
+    if bits != 32 and "grad" in compress and grad_scheme != "minmax0":
+        label += f" {grad_scheme} grads"
     return {
         "bits": bits,
+        "grad_scheme": grad_scheme if bits != 32 and "grad" in compress else None,
         "compress": list(compress) if bits != 32 else [],
         "label": label,
         "test_acc": acc,
@@ -194,8 +203,8 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _row(r: dict[str, Any]) -> str:
     if r["test_acc"] is None:
-        return f"{r['label']:>17}  diverged at step {r['diverged_at_step']}"
-    return (f"{r['label']:>17} {100 * r['test_acc']:8.2f}% {r['delta_pp']:+7.2f}p "
+        return f"{r['label']:>24}  diverged at step {r['diverged_at_step']}"
+    return (f"{r['label']:>24} {100 * r['test_acc']:8.2f}% {r['delta_pp']:+7.2f}p "
             f"{r['train_loss_last_epoch']:11.4f} {r['cut_bytes_per_step'] / 1e3:12.1f} "
             f"{r['elapsed_s']:7.1f}")
 
@@ -207,11 +216,18 @@ def run(args: argparse.Namespace) -> int:
     if bits[0] != 32:
         bits = [32] + [b for b in bits if b != 32]
     models = [m for m in args.models.split(",") if m]
+    schemes = [s for s in args.grad_schemes.split(",") if s]
+    unknown = sorted(set(schemes) - {"minmax", "minmax0"})
+    if unknown or not schemes:
+        print(f"accept-mqtt bench accuracy: unknown gradient schemes {unknown}; use minmax0 "
+              "and/or minmax")
+        return 2
     t0 = time.perf_counter()
     record: dict[str, Any] = {
         "bench": "accuracy",
         "what": "held-out accuracy after training with every cut's activations (nearest) and "
-                "gradients (stochastic) through the k-bit wire codec; 3 FLOPs-balanced stages",
+                "gradients (stochastic; minmax0 = zero-aligned grid) through the k-bit wire "
+                "codec; 3 FLOPs-balanced stages",
         "machine": machine_info(),
         "seed": args.seed, "epochs": epochs, "batch": BATCH,
         "optimizer": f"SGD lr={LR} momentum={MOMENTUM}",
@@ -220,19 +236,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"accuracy vs cut compression: {epochs} epochs, seed {args.seed}, batch {BATCH}, "
           f"SGD lr {LR} momentum {MOMENTUM}, one thread on {record['machine']['cpu']}")
     for name in models:
-        plan: list[tuple[int, tuple[str, ...]]] = [(b, ("act", "grad")) for b in bits]
+        both = ("act", "grad")
+        plan: list[tuple[int, tuple[str, ...], str]] = [(32, both, schemes[0])]
+        plan += [(b, both, s) for s in schemes for b in bits if b != 32]
         if not (args.quick or args.no_ablation):
-            plan += [(b, (kind,)) for b in bits if b != 32 for kind in ("act", "grad")]
+            plan += [(b, (kind,), schemes[0]) for b in bits if b != 32
+                     for kind in ("act", "grad")]
         rows: list[dict[str, Any]] = []
-        for b, compress in plan:
-            r = train_one(name, b, epochs, args.seed, compress)
+        for b, compress, scheme in plan:
+            r = train_one(name, b, epochs, args.seed, compress, scheme)
             base = rows[0]["test_acc"] if rows else r["test_acc"]
             r["delta_pp"] = None if r["test_acc"] is None else 100 * (r["test_acc"] - base)
             rows.append(r)
         first = rows[0]
         print(f"\n{name} on {first['dataset']} ({first['n_train']} train / {first['n_test']} "
               f"held out), cuts after layers {first['cuts'][0] - 1} and {first['cuts'][1] - 1}")
-        print(f"{'cuts at':>17} {'test acc':>9} {'vs fp32':>8} {'train loss':>11} "
+        print(f"{'cuts at':>24} {'test acc':>9} {'vs fp32':>8} {'train loss':>11} "
               f"{'cut KB/step':>12} {'time s':>7}")
         for r in rows:
             print(_row(r))
