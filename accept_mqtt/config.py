@@ -46,6 +46,12 @@ class TrainConfig:
     runs_dir: str = "runs"
     synthetic_size: int = 2000
     predictor_state: str | None = None
+    checkpoint_every: int = 20  # optimizer steps between checkpoints; 0: only at the start
+    resume: bool = False  # continue the job from runs_dir/<job>/checkpoint.pt
+    auto_replan: bool = True  # re-plan live when a device's drift moves the partition
+    replan_min_steps: int = 10  # at least this many steps between two drift re-plans
+    reconnect_timeout: float = 120.0  # seconds to retry a lost broker before giving up
+    rejoin_grace: float = 5.0  # seconds a device that went offline has to come back
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
@@ -66,6 +72,8 @@ class TrainConfig:
         if self.partition not in ("auto", "predictor", "flops", "equal"):
             raise ConfigError(f"partition must be auto, predictor, flops or equal, got "
                               f"{self.partition!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self
 
     def optimizer_cfg(self) -> dict[str, Any]:

@@ -15,6 +15,17 @@ Guarantees:
 * Every error an agent reports, and every event the coordinator cannot use, is logged and
   kept in the run record; a bad message never stops training.
 * On exit (normal, error or cancel) the retained plan is cleared, so agents go back to idle.
+* Faults (docs/faults.md): every ``checkpoint_every`` steps the state of every stage
+  (weights, buffers, optimizer state) is collected and saved atomically to
+  ``runs/<job>/checkpoint.pt``. A device that goes offline (Last Will) makes the coordinator
+  re-plan over the devices still online (newly joined ones included), restore every stage
+  from the last checkpoint and replay from there: at most the steps since that checkpoint are
+  redone, none is skipped, and with compression off the final parameters are those of an
+  undisturbed run. A lost broker connection is retried; then every stage is rewound to the
+  start of the step in flight (agents keep the start-of-step state), so no step is lost or
+  applied twice. ``resume`` restarts a job from its checkpoint after a coordinator restart.
+* ``repartition``, ``set`` (bit widths) and drift that moves the partition re-plan live at a
+  step boundary: checkpoint, new plan, restore; nothing is lost.
 """
 
 from __future__ import annotations
@@ -33,12 +44,12 @@ from typing import Any
 
 import aiomqtt
 import msgpack
-import numpy as np
 import torch
 
 from . import codec
 from .aio import cancel_and_wait
 from .broker_url import parse_broker_url
+from .checkpoint import Checkpoint, CheckpointError, pack, unpack
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .descriptors import describe
@@ -67,6 +78,10 @@ class DeviceLost(CoordinatorError):
 
 class StepTimeout(CoordinatorError):
     pass
+
+
+class BrokerLost(CoordinatorError):
+    """The connection to the broker dropped; training continues after a reconnect."""
 
 
 def new_job_id() -> str:
@@ -98,6 +113,13 @@ class RunState:
     errors: list[dict[str, Any]] = field(default_factory=list)
     drifts: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[int, StageTotals] = field(default_factory=dict)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)  # steps checkpointed
+    replayed_steps: int = 0
+
+    def counters(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the run, so a resumed record reads as one run."""
+        return {"step": self.step, "epoch": self.epoch, "history": list(self.history)}
 
 
 class Coordinator:
@@ -131,22 +153,67 @@ class Coordinator:
         self.profiles: dict[str, dict[str, Any]] = {}
         self._info: dict[str, DeviceInfo] = {}
         self.costs: Any = None  # predictor.CostModel when planning by prediction
+        self.gen = 0  # rewind generation of the current plan (frames and events carry it)
+        self.last_ckpt: Checkpoint | None = None
+        self._replan_request: str | None = None
+        self._last_replan_step = -(10**9)
+        self._bg: set[asyncio.Task[Any]] = set()
 
     # -- connection ----------------------------------------------------------------------
     async def __aenter__(self) -> Coordinator:
-        self._client = aiomqtt.Client(**self.url.client_kwargs(),
-                                      identifier=f"accept-coord-{self.job}",
-                                      keepalive=10, max_inflight_messages=100)
-        await self._client.__aenter__()
-        t, c = self.topics, self._client
+        await self._connect()
+        return self
+
+    async def _connect(self) -> None:
+        """Connect, subscribe and start the reader (first time and after a lost broker).
+
+        A clean session: what matters after a reconnect is re-synchronised explicitly (plan
+        re-published, stages rewound), so nothing depends on the broker having kept queues.
+        """
+        client = aiomqtt.Client(**self.url.client_kwargs(),
+                                identifier=f"accept-coord-{self.job}",
+                                keepalive=10, max_inflight_messages=100)
+        await client.__aenter__()
+        self._client = client
+        t = self.topics
         for topic in (t.all_status, t.all_profiles, f"{t.job(self.job)}/events/+",
                       t.metrics(self.job), t.control(self.job), f"{t.job(self.job)}/timing/+",
                       f"{t.job(self.job)}/weights/+"):
-            await c.subscribe(topic, qos=1)
+            await client.subscribe(topic, qos=1)
         self._reader = asyncio.create_task(self._read(), name="coordinator-reader")
-        return self
+
+    async def _reconnect(self) -> None:
+        """Retry the broker for ``reconnect_timeout`` seconds."""
+        await cancel_and_wait(self._reader)
+        old, self._client = self._client, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.__aexit__(None, None, None)
+        deadline = time.monotonic() + self.cfg.reconnect_timeout
+        delay = 0.2
+        while True:
+            try:
+                await self._connect()
+                return
+            except aiomqtt.MqttError as e:
+                if time.monotonic() + delay > deadline:
+                    raise CoordinatorError(f"broker {self.url} unreachable for "
+                                           f"{self.cfg.reconnect_timeout:.0f}s: {e}") from None
+                self.progress("status", {"msg": f"broker unreachable ({e}); retrying"})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    def _soon(self, coro: Any) -> None:
+        """Run a publish in the background; a broker hiccup there is not an error."""
+        async def guarded() -> None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await coro
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def __aexit__(self, *exc: object) -> None:
+        await cancel_and_wait(*self._bg)
         if self._client is not None:
             with contextlib.suppress(Exception):
                 # clearing the retained plan tells every agent that the job is over
@@ -160,8 +227,12 @@ class Coordinator:
 
     async def _publish(self, topic: str, payload: bytes | str, qos: int = 1,
                        retain: bool = False) -> None:
-        assert self._client is not None, "use 'async with Coordinator(...)'"
-        await self._client.publish(topic, payload, qos=qos, retain=retain)
+        if self._client is None:
+            raise BrokerLost("not connected to the broker")
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as e:
+            raise BrokerLost(f"publish to {topic} failed: {e}") from e
 
     async def _metric(self, body: dict[str, Any]) -> None:
         body = {"job": self.job, "time": time.time(), **body}
@@ -170,13 +241,17 @@ class Coordinator:
     # -- incoming ------------------------------------------------------------------------
     async def _read(self) -> None:
         assert self._client is not None
-        async for msg in self._client.messages:
-            topic = msg.topic.value
-            payload = bytes(msg.payload or b"")
-            try:
-                self._route(topic, payload)
-            except Exception as e:  # never let one message kill the reader
-                log.warning("ignored message on %s: %s", topic, e)
+        try:
+            async for msg in self._client.messages:
+                topic = msg.topic.value
+                payload = bytes(msg.payload or b"")
+                try:
+                    self._route(topic, payload)
+                except Exception as e:  # never let one message kill the reader
+                    log.warning("ignored message on %s: %s", topic, e)
+        except aiomqtt.MqttError as e:
+            log.warning("connection to %s lost: %s", self.url, e)
+            self._events.put_nowait({"op": "disconnected", "reason": str(e)})
 
     def _route(self, topic: str, payload: bytes) -> None:
         dev = self.topics.parse_device(topic)
@@ -196,6 +271,8 @@ class Coordinator:
             return
         if tail[0] == "events":
             ev = json.loads(payload)
+            if self._stale_event(ev):
+                return
             if ev.get("op") == "stepped":
                 self._on_stepped(ev)
             else:
@@ -214,7 +291,18 @@ class Coordinator:
             if isinstance(samples, list):
                 self.on_timing(tail[1], samples)
         elif tail[0] == "weights":
-            self._weights.put_nowait(msgpack.unpackb(payload, raw=False))
+            body = msgpack.unpackb(payload, raw=False)
+            if isinstance(body, dict) and body.get("purpose") != "restore":  # not our echo
+                self._weights.put_nowait(body)
+
+    def _stale_event(self, ev: dict[str, Any]) -> bool:
+        """An event of an earlier plan version or rewind generation (absent keys: current)."""
+        pv = ev.get("pv")
+        if self.plan is not None and pv is not None and pv != self.plan.version:
+            return True
+        if ev.get("op") == "rewound":
+            return ev.get("rewind_gen") != self.gen
+        return ev.get("gen") is not None and ev.get("gen") != self.gen
 
     def _on_control(self, payload: bytes) -> None:
         """A user's command on ``{root}/jobs/{job}/control``; a bad one changes nothing."""
@@ -239,11 +327,36 @@ class Coordinator:
         elif name == "stop":
             self.stop_requested = True
             self._running.set()
-        elif name in ("repartition", "set"):
-            self._control_error(topic, f"command {name!r} is not supported by this coordinator "
-                                "yet (live re-planning is not built); nothing changed")
-            return
-        asyncio.get_running_loop().create_task(self._metric({"type": "status", **self.status()}))
+        elif name == "repartition":
+            self._replan_request = "repartition command"
+        elif name == "set":
+            try:
+                self._apply_set(cmd)
+            except (ValueError, TypeError) as e:
+                self._control_error(topic, f"set: {e}; nothing changed")
+                return
+        self._soon(self._metric({"type": "status", "command": name, **self.status()}))
+
+    def _apply_set(self, cmd: dict[str, Any]) -> None:
+        """``{"cmd": "set", "act_bits": 8, "grad_bits": 8}``: new widths, applied by a re-plan."""
+        from dataclasses import replace
+
+        from .config import ConfigError
+
+        keys = sorted(set(cmd) - {"cmd"})
+        if not keys or set(keys) - {"act_bits", "grad_bits"}:
+            raise ValueError(f"expected act_bits and/or grad_bits, got keys {keys}")
+        changes = {}
+        for k in keys:
+            v = cmd[k]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{k} must be an int, got {v!r}")
+            changes[k] = v
+        try:
+            self.cfg = replace(self.cfg, **changes).validate()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        self._replan_request = "set " + ", ".join(f"{k}={v}" for k, v in changes.items())
 
     def _partition_would_move(self) -> bool:
         """Whether planning now, with what the predictor has learnt, gives other cuts/order."""
@@ -262,7 +375,7 @@ class Coordinator:
         err = {"type": "error", "device": "coordinator", "topic": topic, "reason": reason}
         self.state.errors.append(err)
         self.progress("error", err)
-        asyncio.get_running_loop().create_task(self._metric(err))
+        self._soon(self._metric(err))
 
     def status(self) -> dict[str, Any]:
         return {"step": self.state.step, "epoch": self.state.epoch,
@@ -282,17 +395,22 @@ class Coordinator:
         self.costs.observe_many(profile, samples)
         if self.costs.drift(device):
             moved = self._partition_would_move()
+            replan = moved and self.cfg.auto_replan and (
+                self.state.step - self._last_replan_step >= self.cfg.replan_min_steps)
+            if replan:
+                self._replan_request = f"{device} changed speed"
             ev = {"type": "drift", "device": device, "step": self.state.step,
                   "speed_factor": round(self.costs.device_factor(device), 3),
                   "error": self.costs.device_error(device), "partition_moves": moved,
-                  "action": ("re-plan advised (live re-planning is not built yet)" if moved
-                             else "none: the current partition is still the best")}
+                  "action": ("re-plan at the next step" if replan else
+                             "re-plan advised (auto_replan off or a re-plan was recent)"
+                             if moved else "none: the current partition is still the best")}
             self.state.drifts.append(ev)
             log.warning("device %s changed speed: %.2fx its profile", device,
                         ev["speed_factor"])
             self.progress("replan", {"reason": f"{device} now runs at "
                                                f"{ev['speed_factor']}x its profiled time"})
-            asyncio.get_running_loop().create_task(self._metric(ev))
+            self._soon(self._metric(ev))
 
     def _stage_totals(self) -> list[dict[str, Any]]:
         """Cumulative per-stage counters of this plan's agents (for the metrics topic)."""
@@ -315,39 +433,65 @@ class Coordinator:
         tot.steps += 1
 
     async def _next_event(self, timeout: float, waiting_for: str) -> dict[str, Any]:
-        try:
-            ev = await asyncio.wait_for(self._events.get(), timeout)
-        except TimeoutError:
-            raise StepTimeout(f"no progress for {timeout:.0f}s while waiting for "
-                              f"{waiting_for}") from None
-        if ev.get("op") == "lost":
-            raise DeviceLost(ev["device"])
-        return ev
+        """The next agent event; raises ``DeviceLost`` for a plan device that is offline *now*
+        (a Will followed by the device's return is not a loss) and ``BrokerLost``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ev = await asyncio.wait_for(self._events.get(),
+                                            max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise StepTimeout(f"no progress for {timeout:.0f}s while waiting for "
+                                  f"{waiting_for}") from None
+            if ev.get("op") == "lost":
+                dev = ev["device"]
+                if self.plan is not None and dev in self.plan.devices and (
+                        self._device_state(dev) == "offline"):
+                    raise DeviceLost(dev)
+                continue
+            if ev.get("op") == "disconnected":
+                raise BrokerLost(ev.get("reason", "connection lost"))
+            return ev
+
+    def _device_state(self, dev: str) -> str:
+        st = self.devices.get(dev, {}).get("status", {})
+        if st.get("state") == "busy" and st.get("job") != self.job:
+            return "elsewhere"
+        return str(st.get("state", "unknown"))
 
     # -- discovery and planning ----------------------------------------------------------
-    def online_devices(self) -> list[DeviceInfo]:
+    def online_devices(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[DeviceInfo]:
+        """Devices free for this job: idle ones, and those already busy with this job."""
         out = []
         for dev, d in self.devices.items():
             st = d.get("status", {})
-            if st.get("state") == "online" and "profile" in d:
+            free = st.get("state") == "online" or (st.get("state") == "busy"
+                                                   and st.get("job") == self.job)
+            if free and "profile" in d and dev not in exclude:
                 out.append(DeviceInfo(dev, d["profile"]))
         return out
 
-    async def wait_for_devices(self, n: int, timeout: float) -> list[DeviceInfo]:
+    async def wait_for_devices(self, n: int, timeout: float,
+                               exclude: set[str] | frozenset[str] = frozenset(),
+                               at_least: int | None = None) -> list[DeviceInfo]:
+        """The ``n`` fastest free devices (fastest first, ties by id: reproducible).
+
+        Waits up to ``timeout``; then ``at_least`` devices will do (a re-plan after a loss
+        takes what is there), fewer raise ``DevicesTimeout`` with what was seen.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            online = self.online_devices()
+            online = self.online_devices(exclude)
             self.progress("devices", {"online": len(online), "wanted": n})
-            if len(online) >= n:
-                # fastest first; ties by id so the choice is reproducible
-                return sorted(online, key=lambda d: (-d.speed, d.id))[:n]
             left = deadline - time.monotonic()
+            if len(online) >= n or (left <= 0 and len(online) >= (at_least or n)):
+                return sorted(online, key=lambda d: (-d.speed, d.id))[:n]
             if left <= 0:
                 seen = ", ".join(f"{k}={v.get('status', {}).get('state', '?')}"
                                  for k, v in sorted(self.devices.items())) or "none"
                 raise DevicesTimeout(
-                    f"waited {timeout:.0f}s for {n} idle device agents on {self.url}, found "
-                    f"{len(online)} (seen: {seen}); start agents with "
+                    f"waited {timeout:.0f}s for {at_least or n} idle device agents on "
+                    f"{self.url}, found {len(online)} (seen: {seen}); start agents with "
                     f"'python -m device_agent --broker {self.url} --device-id NAME'"
                 )
             self._device_change.clear()
@@ -390,6 +534,10 @@ class Coordinator:
 
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
         """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
+        if self.plan is None or self.plan.version != plan.version:
+            self.gen = 0
+            self.state.stages = {}  # the new stages count from zero
+            self._drain_events()
         self.plan = plan
         await self._publish(self.topics.plan(self.job), plan.to_json(), retain=True)
         ready: set[int] = set()
@@ -404,8 +552,9 @@ class Coordinator:
     # -- training ------------------------------------------------------------------------
     def _input_frame(self, x: torch.Tensor, y: torch.Tensor, step: int, mb: int,
                      extra: dict[str, Any]) -> bytes:
+        assert self.plan is not None
         f = codec.encode(x, bits=32, job=self.job, step=step, mb=mb, kind="act", labels=y,
-                         extra=extra)
+                         extra={**extra, "pv": self.plan.version, "gen": self.gen})
         return codec.to_bytes(f)
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -455,27 +604,226 @@ class Coordinator:
         return {"accuracy": sum(e["correct"] for e in got.values()) / max(n, 1),
                 "loss": sum(e["loss_sum"] for e in got.values()) / max(n, 1)}
 
-    async def collect_weights(self, timeout: float = 60.0) -> dict[str, torch.Tensor]:
-        """Every stage's parameters and buffers, named as in the whole model."""
+    def _drain_events(self) -> None:
+        """Forget queued events (a new plan or a rewind makes them meaningless)."""
+        keep = []
+        while not self._events.empty():
+            ev = self._events.get_nowait()
+            if ev.get("op") in ("lost", "disconnected"):  # faults are never dropped
+                keep.append(ev)
+        for ev in keep:
+            self._events.put_nowait(ev)
+
+    async def collect_state(self, optim: bool = True,
+                            timeout: float = 60.0) -> tuple[dict[str, torch.Tensor],
+                                                            dict[str, torch.Tensor], int]:
+        """Every stage's tensors (whole-model names), its optimizer state and their step.
+
+        Called between steps, so every stage reports the same step; a stage that does not
+        is an error rather than a silently inconsistent checkpoint.
+        """
         assert self.plan is not None
         while not self._weights.empty():
             self._weights.get_nowait()
-        await self._publish(self.topics.sync(self.job), json.dumps({"op": "weights"}))
-        state: dict[str, torch.Tensor] = {}
-        got: set[int] = set()
+        await self._publish(self.topics.sync(self.job),
+                            json.dumps({"op": "weights", "optim": optim}))
+        weights: dict[str, torch.Tensor] = {}
+        opt: dict[str, torch.Tensor] = {}
+        steps: dict[int, int] = {}
         deadline = time.monotonic() + timeout
-        while len(got) < len(self.plan.stages):
+        while len(steps) < len(self.plan.stages):
             try:
                 body = await asyncio.wait_for(self._weights.get(),
                                               max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                missing = sorted(set(range(len(self.plan.stages))) - got)
+                missing = sorted(set(range(len(self.plan.stages))) - set(steps))
                 raise CoordinatorError(f"no weights from stages {missing}") from None
-            got.add(int(body["stage"]))
-            for name, t in body["tensors"].items():
-                arr = np.frombuffer(t["data"], dtype=np.dtype(t["dtype"])).reshape(t["shape"])
-                state[name] = torch.from_numpy(arr.copy())
-        return state
+            if body.get("version", self.plan.version) != self.plan.version:
+                continue
+            steps[int(body["stage"])] = int(body["step"])
+            weights.update(unpack(body["tensors"]))
+            opt.update(unpack(body.get("optim") or {}))
+        if len(set(steps.values())) != 1:
+            raise CoordinatorError(f"stages report different steps {steps}")
+        return weights, opt, next(iter(steps.values()))
+
+    async def collect_weights(self, timeout: float = 60.0) -> dict[str, torch.Tensor]:
+        """Every stage's parameters and buffers, named as in the whole model."""
+        return (await self.collect_state(optim=False, timeout=timeout))[0]
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.runs_dir) / self.job / "checkpoint.pt"
+
+    async def checkpoint(self) -> Checkpoint:
+        """Collect every stage's state now (between steps) and save it atomically."""
+        assert self.plan is not None
+        weights, opt, step = await self.collect_state(optim=True)
+        if step != self.state.step:
+            raise CoordinatorError(f"stages are at step {step}, the coordinator at "
+                                   f"{self.state.step}")
+        ck = Checkpoint(self.job, step, weights, opt, self.plan.version,
+                        meta={**self.state.counters(), "config": self.cfg.to_dict()})
+        await asyncio.to_thread(ck.save, self.checkpoint_path())
+        self.last_ckpt = ck
+        self.state.checkpoints.append(step)
+        self.progress("checkpoint", {"step": step})
+        await self._metric({"type": "checkpoint", "step": step,
+                            "path": str(self.checkpoint_path())})
+        return ck
+
+    async def restore(self, ck: Checkpoint, timeout: float = 60.0) -> None:
+        """Send each stage of the current plan its slice of ``ck``; wait until all load it."""
+        assert self.plan is not None
+        plan = self.plan
+        for s in plan.stages:
+            w, o = ck.stage(s.start, s.end)
+            body = {"v": 1, "job": self.job, "stage": s.index, "step": ck.step,
+                    "purpose": "restore", "version": plan.version, "gen": self.gen,
+                    "tensors": pack(w), "optim": pack(o)}
+            await self._publish(self.topics.weights(self.job, s.index),
+                                msgpack.packb(body, use_bin_type=True))
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(done) < len(plan.stages):
+            ev = await self._next_event(max(0.1, deadline - time.monotonic()),
+                                        f"stages to restore step {ck.step}")
+            if ev.get("op") == "restored" and ev.get("version") == plan.version:
+                done.add(int(ev["stage"]))
+        self.state.step = ck.step
+        self.state.epoch = int(ck.meta.get("epoch", self.state.epoch))
+        self.state.history = list(ck.meta.get("history", self.state.history))
+
+    async def replan(self, devices: list[DeviceInfo], reason: str,
+                     ck: Checkpoint | None) -> Plan:
+        """A new plan version over ``devices``, starting at ``ck``'s step (0 without one).
+
+        Every stage is rebuilt by its agent from the model's seed, then given its slice of
+        ``ck``: weights move to whichever device now holds their layers.
+        """
+        assert self.plan is not None
+        for d in devices:
+            self._info[d.id] = d
+            self.profiles.setdefault(d.id, d.profile)
+        start = ck.step if ck is not None else 0
+        plan = self.make_plan(devices, version=self.plan.version + 1, start_step=start)
+        log.info("re-plan v%d (%s): %s", plan.version, reason,
+                 [(s.device, s.start, s.end) for s in plan.stages])
+        await self.publish_plan(plan)
+        if ck is not None:
+            await self.restore(ck)
+        else:
+            self.state.step, self.state.history = 0, []
+        self._last_replan_step = self.state.step
+        return plan
+
+    async def _recover(self, why: str) -> None:
+        """Bring training back after a fault, losing as little as possible.
+
+        1. Reconnect if the broker connection is gone; re-publish the plan.
+        2. Give the plan's devices ``rejoin_grace`` seconds to be back in this job (a broker
+           restart fires every device's Will, and the devices reconnect by themselves).
+        3. All back: rewind every stage to the start of the step in flight (no step lost).
+        4. Otherwise (or a stage cannot rewind): re-plan over the devices still here plus
+           idle ones, restore the last checkpoint, replay the steps since it.
+        """
+        assert self.plan is not None
+        st = self.state
+        at = st.step
+        self.progress("status", {"msg": f"{why} at step {at}; recovering"})
+        if self._reader is None or self._reader.done() or self._client is None:
+            await self._reconnect()
+            await self._publish(self.topics.plan(self.job), self.plan.to_json(), retain=True)
+        missing = await self._wait_back(self.cfg.rejoin_grace)
+        if not missing:
+            failed = await self._rewind_all(at)
+            if not failed:
+                rec = {"type": "recovered", "reason": why, "at_step": at, "restored_step": at,
+                       "redo_steps": 0, "action": "rewind", "plan_version": self.plan.version}
+                st.recoveries.append(rec)
+                self.progress("replan", {"reason": f"{why}; all stages back, step {at} redone"})
+                await self._metric(rec)
+                return
+            missing = failed
+        ck = self.last_ckpt
+        back_to = ck.step if ck is not None else 0
+        devices = await self.wait_for_devices(
+            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=missing, at_least=1)
+        plan = await self.replan(devices, why, ck)
+        st.replayed_steps += at - back_to
+        rec = {"type": "recovered", "reason": why, "lost": sorted(missing),
+               "device": sorted(missing)[0], "at_step": at, "restored_step": back_to,
+               "redo_steps": at - back_to, "action": "re-plan from checkpoint",
+               "plan_version": plan.version, "devices": plan.devices}
+        st.recoveries.append(rec)
+        log.warning("recovered (%s): plan v%d on %s, back to step %d", why, plan.version,
+                    plan.devices, back_to)
+        self.progress("replan", {"reason": f"{why}; now on {', '.join(plan.devices)}, back "
+                                           f"to step {back_to}"})
+        await self._metric(rec)
+
+    async def _wait_back(self, grace: float) -> set[str]:
+        """Plan devices not back in this job after ``grace`` seconds (empty: all are)."""
+        assert self.plan is not None
+        deadline = time.monotonic() + grace
+        while True:
+            if self._reader is None or self._reader.done():
+                raise BrokerLost("connection lost again while recovering")
+            missing = {d for d in self.plan.devices if self._device_state(d) != "busy"}
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                return missing
+            self._device_change.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._device_change.wait(), min(left, 0.5))
+
+    async def _rewind_all(self, step: int) -> set[str]:
+        """Rewind every stage to the start of ``step``; the devices that could not."""
+        assert self.plan is not None
+        self.gen += 1
+        self._drain_events()
+        ok: dict[int, bool] = {}
+        deadline = time.monotonic() + min(self.cfg.step_timeout, 15.0)
+        while len(ok) < len(self.plan.stages) and time.monotonic() < deadline:
+            # repeated until all answer: agents may still be re-subscribing
+            await self._publish(self.topics.sync(self.job), json.dumps(
+                {"op": "rewind", "step": step, "gen": self.gen}))
+            until = min(deadline, time.monotonic() + 1.0)
+            while len(ok) < len(self.plan.stages) and time.monotonic() < until:
+                try:
+                    ev = await self._next_event(until - time.monotonic(), "rewind")
+                except StepTimeout:
+                    break
+                if ev.get("op") == "rewound" and ev.get("step") == step:
+                    ok[int(ev["stage"])] = bool(ev.get("ok"))
+                    if not ev.get("ok"):
+                        log.warning("stage %s cannot rewind: %s", ev["stage"], ev.get("reason"))
+        return {s.device for s in self.plan.stages if not ok.get(s.index, False)}
+
+    async def _live_replan(self, reason: str) -> None:
+        """Between steps: checkpoint, plan again with what is known now, restore if it moved."""
+        assert self.plan is not None
+        ck = await self.checkpoint()
+        current = {d: self._info[d] for d in self.plan.devices}
+        extra = [d for d in self.online_devices() if d.id not in current]
+        devices = sorted([*current.values(), *extra], key=lambda d: (-d.speed, d.id))
+        devices = devices[: self.cfg.devices]
+        for d in devices:
+            self._info[d.id] = d
+        fresh = self.make_plan(devices, version=self.plan.version + 1, start_step=ck.step)
+        key = lambda p: ([(s.device, s.start, s.end, s.act_bits, s.grad_bits)  # noqa: E731
+                          for s in p.stages])
+        self._last_replan_step = self.state.step
+        if key(fresh) == key(self.plan):
+            log.info("re-plan (%s): the partition is unchanged", reason)
+            await self._metric({"type": "replan", "reason": reason, "changed": False,
+                                "step": ck.step})
+            return
+        await self.replan(devices, reason, ck)
+        assert self.plan is not None
+        await self._metric({"type": "replan", "reason": reason, "changed": True,
+                            "step": ck.step, "plan_version": self.plan.version,
+                            "stages": self.plan.to_dict()["stages"]})
+        self.progress("replan", {"reason": f"{reason}: now {', '.join(self.plan.devices)}"})
 
     async def run(self) -> dict[str, Any]:
         """Discover, plan, train, evaluate; returns (and writes) the run record."""
@@ -483,15 +831,25 @@ class Coordinator:
         dataset = cfg.dataset or ZOO[cfg.model].default_dataset
         data = load_dataset(dataset, path=cfg.data_path, seed=cfg.seed,
                             synthetic_size=cfg.synthetic_size)
+        resume = self._load_resume()
         self._load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
         devices = await self.wait_for_devices(cfg.devices, cfg.device_timeout)
         self.profiles = {d.id: d.profile for d in devices}
         self._info = {d.id: d for d in devices}
-        plan = self.make_plan(devices)
-        await self.publish_plan(plan)
+        if resume is None:
+            await self.publish_plan(self.make_plan(devices))
+        else:
+            plan = self.make_plan(devices, version=resume.plan_version + 1,
+                                  start_step=resume.step)
+            await self.publish_plan(plan)
+            await self.restore(resume)
+            self.last_ckpt = resume
+            self.state.recoveries.append({"type": "resumed", "restored_step": resume.step,
+                                          "plan_version": plan.version})
+            self.progress("status", {"msg": f"resumed job {self.job} at step {resume.step}"})
         t_start = time.time()
-        await self._train_epochs(data)
+        await self._train(data)
         weights = await self.collect_weights()
         record = self._record(data, dataset, t_start)
         if self.costs is not None and cfg.predictor_state:
@@ -501,46 +859,100 @@ class Coordinator:
                             "samples_per_s": record["samples_per_s"]})
         return record
 
-    async def _train_epochs(self, data: Dataset) -> None:
-        cfg, st = self.cfg, self.state
-        n = len(data.train_x)
-        steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
-        total = steps_per_epoch * cfg.epochs
+    def _load_resume(self) -> Checkpoint | None:
+        if not self.cfg.resume:
+            return None
+        try:
+            ck = Checkpoint.load(self.checkpoint_path())
+        except CheckpointError as e:
+            raise CoordinatorError(f"cannot resume job {self.job}: {e}") from None
+        if ck.job != self.job:
+            raise CoordinatorError(f"{self.checkpoint_path()} belongs to job {ck.job!r}")
+        return ck
+
+    def _total_steps(self, n: int) -> tuple[int, int]:
+        cfg = self.cfg
+        per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
+        total = per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        self.progress("start", {"total_steps": total, "job": self.job})
-        for epoch in range(cfg.epochs):
-            st.epoch = epoch
-            for idx in epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
-                if cfg.max_steps is not None and st.step >= cfg.max_steps:
+        return per_epoch, total
+
+    async def _train(self, data: Dataset) -> None:
+        """Steps until done; faults are recovered here and training goes on."""
+        per_epoch, total = self._total_steps(len(data.train_x))
+        self.progress("start", {"total_steps": total, "job": self.job,
+                                "first_step": self.state.step})
+        while True:
+            try:
+                await self._train_steps(data, per_epoch, total)
+                return
+            except DeviceLost as e:
+                why = f"device {e.device} went offline"
+            except BrokerLost as e:
+                why = f"broker connection lost ({e})"
+            while True:  # a fault during recovery starts the recovery again
+                try:
+                    await self._recover(why)
                     break
-                if not self._running.is_set():
-                    self.progress("status", {"msg": f"paused at step {st.step}"})
-                    await self._running.wait()
-                if self.stop_requested:
-                    break
-                t0 = time.perf_counter()
-                res = await self.train_step(data.train_x[idx], data.train_y[idx])
-                dt = time.perf_counter() - t0
-                st.train_s += dt
-                st.samples += len(idx)
-                info = {"type": "step", "step": st.step, "epoch": epoch, "loss": res["loss"],
-                        "train_acc": res["train_acc"], "samples_per_s": len(idx) / dt,
-                        "step_ms": round(dt * 1e3, 3), "total_steps": total,
-                        "stage_busy_ms": {k: round(v.busy_ms, 1)
-                                          for k, v in sorted(st.stages.items())},
-                        "stages": self._stage_totals()}
-                await self._metric(info)
-                self.progress("step", info)
-            ev = await self.evaluate(data.test_x, data.test_y)
-            ep = {"type": "epoch", "epoch": epoch, "step": st.step, "test_accuracy":
-                  ev["accuracy"], "test_loss": ev["loss"],
-                  "samples_per_s": st.samples / max(st.train_s, 1e-9)}
-            st.history.append(ep)
-            await self._metric(ep)
-            self.progress("epoch", ep)
-            if self.stop_requested or (cfg.max_steps is not None and st.step >= cfg.max_steps):
+                except DeviceLost as e:
+                    why = f"device {e.device} went offline"
+                except BrokerLost as e:
+                    why = f"broker connection lost ({e})"
+
+    async def _between_steps(self) -> None:
+        """Pause, checkpoints and live re-plans happen here, when no step is in flight."""
+        st, cfg = self.state, self.cfg
+        if not self._running.is_set():
+            self.progress("status", {"msg": f"paused at step {st.step}"})
+            await self._running.wait()
+        if self._replan_request is not None and not self.stop_requested:
+            reason, self._replan_request = self._replan_request, None
+            await self._live_replan(reason)
+        due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
+        if due and st.step > 0 and st.step not in st.checkpoints[-1:]:
+            await self.checkpoint()
+
+    async def _train_steps(self, data: Dataset, per_epoch: int, total: int) -> None:
+        cfg, st = self.cfg, self.state
+        n = len(data.train_x)
+        order: dict[int, list[Any]] = {}
+        while st.step < total:
+            await self._between_steps()
+            if self.stop_requested:
                 break
+            epoch, i = divmod(st.step, per_epoch)
+            if epoch not in order:  # the batches of an epoch are fixed by the seed
+                order = {epoch: epoch_batches(n, cfg.batch_size, cfg.seed, epoch)}
+            idx = order[epoch][i]
+            st.epoch = epoch
+            t0 = time.perf_counter()
+            res = await self.train_step(data.train_x[idx], data.train_y[idx])
+            dt = time.perf_counter() - t0
+            st.train_s += dt
+            st.samples += len(idx)
+            info = {"type": "step", "step": st.step, "epoch": epoch, "loss": res["loss"],
+                    "train_acc": res["train_acc"], "samples_per_s": len(idx) / dt,
+                    "step_ms": round(dt * 1e3, 3), "total_steps": total,
+                    "stage_busy_ms": {k: round(v.busy_ms, 1)
+                                      for k, v in sorted(st.stages.items())},
+                    "stages": self._stage_totals()}
+            await self._metric(info)
+            self.progress("step", info)
+            if st.step % per_epoch == 0 or st.step == total:
+                await self._end_of_epoch(data, epoch)
+        if self.stop_requested and (not st.history or st.history[-1]["step"] != st.step):
+            await self._end_of_epoch(data, st.epoch)
+
+    async def _end_of_epoch(self, data: Dataset, epoch: int) -> None:
+        st = self.state
+        ev = await self.evaluate(data.test_x, data.test_y)
+        ep = {"type": "epoch", "epoch": epoch, "step": st.step, "test_accuracy":
+              ev["accuracy"], "test_loss": ev["loss"],
+              "samples_per_s": st.samples / max(st.train_s, 1e-9)}
+        st.history.append(ep)
+        await self._metric(ep)
+        self.progress("epoch", ep)
 
     def _record(self, data: Dataset, dataset: str, t_start: float) -> dict[str, Any]:
         assert self.plan is not None
@@ -567,6 +979,8 @@ class Coordinator:
             "final_accuracy": st.history[-1]["test_accuracy"] if st.history else None,
             "epochs": st.history, "stages": stages, "links": links, "errors": st.errors,
             "drifts": st.drifts, "timing_samples": len(self.timing_samples),
+            "recoveries": st.recoveries, "checkpoints": st.checkpoints,
+            "replayed_steps": st.replayed_steps,
             "predictor_error": None if self.costs is None else {
                 d: self.costs.device_error(d) for d in self.plan.devices},
             "started": t_start, "finished": time.time(), "torch": torch.__version__,

@@ -213,6 +213,51 @@ class StageRunner:
             out[f"{int(i) + offset}.{rest}"] = t.detach().clone()
         return out
 
+    def optimizer_state(self, offset: int) -> dict[str, torch.Tensor]:
+        """Optimizer state as ``{layer}.{param}::{key}`` tensors (whole-model layer index)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.optimizer is None:
+            return out
+        for name, p in self.module.named_parameters():
+            i, rest = name.split(".", 1)
+            for key, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    out[f"{int(i) + offset}.{rest}::{key}"] = v.detach().clone()
+        return out
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor], offset: int) -> None:
+        """Replace the optimizer state with ``state`` (names as ``optimizer_state`` gives)."""
+        if self.optimizer is None:
+            return
+        params = dict(self.module.named_parameters())
+        self.optimizer.state.clear()
+        for name, v in state.items():
+            pname, key = name.split("::", 1)
+            i, rest = pname.split(".", 1)
+            p = params.get(f"{int(i) - offset}.{rest}")
+            if p is None:
+                raise StageError(f"optimizer state {name!r} names no parameter of this stage")
+            self.optimizer.state[p][key] = v.clone()
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A copy of weights, buffers and optimizer state (``restore`` puts it back)."""
+        return self.state_dict(0), self.optimizer_state(0)
+
+    def restore(self, snap: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        """Back to ``snap``; drops every stashed micro-batch and accumulated gradient."""
+        self.reset_partial()
+        self.load_state_dict(snap[0], 0)
+        self.load_optimizer_state(snap[1], 0)
+
+    def reset_partial(self) -> None:
+        """Forget a half-done step: stashed activations and accumulated gradients."""
+        self._stash.clear()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in self.module.parameters():
+                p.grad = None
+
     def load_state_dict(self, state: dict[str, torch.Tensor], offset: int) -> None:
         local = {}
         for name, t in state.items():

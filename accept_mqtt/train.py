@@ -45,6 +45,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--runs-dir", "runs_dir", str, "where run records and models go (default runs/)"),
     ("--predictor-state", "predictor_state", str,
      "file the latency predictor is restored from and saved to (survives restarts)"),
+    ("--checkpoint-every", "checkpoint_every", int,
+     "optimizer steps between checkpoints (a lost device costs at most this many)"),
 ]
 
 
@@ -57,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
     p.add_argument("--slowdowns", help="local cluster only: per-agent slowdown, e.g. 1,2,4")
     p.add_argument("--bandwidths", help="local cluster only: per-agent uplink, e.g. 50mbit,10mbit")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue --job from its last checkpoint in the runs dir")
+    p.add_argument("--no-auto-replan", dest="auto_replan", action="store_false", default=None,
+                   help="report drift but do not re-plan live")
     p.add_argument("--json", help="also write the run record to this path")
     p.add_argument("--no-progress", action="store_true",
                    help="plain progress lines instead of a live bar")
@@ -67,7 +73,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         base = TrainConfig.from_file(args.config).to_dict()
     names = {f.name for f in fields(TrainConfig)}
-    for _, name, _, _ in _FLAGS:
+    for name in [f[1] for f in _FLAGS] + ["resume", "auto_replan"]:
         v = getattr(args, name, None)
         if v is not None and name in names:
             base[name] = v
