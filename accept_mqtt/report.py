@@ -53,6 +53,7 @@ class ProgressView:
             self._say(f"[accept-mqtt] job {info['job']}: {info['total_steps']} steps")
             if self._progress is not None:
                 self._task = self._progress.add_task("train", total=info["total_steps"],
+                                                     completed=info.get("first_step", 0),
                                                      loss="-", sps="-")
         elif kind == "step":
             if self._progress is not None and self._task is not None:
@@ -92,6 +93,11 @@ def print_summary(record: dict[str, Any], file: Any = None) -> None:
     t.add_row("training time", f"{record['train_seconds']:.1f} s")
     t.add_row("samples/s", f"{record['samples_per_s']:.1f}")
     t.add_row("errors rejected", str(len(record.get("errors", []))))
+    t.add_row("checkpoints", str(len(record.get("checkpoints", []))))
+    for r in record.get("recoveries", []):
+        t.add_row(r.get("type", "recovered"),
+                  f"{r.get('reason', '')}: step {r.get('restored_step')}"
+                  f" ({r.get('redo_steps', 0)} redone)")
     console.print(t)
     s = Table(title="stages")
     for col in ("stage", "device", "layers", "busy s", "busy %", "pred ms/mb", "meas ms/mb"):

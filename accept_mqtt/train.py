@@ -112,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"accept-mqtt train: {e}", file=sys.stderr)
         return 2
+    if cfg.resume and not args.job:
+        print("accept-mqtt train: --resume needs --job (the job whose checkpoint to continue)",
+              file=sys.stderr)
+        return 2
     view = ProgressView(enabled=not args.no_progress)
     try:
         with view:
