@@ -1,21 +1,38 @@
 """Parse ``mqtt://[user[:password]@]host[:port]`` (and ``mqtts://`` for TLS) broker addresses.
 
+The password may instead come from ``$ACCEPT_MQTT_PASSWORD`` and the CA of a TLS broker from
+``$ACCEPT_MQTT_CAFILE`` (``BrokerUrl.client_kwargs``), keeping secrets off command lines.
+
 Also units for link speeds, e.g. ``20mbit`` (the ``--bandwidth`` flag), so the agent and the
 coordinator read them the same way.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+PASSWORD_ENV = "ACCEPT_MQTT_PASSWORD"
+CAFILE_ENV = "ACCEPT_MQTT_CAFILE"
 
 
 class BrokerUrlError(ValueError):
     pass
+
+
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    """A verifying client context: the given CA file's certificates, else the system's."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as e:
+        raise BrokerUrlError(f"{CAFILE_ENV}={cafile!r}: cannot load CA certificates: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
 
 
 @dataclass(frozen=True)
@@ -23,20 +40,35 @@ class BrokerUrl:
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     tls: bool = False
 
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``aiomqtt.Client``."""
+    def client_kwargs(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``aiomqtt.Client``.
+
+        Guarantees (``env`` defaults to ``os.environ``, read at each call):
+
+        * A URL with a username and no password takes the password from
+          ``$ACCEPT_MQTT_PASSWORD``, so it need not appear on a command line; a password in
+          the URL always wins, and the variable is ignored for a URL without a username.
+        * ``mqtts://`` verifies the broker's certificate and host name against the CA file
+          ``$ACCEPT_MQTT_CAFILE`` when set, else against the system's CAs; an unreadable CA
+          file raises ``BrokerUrlError`` naming it. Plain ``mqtt://`` ignores the variable.
+
+        >>> parse_broker_url("mqtt://pi@h").client_kwargs({PASSWORD_ENV: "s3"})["password"]
+        's3'
+        """
+        env = os.environ if env is None else env
         # TCP_NODELAY: frames are latency-bound request/response traffic; Nagle's algorithm
         # would hold small frames back for up to a delayed-ACK period (tens of ms) per hop.
         kw: dict[str, Any] = {"hostname": self.host, "port": self.port,
                               "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]}
         if self.username is not None:
             kw["username"] = self.username
-            kw["password"] = self.password
+            kw["password"] = self.password if self.password is not None else (
+                env.get(PASSWORD_ENV) or None)
         if self.tls:
-            kw["tls_context"] = ssl.create_default_context()
+            kw["tls_context"] = _tls_context(env.get(CAFILE_ENV) or None)
         return kw
 
     def __str__(self) -> str:
@@ -46,8 +78,10 @@ class BrokerUrl:
 
 
 def parse_broker_url(url: str) -> BrokerUrl:
-    """>>> parse_broker_url("mqtt://pi:secret@10.0.0.2:1884")
-    BrokerUrl(host='10.0.0.2', port=1884, username='pi', password='secret', tls=False)
+    """The parts of a broker URL; a bad scheme, host or port raises ``BrokerUrlError``.
+
+    >>> parse_broker_url("mqtt://pi:secret@10.0.0.2:1884")
+    BrokerUrl(host='10.0.0.2', port=1884, username='pi', tls=False)
     """
     if "://" not in url:
         url = "mqtt://" + url

@@ -10,6 +10,13 @@ Guarantees:
   ``subprocess``.
 * ``restart()`` keeps the same port and persistence directory, so clients with persistent
   sessions resume (used by the broker-restart tests).
+* A fleet-style config (``template=`` text or ``config=`` path, e.g. the ``fleet.conf`` that
+  ``accept-mqtt broker init`` writes) runs as given apart from its first listener (moved to
+  the free loopback port) and the persistence/log paths; its password file and ACL apply, and
+  ``reload()`` makes Mosquitto re-read them (SIGHUP).
+* Started as root, the broker keeps running as root (``user root``) instead of switching to
+  the ``mosquitto`` user: its files live in the caller's private directories, which that user
+  cannot read. Non-root callers are unaffected.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -59,6 +67,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _LISTENER = re.compile(r"^\s*listener\s+\d+(\s+\S+)?\s*$", re.M)
+_USER = re.compile(r"^\s*user\s+\S+", re.M)
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def render_config(template: str, port: int, host: str, workdir: Path, persistence: bool) -> str:
@@ -74,6 +87,8 @@ def render_config(template: str, port: int, host: str, workdir: Path, persistenc
     if persistence:
         text += f"persistence_location {workdir}/\n"
     text += f"log_dest file {workdir}/mosquitto.log\n"
+    if _is_root() and not _USER.search(text):
+        text += "user root\n"
     return text + "\n"
 
 
@@ -94,16 +109,25 @@ class MosquittoBroker:
         persistence: bool = False,
         workdir: Path | str | None = None,
         extra_config: str = "",
+        template: str | None = None,
+        command_prefix: list[str] | tuple[str, ...] = (),
     ) -> None:
-        conf = Path(config) if config else (DEFAULT_CONF if DEFAULT_CONF.exists()
-                                            else _PACKAGED_CONF)
-        self.template = conf.read_text(encoding="utf-8") + "\n" + extra_config
+        """``template`` is config text used instead of the file ``config`` (default: the
+        top-level ``mosquitto.conf``); ``extra_config`` is appended to either."""
+        if template is None:
+            conf = Path(config) if config else (DEFAULT_CONF if DEFAULT_CONF.exists()
+                                                else _PACKAGED_CONF)
+            template = conf.read_text(encoding="utf-8")
+        self.template = template + "\n" + extra_config
         self.host = host
         self.port = port or free_port(host)
         self.persistence = persistence
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="accept-mosquitto-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        # e.g. ["ip", "netns", "exec", NS] (accept_mqtt.netem): it must exec the broker, so
+        # that stop() signals Mosquitto itself
+        self.command_prefix = list(command_prefix)
 
     @property
     def url(self) -> str:
@@ -122,7 +146,7 @@ class MosquittoBroker:
             encoding="utf-8",
         )
         self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)],
+            [*self.command_prefix, binary, "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=self.workdir,
@@ -165,6 +189,12 @@ class MosquittoBroker:
             self.proc.kill()
             self.proc.wait()
         self.stop()
+
+    def reload(self) -> None:
+        """Make the running broker re-read its password file and ACL (SIGHUP)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrokerError("mosquitto is not running")
+        self.proc.send_signal(signal.SIGHUP)
 
     def restart(self, timeout: float = 10.0) -> MosquittoBroker:
         self.stop()

@@ -124,3 +124,12 @@ def test_device_agent_needs_no_river() -> None:
             "if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_broker_url_doctests_and_no_password_in_repr() -> None:
+    import doctest
+
+    from accept_mqtt import broker_url
+
+    assert doctest.testmod(broker_url).failed == 0
+    assert "secret" not in repr(broker_url.parse_broker_url("mqtt://pi:secret@h:1"))
