@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[object] | None, retry: float = 0.5) -> None:
@@ -23,3 +25,24 @@ async def cancel_and_wait(*tasks: asyncio.Task[object] | None, retry: float = 0.
         if t is not None and t.done() and not t.cancelled():
             with contextlib.suppress(BaseException):
                 t.exception()  # retrieved, so asyncio does not log "never retrieved"
+
+
+async def retry(connect: Callable[[], Awaitable[None]], timeout: float,
+                retry_on: type[BaseException] | tuple[type[BaseException], ...],
+                on_retry: Callable[[BaseException, float], None] | None = None) -> None:
+    """Await ``connect()`` until it succeeds, backing off 0.2 s .. 2 s between tries; after
+    ``timeout`` seconds the last ``retry_on`` error propagates. Other errors propagate at once.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            await connect()
+            return
+        except retry_on as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(e, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)

@@ -47,7 +47,7 @@ import msgpack
 import torch
 
 from . import codec
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, retry
 from .broker_url import parse_broker_url
 from .checkpoint import Checkpoint, CheckpointError, pack, unpack
 from .config import TrainConfig
@@ -115,6 +115,7 @@ class RunState:
     stages: dict[int, StageTotals] = field(default_factory=dict)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)  # steps checkpointed
+    replans: list[dict[str, Any]] = field(default_factory=list)  # live re-plans
     replayed_steps: int = 0
 
     def counters(self) -> dict[str, Any]:
@@ -189,19 +190,14 @@ class Coordinator:
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.__aexit__(None, None, None)
-        deadline = time.monotonic() + self.cfg.reconnect_timeout
-        delay = 0.2
-        while True:
-            try:
-                await self._connect()
-                return
-            except aiomqtt.MqttError as e:
-                if time.monotonic() + delay > deadline:
-                    raise CoordinatorError(f"broker {self.url} unreachable for "
-                                           f"{self.cfg.reconnect_timeout:.0f}s: {e}") from None
-                self.progress("status", {"msg": f"broker unreachable ({e}); retrying"})
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+        def say(e: BaseException, delay: float) -> None:
+            self.progress("status", {"msg": f"broker unreachable ({e}); retrying"})
+
+        try:
+            await retry(self._connect, self.cfg.reconnect_timeout, aiomqtt.MqttError, say)
+        except aiomqtt.MqttError as e:
+            raise CoordinatorError(f"broker {self.url} unreachable for "
+                                   f"{self.cfg.reconnect_timeout:.0f}s: {e}") from None
 
     def _soon(self, coro: Any) -> None:
         """Run a publish in the background; a broker hiccup there is not an error."""
@@ -815,14 +811,16 @@ class Coordinator:
         self._last_replan_step = self.state.step
         if key(fresh) == key(self.plan):
             log.info("re-plan (%s): the partition is unchanged", reason)
-            await self._metric({"type": "replan", "reason": reason, "changed": False,
-                                "step": ck.step})
+            ev = {"type": "replan", "reason": reason, "changed": False, "step": ck.step}
+            self.state.replans.append(ev)
+            await self._metric(ev)
             return
         await self.replan(devices, reason, ck)
         assert self.plan is not None
-        await self._metric({"type": "replan", "reason": reason, "changed": True,
-                            "step": ck.step, "plan_version": self.plan.version,
-                            "stages": self.plan.to_dict()["stages"]})
+        ev = {"type": "replan", "reason": reason, "changed": True, "step": ck.step,
+              "plan_version": self.plan.version, "stages": self.plan.to_dict()["stages"]}
+        self.state.replans.append(ev)
+        await self._metric(ev)
         self.progress("replan", {"reason": f"{reason}: now {', '.join(self.plan.devices)}"})
 
     async def run(self) -> dict[str, Any]:
@@ -979,7 +977,7 @@ class Coordinator:
             "final_accuracy": st.history[-1]["test_accuracy"] if st.history else None,
             "epochs": st.history, "stages": stages, "links": links, "errors": st.errors,
             "drifts": st.drifts, "timing_samples": len(self.timing_samples),
-            "recoveries": st.recoveries, "checkpoints": st.checkpoints,
+            "recoveries": st.recoveries, "checkpoints": st.checkpoints, "replans": st.replans,
             "replayed_steps": st.replayed_steps,
             "predictor_error": None if self.costs is None else {
                 d: self.costs.device_error(d) for d in self.plan.devices},

@@ -94,6 +94,9 @@ def print_summary(record: dict[str, Any], file: Any = None) -> None:
     t.add_row("samples/s", f"{record['samples_per_s']:.1f}")
     t.add_row("errors rejected", str(len(record.get("errors", []))))
     t.add_row("checkpoints", str(len(record.get("checkpoints", []))))
+    for r in record.get("replans", []):
+        t.add_row("re-plan", f"step {r['step']}, {r['reason']}: "
+                  + ("moved" if r["changed"] else "unchanged"))
     for r in record.get("recoveries", []):
         t.add_row(r.get("type", "recovered"),
                   f"{r.get('reason', '')}: step {r.get('restored_step')}"

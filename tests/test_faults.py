@@ -104,8 +104,10 @@ def test_killed_agent_training_finishes_on_the_survivors(tmp_path: Path) -> None
     _assert_same_as_reference(record["model_path"], cfg, 10)
 
 
-def test_broker_restart_mid_training_loses_no_step(tmp_path: Path) -> None:
-    b = MosquittoBroker(persistence=True)
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistent", "amnesiac"])
+def test_broker_restart_mid_training_loses_no_step(tmp_path: Path, persistence: bool) -> None:
+    """Also with a broker that forgets everything (retained plan and statuses included)."""
+    b = MosquittoBroker(persistence=persistence)
     b.start()
     try:
         cfg = _cfg(tmp_path, checkpoint_every=0)
