@@ -932,6 +932,7 @@ class Coordinator:
             info = {"type": "step", "step": st.step, "epoch": epoch, "loss": res["loss"],
                     "train_acc": res["train_acc"], "samples_per_s": len(idx) / dt,
                     "step_ms": round(dt * 1e3, 3), "total_steps": total,
+                    "plan_version": self.plan.version if self.plan else None,
                     "stage_busy_ms": {k: round(v.busy_ms, 1)
                                       for k, v in sorted(st.stages.items())},
                     "stages": self._stage_totals()}

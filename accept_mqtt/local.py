@@ -29,6 +29,7 @@ class AgentSpec:
     bandwidth: str | None = None  # e.g. "20mbit"
     threads: int = 1
     keepalive: int = 10
+    extra_args: tuple[str, ...] = ()  # more device_agent flags, e.g. ("--trace-steps", "15")
 
 
 class LocalCluster:
@@ -51,7 +52,7 @@ class LocalCluster:
                "--slowdown", str(spec.slowdown), "--keepalive", str(spec.keepalive)]
         if spec.bandwidth:
             cmd += ["--bandwidth", spec.bandwidth]
-        return cmd
+        return cmd + list(spec.extra_args)
 
     def start_agent(self, spec: AgentSpec) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"agent-{spec.device_id}.log", "ab")  # noqa: SIM115

@@ -81,6 +81,10 @@ class Topics:
     def events(self, job: str, device: str) -> str:
         return f"{self.job(job)}/events/{check_id('device', device)}"
 
+    def trace(self, job: str, device: str) -> str:
+        """Spans of traced steps (``--trace-steps``; ``device_agent.trace``)."""
+        return f"{self.job(job)}/trace/{check_id('device', device)}"
+
     def parse_device(self, topic: str) -> str | None:
         """The device id of a ``{root}/devices/{device}/...`` topic, else None."""
         parts = topic.split("/")

@@ -16,6 +16,7 @@ from accept_mqtt.topics import TopicError, check_id
 
 from .agent import Agent, AgentConfig
 from .profile import pin_allocator
+from .trace import parse_steps
 
 log = logging.getLogger("device_agent")
 
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="emulate a device this many times slower (sleeps after compute)")
     p.add_argument("--bandwidth", default=None,
                    help="emulate a slower uplink, e.g. 20mbit (paces this agent's sends)")
+    p.add_argument("--no-pace", action="store_true",
+                   help="advertise --bandwidth in the profile but do not pace: the link is "
+                        "shaped elsewhere (tc in a network namespace, or a real slow link)")
+    p.add_argument("--trace-steps", default=None, metavar="N[,N...]",
+                   help="publish compute/send spans of these optimizer steps of every job on "
+                        "{root}/jobs/{job}/trace/{device} (for timeline plots)")
     p.add_argument("--keepalive", type=int, default=10,
                    help="MQTT keepalive seconds; a dead agent is marked offline after 1.5x this")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_broker_url(args.broker)
         check_id("device", args.device_id)
         bw = parse_bandwidth(args.bandwidth)
+        trace_steps = parse_steps(args.trace_steps)
         if args.slowdown < 1.0:
             raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
         if args.threads < 1:
@@ -68,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = AgentConfig(broker=args.broker, device_id=args.device_id, root=args.root,
                       threads=args.threads, slowdown=args.slowdown, bandwidth_bps=bw,
-                      keepalive=args.keepalive)
+                      keepalive=args.keepalive, pace=not args.no_pace,
+                      trace_steps=trace_steps)
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))

@@ -16,6 +16,14 @@ Lifecycle::
   changes: the stage's stash, weights and step counter are untouched.
 * Compute runs in a worker thread (``asyncio.to_thread``) so the connection stays serviced
   and paced sends overlap compute, as a real NIC overlaps a CPU.
+* Recovery (docs/faults.md): the agent keeps a copy of its stage's state at the start of the
+  current and the previous step, so the coordinator can *rewind* it to a step after a broker
+  restart (sync op ``rewind``) without losing or repeating a step, and it accepts a restore of
+  weights and optimizer state on ``weights/{k}`` after a re-plan. Frames and events carry the
+  plan version (``pv``) and the rewind generation (``gen``); a frame of another plan or
+  generation is stale (sent before a re-plan or a rewind) and dropped without an error.
+* A lost connection is retried (``reconnect_timeout``) with a fresh session; the stage and its
+  state survive, and the agent re-announces itself and re-subscribes.
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ import aiomqtt
 import msgpack
 import torch
 
-from accept_mqtt import codec
-from accept_mqtt.aio import cancel_and_wait
+from accept_mqtt import checkpoint, codec
+from accept_mqtt.aio import cancel_and_wait, retry
 from accept_mqtt.broker_url import parse_broker_url
 from accept_mqtt.descriptors import describe, output_shapes
 from accept_mqtt.plan import Plan, PlanError
@@ -42,6 +50,7 @@ from accept_mqtt.stage import StageError, StageRunner
 from accept_mqtt.topics import Topics, check_id
 from accept_mqtt.zoo import build_model
 
+from . import trace
 from .link import Link
 from .profile import device_profile
 
@@ -58,6 +67,9 @@ class AgentConfig:
     bandwidth_bps: float | None = None
     keepalive: int = 10  # seconds; the broker fires the Last Will after 1.5x this
     timing_every: int = 1  # publish timing samples every N optimizer steps
+    reconnect_timeout: float = 300.0  # seconds to keep retrying a lost broker connection
+    pace: bool = True  # False: bandwidth_bps is only advertised, the link is shaped elsewhere
+    trace_steps: tuple[int, ...] = ()  # steps whose spans go to trace/{device} (trace.py)
 
 
 @dataclass
@@ -93,6 +105,28 @@ class _Job:
         self.fwd_q: deque[_Work] = deque()
         self.bwd_q: deque[_Work] = deque()
         self.errors = 0
+        self.gen = 0  # rewind generation: frames and events of another one are stale
+        self.link0: tuple[float, int, int] = (0.0, 0, 0)  # uplink counters when the job began
+        # state at the start of the current and the previous step (for ``rewind``)
+        self.snapshots: dict[int, Any] = {self.step: self.runner.snapshot()}
+
+    def reset(self, step: int, gen: int) -> None:
+        """Forget everything of a half-done step; continue at ``step`` in generation ``gen``."""
+        self.runner.reset_partial()
+        self.fwd_q.clear()
+        self.bwd_q.clear()
+        self.fwd_done.clear()
+        self.bwd_done.clear()
+        self.deferred.clear()
+        self.nmb = 0
+        self.step, self.gen = step, gen
+        self.snapshots = {s: v for s, v in self.snapshots.items() if s <= step}
+
+    def stale(self, frame: codec.TensorFrame) -> bool:
+        """A frame sent under another plan version or before a rewind (absent keys: current)."""
+        pv, gen = frame.extra.get("pv"), frame.extra.get("gen")
+        return (pv is not None and pv != self.plan.version) or (gen is not None
+                                                                 and gen != self.gen)
 
     @property
     def next_bits(self) -> int:
@@ -115,8 +149,10 @@ class Agent:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._compute = asyncio.Lock()  # one compute or state change of the stage at a time
         self.profile: dict[str, Any] = {}
         self.errors: list[dict[str, Any]] = []
+        self.reconnects = 0
 
     # -- connection ----------------------------------------------------------------------
     def _status(self, state: str, **extra: Any) -> bytes:
@@ -128,25 +164,55 @@ class Agent:
         self.profile = device_profile(self.cfg.device_id, threads=self.cfg.threads,
                                       slowdown=self.cfg.slowdown,
                                       bandwidth_bps=self.cfg.bandwidth_bps)
-        will = aiomqtt.Will(self.topics.status(self.cfg.device_id),
-                            self._status("offline", reason="connection lost"), qos=1, retain=True)
-        self._client = aiomqtt.Client(
-            **self.url.client_kwargs(), identifier=f"accept-agent-{self.cfg.device_id}",
-            will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
-        )
-        await self._client.__aenter__()
-        c = self._client
-        self._link = Link(self._publish_frame, self.cfg.bandwidth_bps)
+        await self._connect()
+        self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None)
         self._link.start()
-        await c.publish(self.topics.profile(self.cfg.device_id), json.dumps(self.profile),
-                        qos=1, retain=True)
-        await c.publish(self.topics.status(self.cfg.device_id), self._status("online"),
-                        qos=1, retain=True)
-        await c.subscribe(f"{self.topics.root}/jobs/+/plan", qos=1)
         log.info("agent %s online at %s (threads=%d slowdown=%g bandwidth=%s)",
                  self.cfg.device_id, self.url, self.cfg.threads, self.cfg.slowdown,
                  self.cfg.bandwidth_bps)
         return self
+
+    async def _connect(self) -> None:
+        """Connect, announce profile and status, subscribe: the first time and on reconnect.
+
+        A clean session each time: after a broker restart nothing is assumed to survive at
+        the broker; the coordinator rewinds the step in flight (docs/faults.md).
+        """
+        will = aiomqtt.Will(self.topics.status(self.cfg.device_id),
+                            self._status("offline", reason="connection lost"), qos=1, retain=True)
+        client = aiomqtt.Client(
+            **self.url.client_kwargs(), identifier=f"accept-agent-{self.cfg.device_id}",
+            will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
+        )
+        await client.__aenter__()
+        self._client = client
+        job = self.job
+        state = self._status("busy", job=job.plan.job, stage=job.k) if job else self._status(
+            "online")
+        await client.publish(self.topics.profile(self.cfg.device_id), json.dumps(self.profile),
+                             qos=1, retain=True)
+        await client.publish(self.topics.status(self.cfg.device_id), state, qos=1, retain=True)
+        await client.subscribe(f"{self.topics.root}/jobs/+/plan", qos=1)
+        if job is not None:
+            await client.subscribe([(t, 1) for t in self._job_topics(job)], timeout=10)
+
+    async def _reconnect(self) -> None:
+        """Retry the broker until ``reconnect_timeout``; raise the last error after that."""
+        old, self._client = self._client, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.__aexit__(None, None, None)
+
+        def say(e: BaseException, delay: float) -> None:
+            log.info("broker %s unreachable (%s); retrying in %.1fs", self.url, e, delay)
+
+        await retry(self._connect, self.cfg.reconnect_timeout, aiomqtt.MqttError, say)
+        self.reconnects += 1
+        log.warning("reconnected to %s (reconnect #%d)", self.url, self.reconnects)
+
+    def _job_topics(self, job: _Job) -> list[str]:
+        t, k, j = self.topics, job.k, job.plan.job
+        return [t.fwd(j, k), t.sync(j), t.weights(j, k)] + ([] if job.last else [t.bwd(j, k)])
 
     async def __aexit__(self, *exc: object) -> None:
         await cancel_and_wait(*self._tasks)
@@ -162,11 +228,13 @@ class Agent:
         self._client = None
 
     async def _publish_frame(self, topic: str, payload: bytes) -> None:
-        assert self._client is not None
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected (reconnecting)")
         await self._client.publish(topic, payload, qos=1)
 
     async def _publish_json(self, topic: str, obj: Any, qos: int = 1, retain: bool = False) -> None:
-        assert self._client is not None
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected (reconnecting)")
         await self._client.publish(topic, json.dumps(obj), qos=qos, retain=retain)
 
     # -- main loop -----------------------------------------------------------------------
@@ -191,13 +259,25 @@ class Agent:
             await cancel_and_wait(worker, reader, stop)
 
     async def _read(self) -> None:
-        assert self._client is not None
-        async for msg in self._client.messages:
+        """Serve messages; on a lost connection reconnect and go on (the stage is kept)."""
+        while True:
+            client = self._client
+            assert client is not None
             try:
-                await self._dispatch(msg.topic.value, bytes(msg.payload or b""))
-            except Exception as e:  # one bad message must never stop the agent
-                log.exception("failed to handle message on %s", msg.topic.value)
-                await self._report_error(msg.topic.value, f"{type(e).__name__}: {e}")
+                async for msg in client.messages:
+                    try:
+                        await self._dispatch(msg.topic.value, bytes(msg.payload or b""))
+                    except aiomqtt.MqttError:
+                        raise
+                    except Exception as e:  # one bad message must never stop the agent
+                        log.exception("failed to handle message on %s", msg.topic.value)
+                        await self._report_error(msg.topic.value, f"{type(e).__name__}: {e}")
+                return
+            except aiomqtt.MqttError as e:
+                if self._stop.is_set():
+                    return
+                log.warning("connection to %s lost: %s; reconnecting", self.url, e)
+                await self._reconnect()
 
     async def _dispatch(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
@@ -216,6 +296,8 @@ class Agent:
             self._wake.set()
         elif rest == ["sync"]:
             await self._on_sync(payload)
+        elif rest == ["weights", str(job.k)]:
+            await self._on_restore(topic, payload)
 
     async def _on_plan(self, job_id: str, payload: bytes) -> None:
         current = self.job
@@ -256,9 +338,12 @@ class Agent:
                                      job=plan.job)
             return
         self.job = job
+        if self._link is not None:  # the link's counters live as long as the connection
+            job.link0 = (self._link.busy_ms, self._link.bytes_by_kind["act"],
+                         self._link.bytes_by_kind["grad"])
+        trace.attach(self, job)  # no-op unless --trace-steps
         t, k = self.topics, job.k
-        topics = [t.fwd(plan.job, k), t.sync(plan.job)] + ([] if job.last else [t.bwd(plan.job, k)])
-        await self._client.subscribe([(topic, 1) for topic in topics], timeout=10)
+        await self._client.subscribe([(topic, 1) for topic in self._job_topics(job)], timeout=10)
         await self._publish_json(t.status(self.cfg.device_id),
                                  json.loads(self._status("busy", job=plan.job, stage=k)),
                                  retain=True)
@@ -271,9 +356,8 @@ class Agent:
         if job is None or self._client is None:
             return
         t = self.topics
-        topics = [t.fwd(job.plan.job, job.k), t.bwd(job.plan.job, job.k), t.sync(job.plan.job)]
         try:
-            await self._client.unsubscribe(topics, timeout=10)
+            await self._client.unsubscribe(self._job_topics(job), timeout=10)
         except Exception as e:  # stale subscriptions are harmless: _dispatch checks the job
             log.warning("unsubscribe from job %s failed: %s", job.plan.job, e)
         await self._client.publish(t.status(self.cfg.device_id), self._status("online"),
@@ -291,22 +375,82 @@ class Agent:
                                      "JSON with an 'op'")
             return
         if op == "weights":
-            await self._send_weights(job)
+            await self._send_weights(job, optim=bool(cmd.get("optim", False)))
         elif op == "ping":
             await self._event({"op": "pong", "stage": job.k, "step": job.step})
+        elif op == "rewind":
+            await self._rewind(job, cmd)
         else:
             await self._report_error(self.topics.sync(job.plan.job), f"unknown sync op {op!r}")
 
-    async def _send_weights(self, job: _Job) -> None:
-        state = await asyncio.to_thread(job.runner.state_dict, job.stage.start)
-        body = {
-            "v": 1, "job": job.plan.job, "stage": job.k, "step": job.step,
-            "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                            "data": t.contiguous().numpy().tobytes()} for n, t in state.items()},
+    async def _send_weights(self, job: _Job, optim: bool = False) -> None:
+        async with self._compute:  # between two computations: a consistent state
+            state = await asyncio.to_thread(job.runner.state_dict, job.stage.start)
+            opt = (await asyncio.to_thread(job.runner.optimizer_state, job.stage.start)
+                   if optim else {})
+            step = job.step
+        body: dict[str, Any] = {
+            "v": 1, "job": job.plan.job, "stage": job.k, "step": step, "purpose": "checkpoint",
+            "version": job.plan.version, "gen": job.gen, "tensors": checkpoint.pack(state),
         }
+        if optim:
+            body["optim"] = checkpoint.pack(opt)
         assert self._link is not None
         self._link.send(self.topics.weights(job.plan.job, job.k),
                         msgpack.packb(body, use_bin_type=True), "weights")
+
+    async def _rewind(self, job: _Job, cmd: dict[str, Any]) -> None:
+        """Back to the start of step ``cmd["step"]`` in generation ``cmd["gen"]``.
+
+        Works from the same step (a half-done step is forgotten) or the next one (the step
+        finished here but not everywhere: the saved start-of-step state comes back).
+        """
+        step, gen = cmd.get("step"), cmd.get("gen")
+        if not isinstance(step, int) or not isinstance(gen, int):
+            await self._report_error(self.topics.sync(job.plan.job),
+                                     "rewind needs int 'step' and 'gen'")
+            return
+        async with self._compute:
+            snap = job.snapshots.get(step)
+            ok = snap is not None
+            if ok:
+                await asyncio.to_thread(job.runner.restore, snap)
+                job.reset(step, gen)
+        reason = None if ok else (f"no saved state of step {step} (stage is at step "
+                                  f"{job.step}, keeps {sorted(job.snapshots)})")
+        log.info("rewind to step %d gen %d: %s", step, gen, "ok" if ok else reason)
+        await self._event({"op": "rewound", "stage": job.k, "step": step, "ok": ok,
+                           "reason": reason, "rewind_gen": gen})
+
+    async def _on_restore(self, topic: str, payload: bytes) -> None:
+        """Weights and optimizer state from a checkpoint, sent by the coordinator."""
+        job = self.job
+        assert job is not None
+        try:
+            body = msgpack.unpackb(payload, raw=False)
+        except Exception as e:
+            await self._report_error(topic, f"weights message is not msgpack: {e}")
+            return
+        if not isinstance(body, dict) or body.get("purpose") != "restore":
+            return  # our own checkpoint upload echoed back
+        if body.get("version") != job.plan.version:
+            return  # for another plan version
+        try:
+            step, gen = int(body["step"]), int(body["gen"])
+            weights = checkpoint.unpack(body["tensors"])
+            optim = checkpoint.unpack(body.get("optim") or {})
+            async with self._compute:
+                await asyncio.to_thread(job.runner.load_state_dict, weights, job.stage.start)
+                await asyncio.to_thread(job.runner.load_optimizer_state, optim, job.stage.start)
+                job.snapshots = {}
+                job.reset(step, gen)
+                job.snapshots[step] = await asyncio.to_thread(job.runner.snapshot)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            await self._report_error(topic, f"cannot restore stage {job.k}: {e}")
+            return
+        log.info("stage %d restored to step %d (plan v%d)", job.k, step, job.plan.version)
+        await self._event({"op": "restored", "stage": job.k, "step": step,
+                           "version": job.plan.version})
 
     # -- compute -------------------------------------------------------------------------
     def _pick(self, job: _Job) -> _Work | None:
@@ -328,10 +472,16 @@ class Agent:
                 continue
             assert job is not None
             try:
-                if work.direction == "fwd":
-                    await self._forward(job, work)
-                else:
-                    await self._backward(job, work)
+                async with self._compute:
+                    if self.job is not job:
+                        continue  # the job changed while this waited
+                    if work.direction == "fwd":
+                        await self._forward(job, work)
+                    else:
+                        await self._backward(job, work)
+            except aiomqtt.MqttError as e:
+                # the broker went away mid-step; the coordinator rewinds this step
+                log.warning("stage %d: lost a message on %s: %s", job.k, work.topic, e)
             except (codec.FrameError, StageError, ValueError) as e:
                 job.errors += 1
                 await self._report_error(work.topic, getattr(e, "reason", str(e)))
@@ -352,6 +502,9 @@ class Agent:
 
     async def _forward(self, job: _Job, work: _Work) -> None:
         frame = codec.from_bytes(work.payload, work.topic)
+        if job.stale(frame):
+            log.info("stale frame on %s dropped (plan/rewind changed)", work.topic)
+            return
         x = codec.decode(frame)
         job.runner.check_input(x)  # the frame's own shape first: the most specific reason
         self._check_frame(job, frame, work.topic, "act")
@@ -400,6 +553,9 @@ class Agent:
 
     async def _backward(self, job: _Job, work: _Work) -> None:
         frame = codec.from_bytes(work.payload, work.topic)
+        if job.stale(frame):
+            log.info("stale frame on %s dropped (plan/rewind changed)", work.topic)
+            return
         self._check_frame(job, frame, work.topic, "grad")
         if frame.mb in job.bwd_done[frame.step]:
             log.warning("duplicate gradient frame %s mb %d dropped", work.topic, frame.mb)
@@ -425,13 +581,17 @@ class Agent:
         job.step = step + 1
         job.fwd_done.pop(step, None)
         job.bwd_done.pop(step, None)
+        # the state at the start of the new step; the previous one is kept for a rewind
+        job.snapshots[step + 1] = await asyncio.to_thread(job.runner.snapshot)
+        job.snapshots = {s: v for s, v in job.snapshots.items() if s >= step}
         assert self._link is not None
         link = self._link
         await self._event({
             "op": "stepped", "step": step, "stage": job.k,
             "busy_ms": round(job.runner.stats.busy_ms, 3),
-            "send_ms": round(link.busy_ms, 3),
-            "bytes_act": link.bytes_by_kind["act"], "bytes_grad": link.bytes_by_kind["grad"],
+            "send_ms": round(link.busy_ms - job.link0[0], 3),  # since this job began here
+            "bytes_act": link.bytes_by_kind["act"] - job.link0[1],
+            "bytes_grad": link.bytes_by_kind["grad"] - job.link0[2],
         })
         if self.cfg.timing_every and step % self.cfg.timing_every == 0:
             samples = _aggregate(job.runner.drain_timings())
@@ -448,17 +608,19 @@ class Agent:
             seed=_frame_seed(job.plan.seed, src.step, src.mb, job.k),
             zero=grad and job.plan.grad_scheme == "minmax0", extra=extra,
         )
+        frame.extra.update(pv=job.plan.version, gen=job.gen)
         k = job.k + 1 if kind == "act" else job.k - 1
         topic = (self.topics.fwd if kind == "act" else self.topics.bwd)(job.plan.job, k)
         assert self._link is not None
-        self._link.send(topic, codec.to_bytes(frame), kind)
+        self._link.send(topic, codec.to_bytes(frame), kind, tag=(src.step, src.mb))
 
     # -- reporting -----------------------------------------------------------------------
     async def _event(self, body: dict[str, Any]) -> None:
         job = self.job
         if job is None or self._client is None:
             return
-        body = {"device": self.cfg.device_id, "time": time.time(), **body}
+        body = {"device": self.cfg.device_id, "time": time.time(), "pv": job.plan.version,
+                "gen": job.gen, **body}
         await self._publish_json(self.topics.events(job.plan.job, self.cfg.device_id), body)
 
     async def _report_error(self, topic: str, reason: str, job: str | None = None) -> None:

@@ -7,6 +7,9 @@ Guarantees:
   seconds before it is published (serialisation delay), measured with ``asyncio.sleep`` so a
   slow link costs no CPU. The compute loop never waits for the link unless it must.
 * ``bytes_sent``, ``busy_ms`` and per-topic-kind byte counters say what crossed the link.
+* An ``observer``, if set, is called after each successful publish with the payload's kind,
+  the ``tag`` given to ``send``, its size and the ``time.time()`` span it occupied the link
+  (pacing plus publish); ``device_agent.trace`` uses it. Its errors are logged and ignored.
 """
 
 from __future__ import annotations
@@ -17,22 +20,25 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+Observer = Callable[[str, Any, int, float, float], None]  # kind, tag, bytes, t0, t1
 
 
 class Link:
     def __init__(self, publish: Publish, bandwidth_bps: float | None = None) -> None:
         self._publish = publish
         self.bandwidth_bps = bandwidth_bps
-        self._queue: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, bytes, str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
         self.busy_ms = 0.0
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
         self.errors = 0
+        self.observer: Observer | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -45,9 +51,9 @@ class Link:
                 await self._task
             self._task = None
 
-    def send(self, topic: str, payload: bytes, kind: str = "other") -> None:
-        """Queue ``payload`` for ``topic``; returns at once."""
-        self._queue.put_nowait((topic, payload, kind))
+    def send(self, topic: str, payload: bytes, kind: str = "other", tag: Any = None) -> None:
+        """Queue ``payload`` for ``topic``; returns at once. ``tag`` goes to the observer."""
+        self._queue.put_nowait((topic, payload, kind, tag))
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been published."""
@@ -55,15 +61,20 @@ class Link:
 
     async def _run(self) -> None:
         while True:
-            topic, payload, kind = await self._queue.get()
+            topic, payload, kind, tag = await self._queue.get()
             try:
-                t0 = time.perf_counter()
+                t0, w0 = time.perf_counter(), time.time()
                 if self.bandwidth_bps:
                     await asyncio.sleep(len(payload) * 8 / self.bandwidth_bps)
                 await self._publish(topic, payload)
                 self.busy_ms += (time.perf_counter() - t0) * 1e3
                 self.bytes_sent += len(payload)
                 self.bytes_by_kind[kind] += len(payload)
+                if self.observer is not None:
+                    try:
+                        self.observer(kind, tag, len(payload), w0, time.time())
+                    except Exception as e:
+                        log.warning("link observer failed: %s", e)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a failed publish must not kill the uplink

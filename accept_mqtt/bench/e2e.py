@@ -2,9 +2,16 @@
 
 Each scenario starts one private Mosquitto and one agent process per device, with compute
 emulation (``--slowdown``: sleep after compute, so slow devices take no CPU from others on a
-2-core machine) and link emulation (``--bandwidth``: the agent paces its own sends; no ``tc``
-shaping here). Then, interleaved in one invocation so machine noise hits all alike, it trains
-the same model for the same number of steps with:
+2-core machine) and link emulation, ``--shaping``:
+
+* ``tc``: Mosquitto and every agent in their own network namespace, each agent's uplink a veth
+  shaped by a ``tbf`` qdisc at its bandwidth (``accept_mqtt/netem.py``); agents only advertise
+  their bandwidth (``--no-pace``), the kernel shapes. Needs root, ``ip netns`` and ``tc``.
+* ``pace``: one loopback broker; each agent paces its own sends (``device_agent/link.py``).
+* ``auto`` (default): ``tc`` where it works, else ``pace``, saying why.
+
+Then, interleaved in one invocation so machine noise hits all alike, it trains the same model
+for the same number of steps with:
 
 1. ``equal-fp32``: equal layer counts, fp32 frames (the baseline);
 2. ``flops-fp32``: FLOPs-proportional split, fp32;
@@ -15,6 +22,11 @@ It reports measured samples/s (median of repeats, with min-max), speed-up over t
 measured side by side, the ideal bound (measured per-layer compute of the whole model on this
 machine, over the summed device speeds, links ignored), the fraction of the bound reached,
 predicted vs measured stage times, and held-out accuracy after the same steps.
+
+Every agent traces one step (``--trace-step``, default the middle one) and the bench collects
+the spans with its own subscriber (``bench/timeline.py``): the JSON carries them with a
+summary (step ms, per-stage compute/send/idle, per-hop latency), and ``--plot PATH.png`` draws
+the per-stage timeline of the baseline and AccEPT side by side, one row per scenario.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from ..descriptors import describe
 from ..local import AgentSpec, LocalCluster
 from ..stage import StageRunner
 from ..zoo import build_model
+from . import timeline
 
 SCENARIOS: dict[str, list[tuple[float, str]]] = {
     # (slowdown, uplink) per device
@@ -65,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated names")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--quick", action="store_true", help="1 repeat, 10 steps, first scenario")
+    p.add_argument("--shaping", choices=("auto", "pace", "tc"), default="auto",
+                   help="link emulation: tc (namespaces + tbf, needs root), pace (agents pace "
+                        "their sends), auto: tc when available (default)")
+    p.add_argument("--trace-step", type=int, default=None,
+                   help="optimizer step whose per-stage spans are recorded (default: middle)")
+    p.add_argument("--plot", metavar="PATH.png",
+                   help="draw the traced step's timeline, baseline vs AccEPT, per scenario")
 
 
 def measured_layer_ms(model_name: str, batch: int, reps: int = 5) -> list[float]:
@@ -90,9 +110,38 @@ def measured_layer_ms(model_name: str, batch: int, reps: int = 5) -> list[float]
     return [statistics.median(v) for v in per]
 
 
-async def _one(url: str, cfg: TrainConfig, job: str) -> dict[str, Any]:
-    async with Coordinator(url, cfg, job=job) as coord:
-        return await coord.run()
+async def _one(url: str, cfg: TrainConfig, job: str) -> tuple[dict[str, Any],
+                                                               list[timeline.Trace]]:
+    async with timeline.TraceCollector(url, job) as traces:
+        async with Coordinator(url, cfg, job=job) as coord:
+            rec = await coord.run()
+        return rec, await traces.wait(cfg.devices, timeout=10)
+
+
+def choose_shaping(wanted: str) -> tuple[str, str]:
+    """(``tc`` or ``pace``, why) for ``--shaping``; raises SystemExit if tc is demanded but
+    unavailable."""
+    from .. import netem
+
+    if wanted == "pace":
+        return "pace", "asked for agent-side pacing"
+    ok = netem.available()
+    if ok:
+        return "tc", f"tc available: {ok.reason}"
+    if wanted == "tc":
+        raise SystemExit(f"bench e2e: --shaping tc unavailable: {ok.reason}")
+    print(f"tc shaping unavailable ({ok.reason}); falling back to agent-side send pacing",
+          flush=True)
+    return "pace", f"tc unavailable: {ok.reason}"
+
+
+EMULATION = {
+    "tc": "compute: agent sleeps (slowdown-1)x after compute; links: each agent in its own "
+          "network namespace, uplink veth shaped by a tc tbf qdisc at its bandwidth (counts "
+          "TCP/IP headers), broker in its own namespace, coordinator unshaped",
+    "pace": "compute: agent sleeps (slowdown-1)x after compute; links: agent-side send pacing "
+            "at the given bandwidth (payload bytes only; no tc)",
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,26 +153,36 @@ def run(args: argparse.Namespace) -> int:
     steps, repeats = args.steps, args.repeats
     if args.quick:
         steps, repeats, names = 10, 1, names[:1]
+    shaping, why = choose_shaping(args.shaping)
+    trace_step = steps // 2 if args.trace_step is None else args.trace_step
     mb = max(1, args.batch_size // args.micro_batches)
     layer_ms = measured_layer_ms(args.model, mb)
     results: dict[str, Any] = {
         "what": "samples/s of synchronous pipeline training, measured; median of repeats",
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__},
-        "emulation": "compute: agent sleeps (slowdown-1)x after compute; links: agent-side "
-                     "send pacing at the given bandwidth (no tc)",
+        "shaping": shaping, "shaping_why": why, "emulation": EMULATION[shaping],
+        "trace_step": trace_step,
         "model": args.model, "steps": steps, "repeats": repeats, "batch_size": args.batch_size,
         "micro_batches": args.micro_batches, "scenarios": {},
     }
     meths = methods(args.act_bits, args.grad_bits)
+    panels: list[tuple[str, list[timeline.Trace]]] = []
+    print(f"shaping: {shaping} ({why}); tracing step {trace_step}", flush=True)
     for name in names:
         devs = SCENARIOS[name]
-        specs = [AgentSpec(f"e2e-{i}", s, bw) for i, (s, bw) in enumerate(devs)]
+        specs = [AgentSpec(f"e2e-{i}", s, bw, extra_args=("--trace-steps", str(trace_step)))
+                 for i, (s, bw) in enumerate(devs)]
+        labels = {sp.device_id: f"{sp.device_id}\n1/{sp.slowdown:g} speed, {sp.bandwidth}"
+                  for sp in specs}
         speed = sum(1.0 / s for s, _ in devs)
         ideal_ms = sum(layer_ms) / speed
         bound = mb / ideal_ms * 1e3
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in meths}
-        with LocalCluster(specs) as cluster:
+        traces: dict[str, list[timeline.Trace]] = {}
+        with _cluster(specs, shaping) as cluster:
+            hop = asyncio.run(timeline.mqtt_hop_ms(cluster.url))
+            print(f"[{name}] MQTT hop through the broker, idle, unshaped: {hop}", flush=True)
             for r in range(repeats):
                 for mname, over in meths.items():  # interleaved
                     cfg = TrainConfig(model=args.model, epochs=1, max_steps=steps,
@@ -132,8 +191,11 @@ def run(args: argparse.Namespace) -> int:
                                       devices=len(devs), runs_dir="runs/bench-e2e",
                                       device_timeout=120, **over)
                     t0 = time.time()
-                    rec = asyncio.run(_one(cluster.url, cfg, f"e2e-{r}-{mname}"))
+                    rec, tr = asyncio.run(_one(cluster.url, cfg, f"e2e-{r}-{mname}"))
                     runs[mname].append(rec)
+                    traces[mname] = [dict(t, label=f"stage {t['stage']}: "
+                                          f"{labels.get(t['device'], t['device'])}")
+                                     for t in tr]  # the last repeat's (warm) trace is kept
                     print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} "
                           f"{rec['samples_per_s']:8.1f} samples/s  acc "
                           f"{rec['final_accuracy']:.3f}  ({time.time() - t0:.0f}s)", flush=True)
@@ -153,10 +215,19 @@ def run(args: argparse.Namespace) -> int:
                          for s in last["plan"]["stages"]],
                 "stage_ms_predicted": [s["predicted_ms"] for s in last["stages"]],
                 "stage_ms_measured": [s["measured_ms_per_microbatch"] for s in last["stages"]],
+                "trace_summary": _with_inflation(timeline.summarize(traces.get(mname, [])),
+                                                 last["plan"]["stages"], layer_ms, devs,
+                                                 args.micro_batches),
+                "trace": traces.get(mname, []),
             }
         results["scenarios"][name] = {"devices": devs, "ideal_samples_per_s": bound,
+                                      "mqtt_hop_idle": hop,
                                       "methods": table}
-        print(f"\n{name}: devices (slowdown, uplink) {devs}; ideal bound {bound:.0f} samples/s")
+        panels += [(f"{name}\nequal-fp32 (baseline)", traces.get("equal-fp32", [])),
+                   (f"{name}\nAccEPT (predictor + {args.act_bits}/{args.grad_bits}-bit)",
+                    traces.get("accept", []))]
+        print(f"\n{name}: devices (slowdown, uplink) {devs}; shaping {shaping}; ideal bound "
+              f"{bound:.0f} samples/s")
         print(f"{'method':16s} {'samples/s med [min-max]':>26s} {'speed-up':>9s} "
               f"{'of ideal':>9s} {'accuracy':>9s}")
         for mname, row in table.items():
@@ -164,7 +235,45 @@ def run(args: argparse.Namespace) -> int:
                   f"[{row['samples_per_s_min']:.0f}-{row['samples_per_s_max']:.0f}]"
                   f"{'':>4s} {row['speedup_vs_baseline_median']:8.2f}x "
                   f"{100 * row['fraction_of_ideal']:8.1f}% {row['accuracy_median']:9.3f}")
+            tsum = row["trace_summary"]
+            if tsum:
+                print(f"{'':16s} traced step {tsum['step_ms']:.1f} ms, hop median "
+                      f"{tsum['hop_ms_median']} ms, send median {tsum['send_ms_median']} ms, "
+                      f"compute per stage {[s['compute_ms'] for s in tsum['stages']]} ms "
+                      f"({tsum['compute_vs_isolated']}x the isolated measurement)")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
         print(f"\nwrote {args.json}")
+    if args.plot:
+        title = (f"{args.model}, batch {args.batch_size} in {args.micro_batches} "
+                 f"micro-batches, step {trace_step}; links shaped by {shaping}")
+        out = timeline.render(panels, args.plot, suptitle=title)
+        print(f"wrote {out}")
     return 0
+
+
+def _with_inflation(summary: dict[str, Any], stages: list[dict[str, Any]],
+                    layer_ms: list[float], devs: list[tuple[float, str]],
+                    nmb: int) -> dict[str, Any]:
+    """Add, per stage, traced fwd+bwd ms over what the isolated per-layer measurement predicts
+    for its layers, micro-batches and slowdown: how much slower compute is inside the pipeline
+    (CPU shared by every agent and the broker, thread hand-offs, Python) than alone."""
+    if not summary:
+        return summary
+    slow = {f"e2e-{i}": s for i, (s, _) in enumerate(devs)}
+    rows = {int(r["stage"]): r for r in summary["stages"]}
+    ratios: list[float | None] = []
+    for st in stages:
+        want = sum(layer_ms[st["start"]:st["end"]]) * nmb * slow.get(st["device"], 1.0)
+        row = rows.get(int(st["index"]))
+        ratios.append(round(row["fwd_bwd_ms"] / want, 2) if row and want > 0 else None)
+    return dict(summary, compute_vs_isolated=ratios)
+
+
+def _cluster(specs: list[AgentSpec], shaping: str) -> LocalCluster:
+    if shaping == "tc":
+        from ..netem import ShapedCluster
+
+        return ShapedCluster(specs)
+    return LocalCluster(specs)
