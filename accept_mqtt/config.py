@@ -37,6 +37,7 @@ class TrainConfig:
     grad_bits: int = 32
     stochastic_grad_rounding: bool = True
     grad_scheme: str = "minmax0"  # minmax0: 0 is a code, so sparse gradients stay sparse
+    act_per_channel: bool = True  # k-bit feature-map activations: one scale per channel
     devices: int = 3
     partition: str = "auto"  # auto | predictor | flops | equal
     max_steps: int | None = None

@@ -50,6 +50,7 @@ class Plan:
     method: str = "flops"
     stochastic_grad_rounding: bool = True
     grad_scheme: str = "minmax0"  # k-bit gradients keep exact zeros exact (codec.minmax0)
+    act_per_channel: bool = True  # k-bit feature maps get one scale per channel (codec)
     predicted_bottleneck_ms: float | None = None
     start_step: int = 0  # the optimizer step the stages start at (non-zero on resume)
 

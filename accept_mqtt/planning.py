@@ -96,6 +96,6 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
         seed=cfg.seed, model_args={"width": cfg.width} if cfg.width != 1.0 else {},
         micro_batches=cfg.micro_batches, schedule=cfg.schedule, optimizer=cfg.optimizer_cfg(),
         method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
-        grad_scheme=cfg.grad_scheme,
+        grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step,
     )

@@ -607,6 +607,7 @@ class Agent:
             stochastic=grad and job.plan.stochastic_grad_rounding,
             seed=_frame_seed(job.plan.seed, src.step, src.mb, job.k),
             zero=grad and job.plan.grad_scheme == "minmax0", extra=extra,
+            axis=None if grad else codec.channel_axis(t.shape, bits, job.plan.act_per_channel),
         )
         frame.extra.update(pv=job.plan.version, gen=job.gen)
         k = job.k + 1 if kind == "act" else job.k - 1

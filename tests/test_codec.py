@@ -408,3 +408,11 @@ def test_decode_validates_hand_built_frames() -> None:
     bad = codec.TensorFrame("j1", 0, 0, "act", (4,), 4, "minmax", None, 0.0, 1.0, b"\x00")
     with pytest.raises(FrameError, match="need 2"):
         codec.decode(bad)
+
+
+def test_channel_axis_is_per_channel_only_for_k_bit_feature_maps() -> None:
+    assert codec.channel_axis((8, 16, 4, 4), 4) == 1
+    assert codec.channel_axis((8, 9, 128), 8) == 1
+    assert codec.channel_axis((8, 256), 4) is None  # two floats per feature would cost ~30 %
+    assert codec.channel_axis((8, 16, 4, 4), 32) is None  # raw frames have no scales
+    assert codec.channel_axis((8, 16, 4, 4), 4, per_channel=False) is None

@@ -232,6 +232,9 @@ def test_seed_fixes_the_first_frames_on_the_wire(broker: MosquittoBroker, tmp_pa
     assert b == c, "same seed and width: byte-identical first frames on every topic"
     assert codec.from_bytes(b["stage/1/fwd"]).bits == 4
     assert codec.from_bytes(b["stage/1/bwd"]).bits == 4
+    act = codec.from_bytes(b["stage/1/fwd"])  # feature maps: one scale per channel
+    assert act.axis == (1 if len(act.shape) >= 3 else None)
+    assert codec.from_bytes(b["stage/1/bwd"]).scheme == "minmax0"
     assert len(b["stage/1/fwd"]) < len(a["stage/1/fwd"]) / 6
 
 

@@ -3,11 +3,12 @@
 For each model, in one process: cut the layer list into 3 consecutive stages with the most
 even FLOPs (exhaustive over cut pairs), and train with every boundary tensor going through the
 real wire codec, ``decode(from_bytes(to_bytes(encode(...))))``: activations forward with
-nearest rounding, per-tensor min-max; gradients backward with stochastic rounding on the
-zero-aligned grid (``minmax0``, the pipeline's default) and, for comparison, on the plain
-min-max grid. ``fp32`` is
-the same plumbing with raw 32-bit frames (exact). Held-out accuracy is measured with the
-activations compressed the same way, as a deployed pipeline would infer.
+nearest rounding, min-max with one scale per channel for feature maps
+(``codec.channel_axis``); gradients backward with stochastic rounding on the zero-aligned grid
+(``minmax0``) -- both the pipeline's defaults -- and, for comparison, each default changed
+alone (``--variants``). ``fp32`` is the same plumbing with raw 32-bit frames (exact).
+Held-out accuracy is measured with the activations compressed the same way, as a deployed
+pipeline would infer.
 
 Guarantee: for one ``--seed`` every bit width starts from the same weights
 (``build_model(seed=...)``), sees the same data in the same order and the same optimiser
@@ -42,11 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights, data split and order")
     p.add_argument("--bits", default=",".join(map(str, BITS)),
                    help="bit widths to compare; 32 is the fp32 baseline")
-    p.add_argument("--grad-schemes", default="minmax0,minmax",
-                   help="gradient grids to compare (the first is used for the ablation)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="wire variants to compare at every width: default (minmax0 gradients, "
+                        "per-channel feature maps), minmax-grads, per-tensor-act")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the activations-only / gradients-only runs")
     p.add_argument("--quick", action="store_true", help="2 epochs, no ablation (a smoke test)")
+
+
+# what the pipeline sends by default, then one change each (for comparison)
+VARIANTS = ("default", "minmax-grads", "per-tensor-act")
 
 
 def balanced_cuts(flops: list[int], stages: int = 3) -> list[int]:
@@ -74,9 +80,10 @@ class WireLink:
     """
 
     def __init__(self, bits: int, cut: int, seed: int,
-                 compress: tuple[str, ...] = ("act", "grad"), grad_scheme: str = "minmax0") -> None:
+                 compress: tuple[str, ...] = ("act", "grad"), variant: str = "default") -> None:
         self.bits, self.cut, self.seed, self.compress = bits, cut, seed, compress
-        self.grad_scheme = grad_scheme
+        self.grad_scheme = "minmax" if variant == "minmax-grads" else "minmax0"
+        self.act_per_channel = variant != "per-tensor-act"
         self.step = 0
         self.bytes = {"act": 0, "grad": 0}
 
@@ -86,6 +93,7 @@ class WireLink:
         frame = codec.encode(
             t, bits=bits, job="accuracy", step=self.step, mb=0, kind=kind,
             stochastic=grad and bits <= 8, zero=grad and self.grad_scheme == "minmax0",
+            axis=None if grad else codec.channel_axis(t.shape, bits, self.act_per_channel),
             # a fresh, reproducible rounding stream per step and cut
             seed=(self.seed * 1_000_003 + self.step * 101 + self.cut) % 2**32,
         )
@@ -125,7 +133,7 @@ class Pipeline(nn.Module):
 
 def train_one(name: str, bits: int, epochs: int, seed: int,
               compress: tuple[str, ...] = ("act", "grad"),
-              grad_scheme: str = "minmax0") -> dict[str, Any]:
+              variant: str = "default") -> dict[str, Any]:
     """Train ``name`` with its cuts at ``bits``; a diverged run reports the step, no accuracy."""
     from ..data import load_dataset
     from ..descriptors import describe
@@ -135,7 +143,7 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
     model = build_model(name, seed=seed, input_shape=ds.input_shape,
                         num_classes=ds.num_classes)
     a, b = balanced_cuts([d.flops for d in describe(model)])
-    links = [WireLink(bits, k, seed, compress, grad_scheme) for k in (0, 1)]
+    links = [WireLink(bits, k, seed, compress, variant) for k in (0, 1)]
     net = Pipeline([model.slice(0, a), model.slice(a, b), model.slice(b, len(model.layers))],
                    links)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
@@ -172,11 +180,11 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
     label = "fp32" if bits == 32 else f"{bits}-bit"
     if bits != 32 and compress != ("act", "grad"):
         label += f" {compress[0]} only"
-    if bits != 32 and "grad" in compress and grad_scheme != "minmax0":
-        label += f" {grad_scheme} grads"
+    if bits != 32 and variant != "default":
+        label += f" {variant}"
     return {
         "bits": bits,
-        "grad_scheme": grad_scheme if bits != 32 and "grad" in compress else None,
+        "variant": variant if bits != 32 else None,
         "compress": list(compress) if bits != 32 else [],
         "label": label,
         "test_acc": acc,
@@ -216,18 +224,19 @@ def run(args: argparse.Namespace) -> int:
     if bits[0] != 32:
         bits = [32] + [b for b in bits if b != 32]
     models = [m for m in args.models.split(",") if m]
-    schemes = [s for s in args.grad_schemes.split(",") if s]
-    unknown = sorted(set(schemes) - {"minmax", "minmax0"})
-    if unknown or not schemes:
-        print(f"accept-mqtt bench accuracy: unknown gradient schemes {unknown}; use minmax0 "
-              "and/or minmax")
+    variants = [s for s in args.variants.split(",") if s]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        print(f"accept-mqtt bench accuracy: unknown variants {unknown}; use "
+              f"{', '.join(VARIANTS)}")
         return 2
     t0 = time.perf_counter()
     record: dict[str, Any] = {
         "bench": "accuracy",
         "what": "held-out accuracy after training with every cut's activations (nearest) and "
-                "gradients (stochastic; minmax0 = zero-aligned grid) through the k-bit wire "
-                "codec; 3 FLOPs-balanced stages",
+                "gradients (stochastic) through the k-bit wire codec; 3 FLOPs-balanced "
+                "stages; default = minmax0 gradients and per-channel feature-map scales, as "
+                "the pipeline sends them",
         "machine": machine_info(),
         "seed": args.seed, "epochs": epochs, "batch": BATCH,
         "optimizer": f"SGD lr={LR} momentum={MOMENTUM}",
@@ -237,14 +246,14 @@ def run(args: argparse.Namespace) -> int:
           f"SGD lr {LR} momentum {MOMENTUM}, one thread on {record['machine']['cpu']}")
     for name in models:
         both = ("act", "grad")
-        plan: list[tuple[int, tuple[str, ...], str]] = [(32, both, schemes[0])]
-        plan += [(b, both, s) for s in schemes for b in bits if b != 32]
+        plan: list[tuple[int, tuple[str, ...], str]] = [(32, both, variants[0])]
+        plan += [(b, both, v) for v in variants for b in bits if b != 32]
         if not (args.quick or args.no_ablation):
-            plan += [(b, (kind,), schemes[0]) for b in bits if b != 32
+            plan += [(b, (kind,), variants[0]) for b in bits if b != 32
                      for kind in ("act", "grad")]
         rows: list[dict[str, Any]] = []
-        for b, compress, scheme in plan:
-            r = train_one(name, b, epochs, args.seed, compress, scheme)
+        for b, compress, variant in plan:
+            r = train_one(name, b, epochs, args.seed, compress, variant)
             base = rows[0]["test_acc"] if rows else r["test_acc"]
             r["delta_pp"] = None if r["test_acc"] is None else 100 * (r["test_acc"] - base)
             rows.append(r)
