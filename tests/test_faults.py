@@ -227,3 +227,38 @@ def test_set_and_repartition_from_mosquitto_pub(broker: MosquittoBroker,
     assert all(s["grad_bits"] == 8 for s in stages[1:]), stages
     assert record["plan"]["version"] == 3  # repartition found the same cuts: no new version
     assert record["final_accuracy"] is not None
+
+
+def test_a_hung_stage_is_routed_around(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """A stage that stops computing but keeps its connection fires no Last Will: the step
+    times out, the rewind finds the stage that cannot answer, the re-plan leaves it out."""
+    import threading
+
+    cfg = _cfg(tmp_path, step_timeout=3, checkpoint_every=2, max_steps=8)
+    release = threading.Event()
+
+    async def main() -> tuple[dict[str, Any], str]:
+        async with running_agents(broker.url, [*DEVICES, "dev-d"]) as agents:
+            async with Coordinator(broker.url, cfg, job="hung") as coord:
+                run = asyncio.create_task(coord.run())
+                await _until_step(coord, run, 3)
+                victim_id = coord.plan.stages[1].device
+                victim = next(a for a in agents if a.cfg.device_id == victim_id)
+                forward = victim.job.runner.forward
+
+                def hang(*args: Any, **kw: Any) -> Any:
+                    release.wait(60)  # a wedged device: connected, never computing
+                    return forward(*args, **kw)
+
+                victim.job.runner.forward = hang  # type: ignore[method-assign]
+                try:
+                    return await asyncio.wait_for(run, 90), victim_id
+                finally:
+                    release.set()
+
+    record, victim = asyncio.run(main())
+    assert record["steps"] == 8
+    (rec,) = record["recoveries"]
+    assert "no progress" in rec["reason"] and rec["lost"] == [victim], rec
+    assert victim not in [s["device"] for s in record["plan"]["stages"]]
+    _assert_same_as_reference(record["model_path"], cfg, 8)
