@@ -73,3 +73,14 @@ async def wait_retained(url: str, topic: str, predicate: Any, timeout: float) ->
                 if predicate(body):
                     return body
     raise AssertionError("unreachable")
+
+
+def mosquitto_pub(broker: MosquittoBroker, topic: str, body: str) -> None:
+    """Publish like a user's shell does (QoS 1), with the real ``mosquitto_pub``."""
+    import shutil
+    import subprocess
+
+    pub = shutil.which("mosquitto_pub")
+    assert pub, "mosquitto_pub missing: 'make test' installs mosquitto-clients"
+    subprocess.run([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topic,
+                    "-m", body], check=True, timeout=10)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from accept_mqtt.reference import train_reference
 from accept_mqtt.zoo import build_model
 from broker import MosquittoBroker
 
-from .conftest import running_agents, wait_retained
+from .conftest import mosquitto_pub, running_agents, wait_retained
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
@@ -180,15 +178,12 @@ def test_resume_without_a_checkpoint_is_a_clear_error(broker: MosquittoBroker,
 def test_set_and_repartition_from_mosquitto_pub(broker: MosquittoBroker,
                                                 tmp_path: Path) -> None:
     """``set`` re-plans live with new widths; ``repartition`` re-plans; bad ones change nothing."""
-    pub = shutil.which("mosquitto_pub")
-    assert pub, "mosquitto_pub missing: 'make test' installs mosquitto-clients"
     cfg = _cfg(tmp_path, max_steps=14, checkpoint_every=0)
     job = "steer"
     metrics: list[dict[str, Any]] = []
 
     def shell(body: str) -> None:
-        subprocess.run([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1",
-                        "-t", f"accept/jobs/{job}/control", "-m", body], check=True, timeout=10)
+        mosquitto_pub(broker, f"accept/jobs/{job}/control", body)
 
     async def watch() -> None:
         async with aiomqtt.Client(broker.host, broker.port) as c:
