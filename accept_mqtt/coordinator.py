@@ -931,6 +931,7 @@ class Coordinator:
         per_epoch, total = self._total_steps(len(data.train_x))
         self.progress("start", {"total_steps": total, "job": self.job,
                                 "first_step": self.state.step})
+        timed_out_at: int | None = None
         while True:
             try:
                 await self._train_steps(data, per_epoch, total)
@@ -939,6 +940,14 @@ class Coordinator:
                 why = f"device {e.device} went offline"
             except BrokerLost as e:
                 why = f"broker connection lost ({e})"
+            except StepTimeout as e:
+                # a stage that hangs but keeps its connection fires no Will: the rewind
+                # finds it (it cannot answer) and the re-plan leaves it out. The same step
+                # timing out again after that is not a fault we can route around.
+                if timed_out_at == self.state.step:
+                    raise
+                timed_out_at = self.state.step
+                why = str(e)
             while True:  # a fault during recovery starts the recovery again
                 try:
                     await self._recover(why)

@@ -19,7 +19,7 @@ from accept_mqtt.reference import train_reference
 from accept_mqtt.zoo import build_model
 from broker import MosquittoBroker
 
-from .conftest import running_agents
+from .conftest import mosquitto_pub, running_agents
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
@@ -146,18 +146,13 @@ def test_weights_message_is_msgpack(broker: MosquittoBroker, tmp_path: Path) -> 
 
 def test_control_from_mosquitto_pub(broker: MosquittoBroker, tmp_path: Path) -> None:
     """pause/resume/status/stop from a shell; unknown and malformed commands change nothing."""
-    import shutil
-    import subprocess
 
-    pub = shutil.which("mosquitto_pub")
-    assert pub, "mosquitto_pub missing: 'make test' installs mosquitto-clients"
     cfg = _cfg(tmp_path, max_steps=None, epochs=20)
     job = "ctl"
     replies: list[dict] = []
 
     def shell(body: str) -> None:
-        subprocess.run([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1",
-                        "-t", f"accept/jobs/{job}/control", "-m", body], check=True, timeout=10)
+        mosquitto_pub(broker, f"accept/jobs/{job}/control", body)
 
     async def watch() -> None:
         async with aiomqtt.Client(broker.host, broker.port) as c:
@@ -236,6 +231,34 @@ def test_seed_fixes_the_first_frames_on_the_wire(broker: MosquittoBroker, tmp_pa
     assert act.axis == (1 if len(act.shape) >= 3 else None)
     assert codec.from_bytes(b["stage/1/bwd"]).scheme == "minmax0"
     assert len(b["stage/1/fwd"]) < len(a["stage/1/fwd"]) / 6
+
+
+def test_timing_samples_are_learnt_off_the_reader_path_and_none_is_lost() -> None:
+    """``on_timing`` only queues (it runs in the reader that delivers step events); the
+    background learner then learns every sample, and ``learn_pending`` flushes the rest."""
+    from accept_mqtt.descriptors import describe
+    from accept_mqtt.predictor import CostModel
+
+    profile = {"device": "d", "cores": 2, "threads": 1, "bench_gflops": 10.0}
+    samples = [{"layer": d.to_dict(), "dir": di, "batch": 16, "ms": 0.5, "threads": 1}
+               for d in describe(build_model("cnn", seed=0)) for di in ("fwd", "bwd")]
+
+    async def main() -> None:
+        coord = Coordinator("mqtt://127.0.0.1:1", TrainConfig(partition="auto"), job="learn")
+        coord.costs = CostModel()
+        coord.profiles["d"] = profile
+        coord.on_timing("d", [dict(s) for s in samples])
+        assert coord.costs.n_observed == 0, "learning must not happen in the reader"
+        for _ in range(3 * len(samples)):
+            await asyncio.sleep(0)
+        assert coord.costs.n_observed == len(samples)
+        coord.on_timing("d", [dict(s) for s in samples])
+        assert coord.learn_pending() == len(samples)
+        assert coord.costs.n_observed == 2 * len(samples)
+        assert len(coord.timing_samples) == 2 * len(samples)
+        await coord.__aexit__(None, None, None)  # stops the learner
+
+    asyncio.run(main())
 
 
 def test_a_device_that_slows_down_is_noticed_and_work_moves_off_it(

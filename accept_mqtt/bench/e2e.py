@@ -10,8 +10,11 @@ emulation (``--slowdown``: sleep after compute, so slow devices take no CPU from
 * ``pace``: one loopback broker; each agent paces its own sends (``device_agent/link.py``).
 * ``auto`` (default): ``tc`` where it works, else ``pace``, saying why.
 
-Then, interleaved in one invocation so machine noise hits all alike, it trains the same model
-for the same number of steps with:
+A scenario (``SCENARIOS``) is a cluster and the run measured on it: model, width, batch size,
+steps and learning rate (the digits CNN by default, and a reduced VGG on 32x32x3 images whose
+cuts carry thousands of values per sample); ``--model``, ``--width``, ``--batch-size`` and
+``--steps`` override them for every scenario. Then, interleaved in one invocation so machine
+noise hits all alike, it trains the same model for the same number of steps with:
 
 1. ``equal-fp32``: equal layer counts, fp32 frames (the baseline);
 2. ``flops-fp32``: FLOPs-proportional split, fp32;
@@ -21,7 +24,8 @@ for the same number of steps with:
 It reports measured samples/s (median of repeats, with min-max), speed-up over the baseline
 measured side by side, the ideal bound (measured per-layer compute of the whole model on this
 machine, over the summed device speeds, links ignored), the fraction of the bound reached,
-predicted vs measured stage times, and held-out accuracy after the same steps.
+predicted vs measured stage times (compute and uplink per micro-batch), and held-out accuracy
+and loss after the same steps (fp32 runs are bit-identical whatever the split).
 
 Every agent traces one step (``--trace-step``, default the middle one) and the bench collects
 the spans with its own subscriber (``bench/timeline.py``): the JSON carries them with a
@@ -37,6 +41,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +55,30 @@ from ..stage import StageRunner
 from ..zoo import build_model
 from . import timeline
 
-SCENARIOS: dict[str, list[tuple[float, str]]] = {
-    # (slowdown, uplink) per device
-    "3dev-speeds-1-1/2-1/4-slow-links": [(1.0, "10mbit"), (2.0, "50mbit"), (4.0, "10mbit")],
-    "4dev-one-much-slower": [(1.0, "50mbit"), (1.0, "50mbit"), (1.0, "50mbit"), (6.0, "50mbit")],
+
+@dataclass(frozen=True)
+class Scenario:
+    """A cluster (``devices``: (slowdown, uplink) each) and the training run measured on it."""
+
+    devices: tuple[tuple[float, str], ...]
+    model: str = "cnn"
+    width: float = 1.0
+    batch_size: int = 64
+    steps: int = 30
+    lr: float = 0.05
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "3dev-speeds-1-1/2-1/4-slow-links": Scenario(
+        ((1.0, "10mbit"), (2.0, "50mbit"), (4.0, "10mbit"))),
+    "4dev-one-much-slower": Scenario(
+        ((1.0, "50mbit"), (1.0, "50mbit"), (1.0, "50mbit"), (6.0, "50mbit"))),
+    # a model whose cheap cuts carry thousands of values per sample, so that balancing
+    # compute means sending big tensors and compression can move the cuts; lr 0.02 because
+    # 0.05 makes this VGG's held-out accuracy swing by 10 points from step to step
+    "vgg-3dev-speeds-1-1/2-1/4-20mbit": Scenario(
+        ((1.0, "20mbit"), (2.0, "20mbit"), (4.0, "20mbit")), model="vgg", width=0.25,
+        batch_size=32, steps=40, lr=0.02),
 }
 
 
@@ -68,10 +93,11 @@ def methods(act_bits: int, grad_bits: int) -> dict[str, dict[str, Any]]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write results here")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--model", help="override every scenario's model (cnn, vgg, ...)")
+    p.add_argument("--width", type=float, help="override every scenario's model width")
+    p.add_argument("--steps", type=int, help="override every scenario's optimizer steps per run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="override every scenario's batch size")
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--grad-bits", type=int, default=8)
@@ -87,10 +113,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draw the traced step's timeline, baseline vs AccEPT, per scenario")
 
 
-def measured_layer_ms(model_name: str, batch: int, reps: int = 5) -> list[float]:
+def measured_layer_ms(model_name: str, batch: int, reps: int = 5,
+                      width: float = 1.0) -> list[float]:
     """Median fwd+bwd ms per layer of the whole model on this machine, one thread."""
     torch.set_num_threads(1)
-    m = build_model(model_name, seed=0)
+    m = build_model(model_name, seed=0, width=width)
     descs = describe(m)
     runner = StageRunner(m.layers, descs, m.input_shape, True, True, {"name": "sgd", "lr": 0.0})
     x = torch.randn(batch, *m.input_shape)
@@ -150,27 +177,31 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown scenarios {unknown}; known: {list(SCENARIOS)}")
         return 2
-    steps, repeats = args.steps, args.repeats
+    repeats = args.repeats
+    over = {k: v for k, v in (("model", args.model), ("width", args.width),
+                              ("steps", args.steps), ("batch_size", args.batch_size))
+            if v is not None}
     if args.quick:
-        steps, repeats, names = 10, 1, names[:1]
+        over["steps"], repeats, names = 10, 1, names[:1]
     shaping, why = choose_shaping(args.shaping)
-    trace_step = steps // 2 if args.trace_step is None else args.trace_step
-    mb = max(1, args.batch_size // args.micro_batches)
-    layer_ms = measured_layer_ms(args.model, mb)
     results: dict[str, Any] = {
         "what": "samples/s of synchronous pipeline training, measured; median of repeats",
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "shaping": shaping, "shaping_why": why, "emulation": EMULATION[shaping],
-        "trace_step": trace_step,
-        "model": args.model, "steps": steps, "repeats": repeats, "batch_size": args.batch_size,
-        "micro_batches": args.micro_batches, "scenarios": {},
+        "repeats": repeats, "micro_batches": args.micro_batches, "scenarios": {},
     }
     meths = methods(args.act_bits, args.grad_bits)
     panels: list[tuple[str, list[timeline.Trace]]] = []
-    print(f"shaping: {shaping} ({why}); tracing step {trace_step}", flush=True)
+    print(f"shaping: {shaping} ({why})", flush=True)
+    t_bench = time.time()
     for name in names:
-        devs = SCENARIOS[name]
+        sc = replace(SCENARIOS[name], **over)
+        devs = list(sc.devices)
+        steps = sc.steps
+        trace_step = steps // 2 if args.trace_step is None else args.trace_step
+        mb = max(1, sc.batch_size // args.micro_batches)
+        layer_ms = measured_layer_ms(sc.model, mb, width=sc.width)
         specs = [AgentSpec(f"e2e-{i}", s, bw, extra_args=("--trace-steps", str(trace_step)))
                  for i, (s, bw) in enumerate(devs)]
         labels = {sp.device_id: f"{sp.device_id}\n1/{sp.slowdown:g} speed, {sp.bandwidth}"
@@ -184,12 +215,13 @@ def run(args: argparse.Namespace) -> int:
             hop = asyncio.run(timeline.mqtt_hop_ms(cluster.url))
             print(f"[{name}] MQTT hop through the broker, idle, unshaped: {hop}", flush=True)
             for r in range(repeats):
-                for mname, over in meths.items():  # interleaved
-                    cfg = TrainConfig(model=args.model, epochs=1, max_steps=steps,
-                                      batch_size=args.batch_size,
+                for mname, settings in meths.items():  # interleaved
+                    cfg = TrainConfig(model=sc.model, width=sc.width, lr=sc.lr,
+                                      epochs=steps, max_steps=steps,  # max_steps decides
+                                      batch_size=sc.batch_size,
                                       micro_batches=args.micro_batches, seed=args.seed,
                                       devices=len(devs), runs_dir="runs/bench-e2e",
-                                      device_timeout=120, **over)
+                                      device_timeout=120, **settings)
                     t0 = time.time()
                     rec, tr = asyncio.run(_one(cluster.url, cfg, f"e2e-{r}-{mname}"))
                     runs[mname].append(rec)
@@ -211,43 +243,62 @@ def run(args: argparse.Namespace) -> int:
                 "speedup_vs_baseline_median": statistics.median(ratios),
                 "fraction_of_ideal": statistics.median(sps) / bound,
                 "accuracy_median": statistics.median(x["final_accuracy"] for x in recs),
+                "test_loss_median": statistics.median(x["epochs"][-1]["test_loss"]
+                                                      for x in recs),
+                "steps_done": last["steps"],
+                # drift re-plans that moved the cuts, per repeat ("plan" is the last one's)
+                "live_replans": [sum(bool(r["changed"]) for r in x["replans"]) for x in recs],
                 "plan": [(s["device"], s["start"], s["end"], s["act_bits"], s["grad_bits"])
                          for s in last["plan"]["stages"]],
                 "stage_ms_predicted": [s["predicted_ms"] for s in last["stages"]],
                 "stage_ms_measured": [s["measured_ms_per_microbatch"] for s in last["stages"]],
+                "stage_send_ms_measured": [
+                    round(s["send_ms"] / max(1, last["steps"] * args.micro_batches), 3)
+                    for s in last["stages"]],
                 "trace_summary": _with_inflation(timeline.summarize(traces.get(mname, [])),
                                                  last["plan"]["stages"], layer_ms, devs,
                                                  args.micro_batches),
                 "trace": traces.get(mname, []),
             }
-        results["scenarios"][name] = {"devices": devs, "ideal_samples_per_s": bound,
+        results["scenarios"][name] = {"devices": devs, "model": sc.model, "width": sc.width,
+                                      "batch_size": sc.batch_size, "steps": steps,
+                                      "lr": sc.lr, "trace_step": trace_step,
+                                      "ideal_samples_per_s": bound,
                                       "mqtt_hop_idle": hop,
                                       "methods": table}
         panels += [(f"{name}\nequal-fp32 (baseline)", traces.get("equal-fp32", [])),
                    (f"{name}\nAccEPT (predictor + {args.act_bits}/{args.grad_bits}-bit)",
                     traces.get("accept", []))]
-        print(f"\n{name}: devices (slowdown, uplink) {devs}; shaping {shaping}; ideal bound "
+        print(f"\n{name}: {sc.model} width {sc.width:g}, batch {sc.batch_size}, {steps} steps; "
+              f"devices (slowdown, uplink) {devs}; shaping {shaping}; ideal bound "
               f"{bound:.0f} samples/s")
         print(f"{'method':16s} {'samples/s med [min-max]':>26s} {'speed-up':>9s} "
-              f"{'of ideal':>9s} {'accuracy':>9s}")
+              f"{'of ideal':>9s} {'accuracy':>9s} {'test loss':>9s}")
         for mname, row in table.items():
             print(f"{mname:16s} {row['samples_per_s_median']:10.1f} "
                   f"[{row['samples_per_s_min']:.0f}-{row['samples_per_s_max']:.0f}]"
                   f"{'':>4s} {row['speedup_vs_baseline_median']:8.2f}x "
-                  f"{100 * row['fraction_of_ideal']:8.1f}% {row['accuracy_median']:9.3f}")
+                  f"{100 * row['fraction_of_ideal']:8.1f}% {row['accuracy_median']:9.3f} "
+                  f"{row['test_loss_median']:9.4f}")
+            print(f"{'':16s} plan {row['plan']}; ms per micro-batch predicted "
+                  f"{[round(v or 0, 1) for v in row['stage_ms_predicted']]}, measured compute "
+                  f"{[round(v, 1) for v in row['stage_ms_measured']]}, send "
+                  f"{[round(v, 1) for v in row['stage_send_ms_measured']]}")
             tsum = row["trace_summary"]
             if tsum:
                 print(f"{'':16s} traced step {tsum['step_ms']:.1f} ms, hop median "
                       f"{tsum['hop_ms_median']} ms, send median {tsum['send_ms_median']} ms, "
                       f"compute per stage {[s['compute_ms'] for s in tsum['stages']]} ms "
                       f"({tsum['compute_vs_isolated']}x the isolated measurement)")
+    results["bench_seconds"] = round(time.time() - t_bench, 1)
+    print(f"\nbench took {results['bench_seconds']:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-        print(f"\nwrote {args.json}")
+        print(f"wrote {args.json}")
     if args.plot:
-        title = (f"{args.model}, batch {args.batch_size} in {args.micro_batches} "
-                 f"micro-batches, step {trace_step}; links shaped by {shaping}")
+        title = (f"the traced (middle) step, {args.micro_batches} micro-batches per batch; "
+                 f"links shaped by {shaping}")
         out = timeline.render(panels, args.plot, suptitle=title)
         print(f"wrote {out}")
     return 0
