@@ -163,6 +163,7 @@ class Coordinator:
         self._replan_request: str | None = None
         self._last_replan_step = -(10**9)
         self._bg: set[asyncio.Task[Any]] = set()
+        self._need_reconnect = False  # a publish failed: the connection is not to be trusted
         # timing samples waiting for the predictor: (device, profile, sample), oldest first
         self._to_learn: collections.deque[tuple[str, dict[str, Any], dict[str, Any]]] = (
             collections.deque())
@@ -774,8 +775,10 @@ class Coordinator:
         st = self.state
         at = st.step
         self.progress("status", {"msg": f"{why} at step {at}; recovering"})
-        if self._reader is None or self._reader.done() or self._client is None:
+        if (self._need_reconnect or self._reader is None or self._reader.done()
+                or self._client is None):
             await self._reconnect()
+            self._need_reconnect = False
             await self._publish(self.topics.plan(self.job), self.plan.to_json(), retain=True)
         missing = await self._wait_back(self.cfg.rejoin_grace)
         if not missing:
@@ -940,6 +943,7 @@ class Coordinator:
                 why = f"device {e.device} went offline"
             except BrokerLost as e:
                 why = f"broker connection lost ({e})"
+                self._need_reconnect = True
             except StepTimeout as e:
                 # a stage that hangs but keeps its connection fires no Will: the rewind
                 # finds it (it cannot answer) and the re-plan leaves it out. The same step
@@ -956,6 +960,10 @@ class Coordinator:
                     why = f"device {e.device} went offline"
                 except BrokerLost as e:
                     why = f"broker connection lost ({e})"
+                    # a publish on a dead connection fails without yielding: reconnect
+                    # for sure next time, and let the reader run meanwhile
+                    self._need_reconnect = True
+                    await asyncio.sleep(0.2)
 
     async def _between_steps(self) -> None:
         """Pause, checkpoints and live re-plans happen here, when no step is in flight."""
