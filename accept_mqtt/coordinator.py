@@ -443,17 +443,22 @@ class Coordinator:
             self.state.step - self._last_replan_step >= self.cfg.replan_min_steps)
         if replan:
             self._replan_request = f"{device} changed speed"
+        events = self.costs.drift_events(device)
+        # the size of this change (measured / its own earlier times), not the device's
+        # offset against the shared model, which also holds its profile's error
+        change = events[-1].factor if events else self.costs.device_factor(device)
         ev = {"type": "drift", "device": device, "step": self.state.step,
-              "speed_factor": round(self.costs.device_factor(device), 3),
+              "speed_factor": round(change, 3),
+              "vs_model": round(self.costs.device_factor(device), 3),
               "error": self.costs.device_error(device), "partition_moves": moved,
               "action": ("re-plan at the next step" if replan else
                          "re-plan advised (auto_replan off or a re-plan was recent)"
                          if moved else "none: the current partition is still the best")}
         self.state.drifts.append(ev)
-        log.warning("device %s changed speed: %.2fx its profile", device,
+        log.warning("device %s changed speed: %.2fx its own earlier times", device,
                     ev["speed_factor"])
-        self.progress("replan", {"reason": f"{device} now runs at "
-                                           f"{ev['speed_factor']}x its profiled time"})
+        self.progress("replan", {"reason": f"{device} now takes {ev['speed_factor']}x "
+                                           "its earlier time"})
         self._soon(self._metric(ev))
 
     def _stage_totals(self) -> list[dict[str, Any]]:

@@ -631,7 +631,7 @@ def _recent_lines(j: JobView, now: float) -> list[Text]:
                           f"{e.get('topic')}: {e.get('reason')}", style="red"))
     for d in j.drifts:
         lines.append(Text(f"drift at step {d.get('step')}: {d.get('device')} runs at "
-                          f"{_fmt(d.get('speed_factor'), '.2f')}x its profile; "
+                          f"{_fmt(d.get('speed_factor'), '.2f')}x its earlier time; "
                           f"{d.get('action') or ''}", style="yellow"))
     for ev in j.events:
         where = next((f" at step {ev[k]}" for k in ("step", "at_step") if k in ev), "")

@@ -288,7 +288,7 @@ def test_other_messages_and_job_filter() -> None:
     text = _text(v)
     for want in ("pi-a", "20.0", "step 2/10", "loss 1.2500",
                  "640 samples/s", "test acc 0.9000", "done (final accuracy 0.9000)",
-                 "frame is not msgpack", "3.20x its profile", "control 0s ago: pause",
+                 "frame is not msgpack", "3.20x its earlier time", "control 0s ago: pause",
                  "PAUSED", "connection lost", "[0,4)", "4/32", "50%", "job j2",
                  "checkpoint at step 10", "replan at step 10 0s ago: pi-a slowed down"):
         assert want in text, (want, text)
