@@ -52,7 +52,7 @@ class TrainConfig:
     auto_replan: bool = True  # re-plan live when a device's drift moves the partition
     replan_min_steps: int = 10  # at least this many steps between two drift re-plans
     reconnect_timeout: float = 120.0  # seconds to retry a lost broker before giving up
-    rejoin_grace: float = 5.0  # seconds a device that went offline has to come back
+    rejoin_grace: float = 15.0  # seconds a device that went offline has to come back
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:

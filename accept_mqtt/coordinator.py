@@ -689,11 +689,8 @@ class Coordinator(Recovery):
             try:
                 await self._train_steps(data, per_epoch, total)
                 return
-            except DeviceLost as e:
-                why = f"device {e.device} went offline"
-            except BrokerLost as e:
-                why = f"broker connection lost ({e})"
-                self._need_reconnect = True
+            except (DeviceLost, BrokerLost) as e:
+                why = self._fault(e)
             except StepTimeout as e:
                 # a stage that hangs but keeps its connection fires no Will: the rewind
                 # finds it (it cannot answer) and the re-plan leaves it out. The same step
@@ -706,14 +703,17 @@ class Coordinator(Recovery):
                 try:
                     await self._recover(why)
                     break
-                except DeviceLost as e:
-                    why = f"device {e.device} went offline"
-                except BrokerLost as e:
-                    why = f"broker connection lost ({e})"
-                    # a publish on a dead connection fails without yielding: reconnect
-                    # for sure next time, and let the reader run meanwhile
-                    self._need_reconnect = True
-                    await asyncio.sleep(0.2)
+                except (DeviceLost, BrokerLost) as e:
+                    why = self._fault(e)
+                    await asyncio.sleep(0.2)  # let the reader see what happened
+
+    def _fault(self, e: DeviceLost | BrokerLost) -> str:
+        """What to say about a fault; a lost broker means: reconnect before anything else
+        (a publish on a dead connection fails without yielding, before the reader notices)."""
+        if isinstance(e, DeviceLost):
+            return f"device {e.device} went offline"
+        self._need_reconnect = True
+        return f"broker connection lost ({e})"
 
     async def _between_steps(self) -> None:
         """Pause, checkpoints and live re-plans happen here, when no step is in flight."""

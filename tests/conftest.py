@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiomqtt
@@ -42,8 +42,12 @@ def broker() -> Iterator[MosquittoBroker]:
 
 
 @contextlib.asynccontextmanager
-async def running_agents(url: str, ids: list[str], **kw: Any) -> AsyncIterator[list[Any]]:
-    """Agents as tasks in this event loop (fast start; same code as the process agent)."""
+async def running_agents(url: str | Callable[[str], str], ids: list[str],
+                         **kw: Any) -> AsyncIterator[list[Any]]:
+    """Agents as tasks in this event loop (fast start; same code as the process agent).
+
+    ``url`` is the broker URL, or a function of the device id giving each its own (e.g. its
+    credentials)."""
     from device_agent.agent import Agent, AgentConfig
 
     agents: list[Agent] = []
@@ -51,7 +55,8 @@ async def running_agents(url: str, ids: list[str], **kw: Any) -> AsyncIterator[l
     stack = contextlib.AsyncExitStack()
     async with stack:
         for dev in ids:
-            a = await stack.enter_async_context(Agent(AgentConfig(url, dev, **kw)))
+            dev_url = url(dev) if callable(url) else url
+            a = await stack.enter_async_context(Agent(AgentConfig(dev_url, dev, **kw)))
             agents.append(a)
             tasks.append(asyncio.create_task(a.run()))
         try:

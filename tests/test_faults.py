@@ -65,7 +65,7 @@ def test_killed_agent_training_finishes_on_the_survivors(tmp_path: Path) -> None
     """SIGKILL one of three agents mid-run; a spare that joined earlier is taken in."""
     specs = [AgentSpec(f"k-{i}", keepalive=2) for i in range(3)]
     with LocalCluster(specs, workdir=tmp_path) as cluster:
-        cfg = _cfg(tmp_path)
+        cfg = _cfg(tmp_path, rejoin_grace=3.0)  # SIGKILLed: it will not come back
 
         async def main() -> dict[str, Any]:
             async with Coordinator(cluster.url, cfg, job="kill") as coord:
@@ -109,7 +109,8 @@ def test_broker_restart_mid_training_loses_no_step(tmp_path: Path, persistence: 
     b = MosquittoBroker(persistence=persistence)
     b.start()
     try:
-        cfg = _cfg(tmp_path, checkpoint_every=0)
+        # every Will fires when the broker stops; the agents come back within the grace
+        cfg = _cfg(tmp_path, checkpoint_every=0, rejoin_grace=60.0)
 
         async def main() -> dict[str, Any]:
             async with running_agents(b.url, DEVICES):

@@ -12,13 +12,12 @@ the forbidden one before it (the broker handles one client's publishes in order)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,8 @@ from broker.cli import (
     password_entry,
     remove_client,
 )
+
+from .conftest import running_agents
 
 USERS = {"coord": "coordinator", "pi-a": "device", "pi-b": "device", "mon": "monitor"}
 
@@ -230,23 +231,6 @@ def test_last_will_on_own_status_is_delivered_on_another_devices_is_not(fleet: F
 
 
 # -- (e) a real training run: coordinator and agents authenticated, ACL sufficient -------
-@contextlib.asynccontextmanager
-async def _agents(fleet: Fleet, ids: list[str]) -> AsyncIterator[list[Any]]:
-    from accept_mqtt.aio import cancel_and_wait
-    from device_agent.agent import Agent, AgentConfig
-
-    async with contextlib.AsyncExitStack() as stack:
-        agents = [await stack.enter_async_context(Agent(AgentConfig(fleet.url(d), d)))
-                  for d in ids]
-        tasks = [asyncio.create_task(a.run()) for a in agents]
-        try:
-            yield agents
-        finally:
-            for a in agents:
-                a.stop()
-            await cancel_and_wait(*tasks)
-
-
 def test_training_through_the_acl(fleet: Fleet, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=32, micro_batches=2,
@@ -255,7 +239,7 @@ def test_training_through_the_acl(fleet: Fleet, tmp_path: Path,
     monkeypatch.setenv(PASSWORD_ENV, fleet.passwords["coord"])  # the coordinator's URL has none
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-        async with _agents(fleet, ["pi-a", "pi-b"]) as agents:
+        async with running_agents(fleet.url, ["pi-a", "pi-b"]) as agents:
             async with Coordinator(fleet.url("coord", password=False), cfg, job="sec") as coord:
                 record = await coord.run()
                 devices = dict(coord.devices)
