@@ -132,7 +132,6 @@ class Coordinator(Recovery):
         self._reader: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._weights: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._lost: str | None = None
         self._device_change = asyncio.Event()
         self._running = asyncio.Event()  # cleared by the 'pause' control command
         self._running.set()
@@ -251,7 +250,6 @@ class Coordinator(Recovery):
                 self.devices.setdefault(dev, {})[kind] = body
                 if kind == "status" and body.get("state") == "offline" and self.plan and (
                         dev in self.plan.devices):
-                    self._lost = dev
                     self._events.put_nowait({"op": "lost", "device": dev})
                 self._device_change.set()
             return
@@ -356,8 +354,7 @@ class Coordinator(Recovery):
         except Exception as e:  # planning trouble must not stop training
             log.warning("re-planning check failed: %s", e)
             return False
-        key = lambda p: [(s.device, s.start, s.end) for s in p.stages]  # noqa: E731
-        return key(fresh) != key(self.plan)
+        return fresh.layout(bits=False) != self.plan.layout(bits=False)
 
     def _control_error(self, topic: str, reason: str) -> None:
         log.warning("control message rejected: %s", reason)

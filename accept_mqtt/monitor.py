@@ -162,7 +162,7 @@ class StepView:
 
 
 @dataclass(frozen=True)
-class StageLoad:
+class StageLoad(StageCounters):
     """One stage over the interval between the two latest step messages.
 
     ``busy``/``sending`` are the fractions of the interval spent computing / with the uplink
@@ -173,12 +173,6 @@ class StageLoad:
     the interval.
     """
 
-    stage: int
-    device: str | None
-    busy_ms: float
-    send_ms: float
-    bytes_act: int
-    bytes_grad: int
     busy: float | None = None
     sending: float | None = None
     idle: float | None = None

@@ -88,6 +88,12 @@ class Plan:
         if expect != self.num_layers:
             raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
 
+    def layout(self, bits: bool = True) -> list[tuple[Any, ...]]:
+        """Who holds which layers (with the link widths when ``bits``): what two plans are
+        compared by to tell whether a re-plan moves anything."""
+        return [(s.device, s.start, s.end, *((s.act_bits, s.grad_bits) if bits else ()))
+                for s in self.stages]
+
     def stage_of(self, device: str) -> Stage | None:
         for s in self.stages:
             if s.device == device:

@@ -138,22 +138,27 @@ class Recovery:
         self.state.epoch = int(ck.meta.get("epoch", self.state.epoch))
         self.state.history = list(ck.meta.get("history", self.state.history))
 
-    async def replan(self, devices: list[DeviceInfo], reason: str,
-                     ck: Checkpoint | None) -> Plan:
-        """A new plan version over ``devices``, starting at ``ck``'s step (0 without one).
-
-        Every stage is rebuilt by its agent from the model's seed, then given its slice of
-        ``ck``: weights move to whichever device now holds their layers.
-        """
+    def _next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
+        """The next plan version over ``devices`` (now known to the planner), made with every
+        timing sample received so far."""
         assert self.plan is not None
         for d in devices:
             self._info[d.id] = d
             self.profiles.setdefault(d.id, d.profile)
-        self.learn_pending()  # plan with every sample received
-        start = ck.step if ck is not None else 0
-        plan = self.make_plan(devices, version=self.plan.version + 1, start_step=start)
-        log.info("re-plan v%d (%s): %s", plan.version, reason,
-                 [(s.device, s.start, s.end) for s in plan.stages])
+        self.learn_pending()
+        return self.make_plan(devices, version=self.plan.version + 1, start_step=start_step)
+
+    async def replan(self, devices: list[DeviceInfo], reason: str,
+                     ck: Checkpoint | None, plan: Plan | None = None) -> Plan:
+        """Adopt ``plan`` (default: the next plan over ``devices``), starting at ``ck``'s step
+        (0 without one).
+
+        Every stage is rebuilt by its agent from the model's seed, then given its slice of
+        ``ck``: weights move to whichever device now holds their layers.
+        """
+        if plan is None:
+            plan = self._next_plan(devices, ck.step if ck is not None else 0)
+        log.info("re-plan v%d (%s): %s", plan.version, reason, plan.layout(bits=False))
         await self.publish_plan(plan)
         if ck is not None:
             await self.restore(ck)
@@ -251,24 +256,19 @@ class Recovery:
         """Between steps: checkpoint, plan again with what is known now, restore if it moved."""
         assert self.plan is not None
         ck = await self.checkpoint()
-        self.learn_pending()  # plan with every sample received
         current = {d: self._info[d] for d in self.plan.devices}
         extra = [d for d in self.online_devices() if d.id not in current]
-        devices = sorted([*current.values(), *extra], key=lambda d: (-d.speed, d.id))
-        devices = devices[: self.cfg.devices]
-        for d in devices:
-            self._info[d.id] = d
-        fresh = self.make_plan(devices, version=self.plan.version + 1, start_step=ck.step)
-        key = lambda p: ([(s.device, s.start, s.end, s.act_bits, s.grad_bits)  # noqa: E731
-                          for s in p.stages])
+        devices = sorted([*current.values(), *extra],
+                         key=lambda d: (-d.speed, d.id))[: self.cfg.devices]
+        fresh = self._next_plan(devices, ck.step)
         self._last_replan_step = self.state.step
-        if key(fresh) == key(self.plan):
+        if fresh.layout() == self.plan.layout():
             log.info("re-plan (%s): the partition is unchanged", reason)
             ev = {"type": "replan", "reason": reason, "changed": False, "step": ck.step}
             self.state.replans.append(ev)
             await self._metric(ev)
             return
-        await self.replan(devices, reason, ck)
+        await self.replan(devices, reason, ck, fresh)
         assert self.plan is not None
         ev = {"type": "replan", "reason": reason, "changed": True, "step": ck.step,
               "plan_version": self.plan.version, "stages": self.plan.to_dict()["stages"]}

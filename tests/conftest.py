@@ -89,3 +89,11 @@ def mosquitto_pub(broker: MosquittoBroker, topic: str, body: str) -> None:
     assert pub, "mosquitto_pub missing: 'make test' installs mosquitto-clients"
     subprocess.run([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topic,
                     "-m", body], check=True, timeout=10)
+
+
+async def collect_json(broker: MosquittoBroker, topic: str, into: list[dict[str, Any]]) -> None:
+    """Append every JSON payload on ``topic`` to ``into`` until cancelled (a watching user)."""
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        await c.subscribe(topic)
+        async for msg in c.messages:
+            into.append(json.loads(bytes(msg.payload or b"{}")))

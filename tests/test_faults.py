@@ -9,11 +9,9 @@ optimizer state not restored would all show up as a difference.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 import torch
 
@@ -27,7 +25,7 @@ from accept_mqtt.reference import train_reference
 from accept_mqtt.zoo import build_model
 from broker import MosquittoBroker
 
-from .conftest import mosquitto_pub, running_agents, wait_retained
+from .conftest import collect_json, mosquitto_pub, running_agents, wait_retained
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
@@ -188,14 +186,9 @@ def test_set_and_repartition_from_mosquitto_pub(broker: MosquittoBroker,
     def shell(body: str) -> None:
         mosquitto_pub(broker, f"accept/jobs/{job}/control", body)
 
-    async def watch() -> None:
-        async with aiomqtt.Client(broker.host, broker.port) as c:
-            await c.subscribe(f"accept/jobs/{job}/metrics")
-            async for msg in c.messages:
-                metrics.append(json.loads(bytes(msg.payload or b"{}")))
-
     async def main() -> dict[str, Any]:
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(collect_json(broker, f"accept/jobs/{job}/metrics",
+                                                   metrics))
         async with running_agents(broker.url, DEVICES):
             async with Coordinator(broker.url, cfg, job=job) as coord:
                 run = asyncio.create_task(coord.run())

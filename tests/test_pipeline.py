@@ -19,7 +19,7 @@ from accept_mqtt.reference import train_reference
 from accept_mqtt.zoo import build_model
 from broker import MosquittoBroker
 
-from .conftest import mosquitto_pub, running_agents
+from .conftest import collect_json, mosquitto_pub, running_agents
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
@@ -149,21 +149,14 @@ def test_control_from_mosquitto_pub(broker: MosquittoBroker, tmp_path: Path) -> 
 
     cfg = _cfg(tmp_path, max_steps=None, epochs=20)
     job = "ctl"
-    replies: list[dict] = []
+    replies: list[dict] = []  # everything on the metrics topic; the checks pick by type
 
     def shell(body: str) -> None:
         mosquitto_pub(broker, f"accept/jobs/{job}/control", body)
 
-    async def watch() -> None:
-        async with aiomqtt.Client(broker.host, broker.port) as c:
-            await c.subscribe(f"accept/jobs/{job}/metrics")
-            async for msg in c.messages:
-                body = json.loads(bytes(msg.payload or b"{}"))
-                if body.get("type") in ("status", "error"):
-                    replies.append(body)
-
     async def main() -> dict:
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(collect_json(broker, f"accept/jobs/{job}/metrics",
+                                                   replies))
         async with running_agents(broker.url, DEVICES):
             async with Coordinator(broker.url, cfg, job=job) as coord:
                 run = asyncio.create_task(coord.run())
