@@ -125,7 +125,7 @@ class MosquittoBroker:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="accept-mosquitto-"))
         self.proc: subprocess.Popen[bytes] | None = None
-        # e.g. ["ip", "netns", "exec", NS] (accept_mqtt.netem): it must exec the broker, so
+        # e.g. ["ip", "netns", "exec", NS] (accept_mqtt.harness.netem): it must exec the broker, so
         # that stop() signals Mosquitto itself
         self.command_prefix = list(command_prefix)
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from accept_mqtt.topics import TopicError, Topics, check_id
+from accept_mqtt.wire.topics import TopicError, Topics, check_id
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "fleet.conf"
 DIR_PLACEHOLDER = "@DIR@"

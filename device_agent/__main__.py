@@ -11,12 +11,11 @@ import signal
 import socket
 import sys
 
-from accept_mqtt.broker_url import BrokerUrlError, parse_bandwidth, parse_broker_url
-from accept_mqtt.topics import TopicError, check_id
-
-from .agent import Agent, AgentConfig
-from .profile import pin_allocator
-from .trace import parse_steps
+from accept_mqtt.wire.broker_url import BrokerUrlError, parse_bandwidth, parse_broker_url
+from accept_mqtt.wire.topics import TopicError, check_id
+from device_agent.agent import Agent, AgentConfig
+from device_agent.profile import pin_allocator
+from device_agent.trace import parse_steps
 
 log = logging.getLogger("device_agent")
 

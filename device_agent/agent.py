@@ -41,18 +41,18 @@ import aiomqtt
 import msgpack
 import torch
 
-from accept_mqtt import checkpoint, codec
-from accept_mqtt.aio import cancel_and_wait, retry
-from accept_mqtt.broker_url import parse_broker_url
-from accept_mqtt.descriptors import describe, output_shapes
-from accept_mqtt.plan import Plan, PlanError
-from accept_mqtt.stage import StageError, StageRunner
-from accept_mqtt.topics import Topics, check_id
-from accept_mqtt.zoo import build_model
-
-from . import trace
-from .link import Link
-from .profile import device_profile
+from accept_mqtt.model import checkpoint
+from accept_mqtt.model.descriptors import describe, output_shapes
+from accept_mqtt.model.stage import StageError, StageRunner
+from accept_mqtt.model.zoo import build_model
+from accept_mqtt.wire import codec
+from accept_mqtt.wire.aio import cancel_and_wait, retry
+from accept_mqtt.wire.broker_url import parse_broker_url
+from accept_mqtt.wire.plan import Plan, PlanError
+from accept_mqtt.wire.topics import Topics, check_id
+from device_agent import trace
+from device_agent.link import Link
+from device_agent.profile import device_profile
 
 log = logging.getLogger("device_agent")
 

@@ -33,8 +33,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agent import Agent, _Job
-    from .link import Link
+    from device_agent.agent import Agent, _Job
+    from device_agent.link import Link
 
 log = logging.getLogger("device_agent.trace")
 

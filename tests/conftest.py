@@ -15,8 +15,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from accept_mqtt.aio import cancel_and_wait
-from accept_mqtt.broker_url import parse_broker_url
+from accept_mqtt.wire.aio import cancel_and_wait
+from accept_mqtt.wire.broker_url import parse_broker_url
 from broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
 
 

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from accept_mqtt import codec
-from accept_mqtt.codec import FrameError
+from accept_mqtt.wire import codec
+from accept_mqtt.wire.codec import FrameError
 
 TOPIC = "accept/jobs/j1/stage/1/fwd"
 FAST = settings(max_examples=120, deadline=None)

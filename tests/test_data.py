@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accept_mqtt.data import DatasetError, load_dataset
+from accept_mqtt.model.data import DatasetError, load_dataset
 
 
 def test_cifar10_python_batches(tmp_path: Path) -> None:

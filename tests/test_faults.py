@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from accept_mqtt.aio import cancel_and_wait
-from accept_mqtt.checkpoint import Checkpoint, CheckpointError
-from accept_mqtt.config import TrainConfig
 from accept_mqtt.coordinator import Coordinator, CoordinatorError
-from accept_mqtt.data import load_dataset
-from accept_mqtt.local import AgentSpec, LocalCluster
-from accept_mqtt.reference import train_reference
-from accept_mqtt.zoo import build_model
+from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.harness.local import AgentSpec, LocalCluster
+from accept_mqtt.model.checkpoint import Checkpoint, CheckpointError
+from accept_mqtt.model.data import load_dataset
+from accept_mqtt.model.reference import train_reference
+from accept_mqtt.model.zoo import build_model
+from accept_mqtt.wire.aio import cancel_and_wait
 from broker import MosquittoBroker
 
 from .conftest import collect_json, mosquitto_pub, running_agents, wait_retained

@@ -26,11 +26,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from accept_mqtt.aio import cancel_and_wait
-from accept_mqtt.config import TrainConfig
+from accept_mqtt.cli.monitor import FleetView, live, load_bar, render, stage_loads, watch
 from accept_mqtt.coordinator import Coordinator
-from accept_mqtt.monitor import FleetView, live, load_bar, render, stage_loads, watch
-from accept_mqtt.plan import Plan, cuts_to_stages
+from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.wire.aio import cancel_and_wait
+from accept_mqtt.wire.plan import Plan, cuts_to_stages
 from broker import MosquittoBroker
 
 from .conftest import running_agents

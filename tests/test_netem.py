@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from accept_mqtt import netem
+from accept_mqtt.harness import netem
 
 _ok = netem.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"tc shaping unavailable here: {_ok.reason}")

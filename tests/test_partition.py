@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accept_mqtt.partition import (
+from accept_mqtt.planning.partition import (
     CodecCost,
     Device,
     InfeasiblePlanError,
@@ -26,7 +26,7 @@ from accept_mqtt.partition import (
     problem_from_profiles,
     stage_memory_bytes,
 )
-from accept_mqtt.plan import Plan
+from accept_mqtt.wire.plan import Plan
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -270,8 +270,8 @@ def test_ideal_bound_below_plan_for_constant_speed_ratios() -> None:
 
 
 def test_problem_from_profiles_with_zoo_descriptors() -> None:
-    from accept_mqtt.descriptors import describe
-    from accept_mqtt.zoo import build_model
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.zoo import build_model
 
     descs = describe(build_model("cnn", seed=0))
     ids = ["pi", "jetson"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accept_mqtt.descriptors import describe, output_shapes
-from accept_mqtt.microbatch import epoch_batches, split
-from accept_mqtt.plan import Plan, PlanError, Stage
-from accept_mqtt.topics import TopicError, Topics
-from accept_mqtt.zoo import ZOO, UnknownModelError, build_model
+from accept_mqtt.model.descriptors import describe, output_shapes
+from accept_mqtt.model.microbatch import epoch_batches, split
+from accept_mqtt.model.zoo import ZOO, UnknownModelError, build_model
+from accept_mqtt.wire.plan import Plan, PlanError, Stage
+from accept_mqtt.wire.topics import TopicError, Topics
 from broker import MosquittoNotFound, find_mosquitto, render_config
 
 
@@ -88,8 +88,8 @@ def test_micro_batches() -> None:
 
 @pytest.mark.parametrize("method", ["equal", "flops", "dp"])
 def test_every_partition_method_gives_a_valid_plan(method: str) -> None:
-    from accept_mqtt.config import TrainConfig
-    from accept_mqtt.planning import DeviceInfo, build_plan, make_partition
+    from accept_mqtt.coordinator.config import TrainConfig
+    from accept_mqtt.coordinator.planner import DeviceInfo, build_plan, make_partition
 
     cfg = TrainConfig(model="cnn", devices=3)
     descs = describe(build_model("cnn", seed=0))
@@ -129,7 +129,7 @@ def test_device_agent_needs_no_river() -> None:
 def test_broker_url_doctests_and_no_password_in_repr() -> None:
     import doctest
 
-    from accept_mqtt import broker_url
+    from accept_mqtt.wire import broker_url
 
     assert doctest.testmod(broker_url).failed == 0
     assert "secret" not in repr(broker_url.parse_broker_url("mqtt://pi:secret@h:1"))

@@ -11,12 +11,12 @@ import msgpack
 import pytest
 import torch
 
-from accept_mqtt import codec
-from accept_mqtt.config import TrainConfig
 from accept_mqtt.coordinator import Coordinator
-from accept_mqtt.data import load_dataset
-from accept_mqtt.reference import train_reference
-from accept_mqtt.zoo import build_model
+from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.model.data import load_dataset
+from accept_mqtt.model.reference import train_reference
+from accept_mqtt.model.zoo import build_model
+from accept_mqtt.wire import codec
 from broker import MosquittoBroker
 
 from .conftest import collect_json, mosquitto_pub, running_agents
@@ -229,8 +229,8 @@ def test_seed_fixes_the_first_frames_on_the_wire(broker: MosquittoBroker, tmp_pa
 def test_timing_samples_are_learnt_off_the_reader_path_and_none_is_lost() -> None:
     """``on_timing`` only queues (it runs in the reader that delivers step events); the
     background learner then learns every sample, and ``learn_pending`` flushes the rest."""
-    from accept_mqtt.descriptors import describe
-    from accept_mqtt.predictor import CostModel
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.planning.predictor import CostModel
 
     profile = {"device": "d", "cores": 2, "threads": 1, "bench_gflops": 10.0}
     samples = [{"layer": d.to_dict(), "dir": di, "batch": 16, "ms": 0.5, "threads": 1}
@@ -258,7 +258,7 @@ def test_a_device_that_slows_down_is_noticed_and_work_moves_off_it(
         broker: MosquittoBroker, tmp_path: Path) -> None:
     """The coordinator learns from timing samples, flags a device whose speed changed and
     re-plans live so that the slowed device holds less of the model."""
-    from accept_mqtt.descriptors import describe
+    from accept_mqtt.model.descriptors import describe
 
     cfg = _cfg(tmp_path, max_steps=70, partition="auto")
     before: dict = {}

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from accept_mqtt.descriptors import LAYER_TYPES, describe
-from accept_mqtt.predictor import (
+from accept_mqtt.model.descriptors import LAYER_TYPES, describe
+from accept_mqtt.model.zoo import ZOO, build_model
+from accept_mqtt.planning.predictor import (
     SEED_SAMPLES,
     CostModel,
     FlopsBaseline,
@@ -28,7 +29,6 @@ from accept_mqtt.predictor import (
     prior_ms,
     read_samples,
 )
-from accept_mqtt.zoo import ZOO, build_model
 
 PROFILE = {"device": "dev-a", "cores": 4, "threads": 2, "memory_mb": 4096.0,
            "clock_mhz": 1800.0, "bench_gflops": 20.0}
@@ -282,7 +282,7 @@ def test_speed_drift_ignores_small_changes() -> None:
 
 # -- profiling -----------------------------------------------------------------------------
 def test_profiling_measures_agent_shaped_samples(tmp_path: Path) -> None:
-    from accept_mqtt.profiling import emulate, measure, median_samples, write_jsonl
+    from accept_mqtt.planning.profiling import emulate, measure, median_samples, write_jsonl
 
     its = list(measure("cnn", 0.5, threads=1, batch=2, reps=2, warmup=0))
     assert len(its) == 2
@@ -303,7 +303,7 @@ def test_profiling_measures_agent_shaped_samples(tmp_path: Path) -> None:
 
 # -- imports -------------------------------------------------------------------------------
 def test_predictor_imports_no_mqtt_library() -> None:
-    code = ("import sys, accept_mqtt.predictor\n"
+    code = ("import sys, accept_mqtt.planning.predictor\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('paho', 'aiomqtt'))\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -25,9 +25,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from accept_mqtt.broker_url import CAFILE_ENV, PASSWORD_ENV, BrokerUrlError, parse_broker_url
-from accept_mqtt.config import TrainConfig
 from accept_mqtt.coordinator import Coordinator
+from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.wire.broker_url import CAFILE_ENV, PASSWORD_ENV, BrokerUrlError, parse_broker_url
 from broker import MosquittoBroker
 from broker.cli import (
     FleetDir,

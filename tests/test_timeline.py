@@ -111,8 +111,8 @@ def test_summary_and_png(tmp_path: Any) -> None:
 
 
 def test_shaping_auto_falls_back_to_pacing_and_says_why(monkeypatch: Any, capsys: Any) -> None:
-    from accept_mqtt import netem
     from accept_mqtt.bench import e2e
+    from accept_mqtt.harness import netem
 
     monkeypatch.setattr(netem, "available", lambda: netem.Availability(False, "needs root"))
     assert e2e.choose_shaping("auto") == ("pace", "tc unavailable: needs root")

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import codec
+from accept_mqtt.wire import codec
+
 from .codec import machine_info
 
 BITS = (32, 8, 4, 2)  # 32 = fp32 (raw frames), the baseline
@@ -135,9 +136,9 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
               compress: tuple[str, ...] = ("act", "grad"),
               variant: str = "default") -> dict[str, Any]:
     """Train ``name`` with its cuts at ``bits``; a diverged run reports the step, no accuracy."""
-    from ..data import load_dataset
-    from ..descriptors import describe
-    from ..zoo import ZOO, build_model
+    from accept_mqtt.model.data import load_dataset
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.zoo import ZOO, build_model
 
     ds = load_dataset(ZOO[name].default_dataset, seed=seed)
     model = build_model(name, seed=seed, input_shape=ds.input_shape,

@@ -93,8 +93,8 @@ def activation(name: str, after: int, batch: int) -> Any:
     """Output of layer ``after`` of zoo model ``name`` for a batch of N(0, 1) inputs."""
     import torch
 
-    from ..descriptors import output_shapes
-    from ..zoo import build_model
+    from accept_mqtt.model.descriptors import output_shapes
+    from accept_mqtt.model.zoo import build_model
 
     model = build_model(name, seed=0)
     shapes = output_shapes(model)
@@ -135,7 +135,7 @@ def _mbps(nbytes: int, seconds: list[float]) -> dict[str, float]:
 
 
 def measure(x: Any, repeats: int, min_run_s: float) -> list[dict[str, Any]]:
-    from .. import codec
+    from accept_mqtt.wire import codec
 
     arr = x.numpy()
     nbytes = arr.nbytes

@@ -5,8 +5,8 @@ emulation (``--slowdown``: sleep after compute, so slow devices take no CPU from
 2-core machine) and link emulation, ``--shaping``:
 
 * ``tc``: Mosquitto and every agent in their own network namespace, each agent's uplink a veth
-  shaped by a ``tbf`` qdisc at its bandwidth (``accept_mqtt/netem.py``); agents only advertise
-  their bandwidth (``--no-pace``), the kernel shapes. Needs root, ``ip netns`` and ``tc``.
+  shaped by a ``tbf`` qdisc at its bandwidth (``accept_mqtt/harness/netem.py``); agents only
+  advertise their bandwidth (``--no-pace``), the kernel shapes. Needs root, ``ip netns`` and ``tc``.
 * ``pace``: one loopback broker; each agent paces its own sends (``device_agent/link.py``).
 * ``auto`` (default): ``tc`` where it works, else ``pace``, saying why.
 
@@ -47,12 +47,13 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
-from ..coordinator import Coordinator
-from ..descriptors import describe
-from ..local import AgentSpec, LocalCluster
-from ..stage import StageRunner
-from ..zoo import build_model
+from accept_mqtt.coordinator import Coordinator
+from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.harness.local import AgentSpec, LocalCluster
+from accept_mqtt.model.descriptors import describe
+from accept_mqtt.model.stage import StageRunner
+from accept_mqtt.model.zoo import build_model
+
 from . import timeline
 
 
@@ -148,7 +149,7 @@ async def _one(url: str, cfg: TrainConfig, job: str) -> tuple[dict[str, Any],
 def choose_shaping(wanted: str) -> tuple[str, str]:
     """(``tc`` or ``pace``, why) for ``--shaping``; raises SystemExit if tc is demanded but
     unavailable."""
-    from .. import netem
+    from accept_mqtt.harness import netem
 
     if wanted == "pace":
         return "pace", "asked for agent-side pacing"
@@ -324,7 +325,7 @@ def _with_inflation(summary: dict[str, Any], stages: list[dict[str, Any]],
 
 def _cluster(specs: list[AgentSpec], shaping: str) -> LocalCluster:
     if shaping == "tc":
-        from ..netem import ShapedCluster
+        from accept_mqtt.harness.netem import ShapedCluster
 
         return ShapedCluster(specs)
     return LocalCluster(specs)

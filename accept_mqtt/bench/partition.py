@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..partition import (
+from accept_mqtt.planning.partition import (
     CodecCost,
     Device,
     InfeasiblePlanError,
@@ -73,8 +73,8 @@ def _layer_costs(name: str, mb: int, mode: str, reps: int) -> tuple[list[float],
     """(fwd_ms, bwd_ms) per layer for one micro-batch of ``mb`` samples on this machine."""
     import torch
 
-    from ..descriptors import describe
-    from ..zoo import build_model
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.zoo import build_model
 
     model = build_model(name, seed=0)
     if mode == "flops":
@@ -107,7 +107,7 @@ def _codec_cost() -> tuple[CodecCost, str]:
     """ms per element to encode / decode, timed on 1M elements at 4 bits."""
     import torch
 
-    from .. import codec
+    from accept_mqtt.wire import codec
 
     x = torch.randn(1 << 20)
     n = x.numel()
@@ -242,8 +242,8 @@ def _scaling(runs: int) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..descriptors import describe
-    from ..zoo import build_model
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.zoo import build_model
 
     torch.set_num_threads(1)
     mb = args.batch // args.micro_batches

@@ -66,9 +66,13 @@ def measure_here(plan: list[tuple[str, float]], threads: Sequence[int], batches:
                  reps: int, progress: bool) -> tuple[dict[int, list[Iteration]],
                                                      dict[int, dict[str, Any]], list[str]]:
     """Raw iterations (slowdown 1) per thread count, the profile per thread count, warnings."""
+    from accept_mqtt.planning.profiling import (
+        Calibrator,
+        measure_quietly,
+        progress_bar,
+        robust_bench,
+    )
     from device_agent.profile import device_profile
-
-    from ..profiling import Calibrator, measure_quietly, progress_bar, robust_bench
 
     out: dict[int, list[Iteration]] = {}
     profiles: dict[int, dict[str, Any]] = {}
@@ -166,8 +170,8 @@ class Score:
 
 def evaluate_devices(seed_model: Any, devices: list[Device]) -> dict[str, dict[str, Any]]:
     """(a) baseline, (b) seed alone, (c) online prequential, and the noise floor, per device."""
-    from ..predictor import CostModel
-    from ..predictor.features import sample_features
+    from accept_mqtt.planning.predictor import CostModel
+    from accept_mqtt.planning.predictor.features import sample_features
 
     online: CostModel = copy.deepcopy(seed_model)
     scores: dict[str, dict[str, Score]] = {
@@ -208,7 +212,7 @@ def learning_curve(seed_model: Any, d: Device, points: Sequence[int] = CURVE_POI
     learnt and the configuration's last measured step is predicted. Each job starts from the
     seeded model, so the spread over jobs is the spread over workloads.
     """
-    from ..predictor.features import sample_features
+    from accept_mqtt.planning.predictor.features import sample_features
 
     jobs: dict[tuple[Any, ...], list[Iteration]] = defaultdict(list)
     for it in d.iterations:
@@ -243,7 +247,7 @@ def spread(values: Sequence[float | None]) -> dict[str, float | None]:
 
 def call_costs(seed_model: Any, devices: list[Device], n: int = 2000) -> dict[str, Any]:
     """Per-call cost in microseconds of the shared predictor and of the cost model."""
-    from ..predictor.features import sample_features
+    from accept_mqtt.planning.predictor.features import sample_features
 
     model = copy.deepcopy(seed_model)
     stream = [(d, s) for d in devices if not d.held_out for it in d.iterations for s in it]
@@ -276,10 +280,10 @@ def compare_regressors(seed_path: Path, devices: list[Device]) -> list[dict[str,
     """Each River candidate on the same streams: alone (no prior, no memory), on the prior's
     residual, and inside the full cost model with its regressor frozen after the seed or
     learning online too."""
-    from ..predictor import CostModel, LatencyPredictor
-    from ..predictor.features import sample_features
-    from ..predictor.latency import REGRESSORS
-    from ..predictor.store import read_samples
+    from accept_mqtt.planning.predictor import CostModel, LatencyPredictor
+    from accept_mqtt.planning.predictor.features import sample_features
+    from accept_mqtt.planning.predictor.latency import REGRESSORS
+    from accept_mqtt.planning.predictor.store import read_samples
 
     seed = list(read_samples(seed_path))
     random.Random(0).shuffle(seed)
@@ -411,9 +415,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predictor import CostModel
-    from ..predictor.store import SEED_SAMPLES
-    from ..profiling import parse_plan, pin_allocator
+    from accept_mqtt.planning.predictor import CostModel
+    from accept_mqtt.planning.predictor.store import SEED_SAMPLES
+    from accept_mqtt.planning.profiling import parse_plan, pin_allocator
 
     plan_text = args.plan or (QUICK_PLAN if args.quick else FULL_PLAN)
     plan = parse_plan(plan_text)

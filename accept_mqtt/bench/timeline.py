@@ -29,8 +29,8 @@ from typing import Any
 
 import aiomqtt
 
-from ..broker_url import parse_broker_url
-from ..topics import Topics
+from accept_mqtt.wire.broker_url import parse_broker_url
+from accept_mqtt.wire.topics import Topics
 
 Trace = dict[str, Any]  # one stage's message: {"stage", "device", "step", "spans": [...]}
 

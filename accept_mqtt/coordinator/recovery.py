@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, pack, unpack
+from accept_mqtt.model.checkpoint import Checkpoint, CheckpointError, pack, unpack
+
 from .errors import BrokerLost, CoordinatorError, StepTimeout
-from .planning import DeviceInfo
+from .planner import DeviceInfo
 
 if TYPE_CHECKING:
+    from accept_mqtt.wire.plan import Plan
+
     from .config import TrainConfig
-    from .plan import Plan
 
 log = logging.getLogger("accept_mqtt.coordinator")
 

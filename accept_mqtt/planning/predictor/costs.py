@@ -51,8 +51,8 @@ def _as_dict(layer: Any) -> Mapping[str, Any]:
 class CostModel:
     """Per-layer latency of any device, learnt online from agents' timing samples.
 
-    >>> from accept_mqtt.descriptors import describe
-    >>> from accept_mqtt.zoo import build_model
+    >>> from accept_mqtt.model.descriptors import describe
+    >>> from accept_mqtt.model.zoo import build_model
     >>> descs = describe(build_model("cnn", seed=0))
     >>> profile = {"device": "pi-1", "bench_gflops": 8.0, "threads": 4, "cores": 4}
     >>> cm = CostModel()  # unseeded: the FLOPs prior only; CostModel.seeded() in practice

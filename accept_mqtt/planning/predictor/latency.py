@@ -247,7 +247,7 @@ class LatencyPredictor:
     devices share it) and overrides the regressor where it has seen the run (at this or at
     two other batch sizes).
 
-    >>> from accept_mqtt.predictor.features import features
+    >>> from accept_mqtt.planning.predictor.features import features
     >>> layer = {"type": "linear", "flops": 2_000_000, "params": 1_000_000, "in_elems": 1000,
     ...          "out_elems": 1000, "kernel": 1, "stride": 1, "in_channels": 1000,
     ...          "out_channels": 1000}
@@ -308,7 +308,7 @@ class FlopsBaseline:
     FLOPs), i.e. what a FLOPs-proportional partitioner assumes; layers without FLOPs (flatten,
     dropout) are predicted at 0 ms.
 
-    >>> from accept_mqtt.predictor.features import features
+    >>> from accept_mqtt.planning.predictor.features import features
     >>> layer = {"type": "linear", "flops": 2_000_000, "in_elems": 1000, "out_elems": 1000}
     >>> x = features(layer, {"bench_gflops": 50.0}, 10, "fwd")
     >>> b = FlopsBaseline()

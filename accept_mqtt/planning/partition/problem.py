@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..plan import Stage, cuts_to_stages
+from accept_mqtt.wire.plan import Stage, cuts_to_stages
 
 VALID_BITS: tuple[int, ...] = (*range(1, 9), 16, 32)
 SCHEDULES = ("1f1b", "gpipe")
@@ -265,7 +265,7 @@ class PartitionResult:
 
 
 class LayerLike(Protocol):
-    """What ``problem_from_profiles`` reads from ``accept_mqtt.descriptors.LayerDescriptor``."""
+    """What ``problem_from_profiles`` reads from a ``model.descriptors.LayerDescriptor``."""
 
     type: str
     flops: int

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..descriptors import LAYER_TYPES
+from accept_mqtt.model.descriptors import LAYER_TYPES
 
 Features = dict[str, float]
 
@@ -101,8 +101,8 @@ def features(layer: Mapping[str, Any], profile: Mapping[str, Any], batch: int,
              direction: str, threads: int | None = None) -> Features:
     """All features of one layer run on one device with one micro-batch size.
 
-    >>> from accept_mqtt.descriptors import describe
-    >>> from accept_mqtt.zoo import build_model
+    >>> from accept_mqtt.model.descriptors import describe
+    >>> from accept_mqtt.model.zoo import build_model
     >>> d = describe(build_model("cnn", seed=0))[0].to_dict()
     >>> x = features(d, {"bench_gflops": 50.0, "threads": 2, "cores": 4}, 16, "bwd")
     >>> x["bwd"], x["batch"], x["threads"], x["log_prior_ms"] < 0

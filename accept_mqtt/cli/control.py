@@ -15,8 +15,8 @@ from typing import Any
 
 import aiomqtt
 
-from .broker_url import parse_broker_url
-from .topics import TopicError, Topics, check_id
+from accept_mqtt.wire.broker_url import parse_broker_url
+from accept_mqtt.wire.topics import TopicError, Topics, check_id
 
 COMMANDS = ("start", "pause", "resume", "stop", "status", "repartition", "set")
 

@@ -10,10 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from accept_mqtt.model.descriptors import LayerDescriptor
+from accept_mqtt.planning.partition import (
+    PartitionResult,
+    equal_split,
+    flops_split,
+    partition,
+    problem_from_profiles,
+)
+from accept_mqtt.wire.plan import Plan, cuts_to_stages
+
 from .config import TrainConfig
-from .descriptors import LayerDescriptor
-from .partition import PartitionResult, equal_split, flops_split, partition, problem_from_profiles
-from .plan import Plan, cuts_to_stages
 
 
 class PlanningError(ValueError):

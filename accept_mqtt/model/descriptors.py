@@ -101,7 +101,7 @@ def _conv_geometry(m: nn.Module) -> tuple[int, int, int, int]:
 def describe(model: ZooModel) -> list[LayerDescriptor]:
     """Descriptors of every layer of ``model`` for one sample.
 
-    >>> from accept_mqtt.zoo import build_model
+    >>> from accept_mqtt.model.zoo import build_model
     >>> d = describe(build_model("cnn", seed=0))
     >>> d[0].type, d[0].in_elems, d[0].out_elems
     ('conv2d', 64, 1024)

@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig
+from accept_mqtt.coordinator.config import ConfigError, TrainConfig
 
 # flag -> TrainConfig field (flags default to None so a config file can fill them)
 _FLAGS: list[tuple[str, str, type, str]] = [
@@ -93,18 +93,18 @@ def _split_list(text: str | None, n: int, what: str) -> list[str] | None:
 
 async def run_job(cfg: TrainConfig, broker: str, *, job: str | None, root: str,
                   progress: Any) -> dict[str, Any]:
-    from .coordinator import Coordinator
+    from accept_mqtt.coordinator import Coordinator
 
     async with Coordinator(broker, cfg, job=job, root=root, progress=progress) as coord:
         return await coord.run()
 
 
 def run(args: argparse.Namespace) -> int:
+    from accept_mqtt.coordinator import CoordinatorError
+    from accept_mqtt.harness.local import LocalCluster, default_agents
+    from accept_mqtt.model.data import DatasetError
     from broker import BrokerError
 
-    from .coordinator import CoordinatorError
-    from .data import DatasetError
-    from .local import LocalCluster, default_agents
     from .report import ProgressView, print_summary
 
     try:

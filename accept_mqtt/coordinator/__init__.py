@@ -50,20 +50,21 @@ import aiomqtt
 import msgpack
 import torch
 
-from . import codec
-from .aio import cancel_and_wait, retry
-from .broker_url import parse_broker_url
-from .checkpoint import Checkpoint
+from accept_mqtt.model.checkpoint import Checkpoint
+from accept_mqtt.model.data import Dataset, load_dataset
+from accept_mqtt.model.descriptors import describe
+from accept_mqtt.model.microbatch import epoch_batches, split
+from accept_mqtt.model.zoo import ZOO, build_model
+from accept_mqtt.wire import codec
+from accept_mqtt.wire.aio import cancel_and_wait, retry
+from accept_mqtt.wire.broker_url import parse_broker_url
+from accept_mqtt.wire.plan import Plan
+from accept_mqtt.wire.topics import Topics, check_id
+
 from .config import TrainConfig
-from .data import Dataset, load_dataset
-from .descriptors import describe
 from .errors import BrokerLost, CoordinatorError, DeviceLost, DevicesTimeout, StepTimeout
-from .microbatch import epoch_batches, split
-from .plan import Plan
-from .planning import DeviceInfo, build_plan, make_partition, prior_costs
+from .planner import DeviceInfo, build_plan, make_partition, prior_costs
 from .recovery import Recovery
-from .topics import Topics, check_id
-from .zoo import ZOO, build_model
 
 __all__ = ["BrokerLost", "Coordinator", "CoordinatorError", "DeviceLost", "DevicesTimeout",
            "StepTimeout", "new_job_id"]
@@ -556,7 +557,7 @@ class Coordinator(Recovery):
         """The online latency predictor (River), seeded, or restored from ``predictor_state``."""
         if self.cfg.partition not in ("auto", "predictor") or self.costs is not None:
             return
-        from .predictor import CostModel  # River is imported only when planning needs it
+        from accept_mqtt.planning.predictor import CostModel
 
         self.progress("status", {"msg": "loading the latency predictor"})
         self.costs = CostModel.load_or_seed(self.cfg.predictor_state)

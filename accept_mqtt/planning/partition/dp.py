@@ -34,14 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .cost import (
-    Choice,
-    choices,
-    device_tables,
-    evaluate,
-    memory_mask,
-    stage_cost_array,
-)
+from .cost import Choice, choices, device_tables, evaluate, memory_mask, stage_cost_array
 from .memory import fits, in_flight, stage_memory_bytes
 from .problem import InfeasiblePlanError, PartitionProblem, PartitionResult
 

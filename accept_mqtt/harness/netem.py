@@ -47,9 +47,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from accept_mqtt.wire.broker_url import parse_bandwidth
 from broker import MosquittoBroker
 
-from .broker_url import parse_bandwidth
 from .local import AgentSpec, LocalCluster
 
 _LOCK = Path("/run/accept-mqtt-netem.lock")

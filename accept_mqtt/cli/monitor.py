@@ -42,8 +42,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .broker_url import BrokerUrlError, parse_broker_url
-from .topics import TopicError, Topics, check_id
+from accept_mqtt.wire.broker_url import BrokerUrlError, parse_broker_url
+from accept_mqtt.wire.topics import TopicError, Topics, check_id
 
 RECENT = 5  # errors, drift events, other events and control commands kept per job
 MAX_JOBS_SHOWN = 8  # render() shows the newest jobs only; snapshot() has them all

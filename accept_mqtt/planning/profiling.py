@@ -59,9 +59,9 @@ def measure(name: str, width: float, *, threads: int, batch: int, reps: int, war
     """
     import torch
 
-    from .descriptors import describe
-    from .stage import StageRunner
-    from .zoo import build_model
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.stage import StageRunner
+    from accept_mqtt.model.zoo import build_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
