@@ -11,10 +11,10 @@ import signal
 import socket
 import sys
 
+from accept_mqtt.model.hardware import pin_allocator
 from accept_mqtt.wire.broker_url import BrokerUrlError, parse_bandwidth, parse_broker_url
 from accept_mqtt.wire.topics import TopicError, check_id
 from device_agent.agent import Agent, AgentConfig
-from device_agent.profile import pin_allocator
 from device_agent.trace import parse_steps
 
 log = logging.getLogger("device_agent")

@@ -43,6 +43,7 @@ import torch
 
 from accept_mqtt.model import checkpoint
 from accept_mqtt.model.descriptors import describe, output_shapes
+from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
 from accept_mqtt.model.zoo import build_model
 from accept_mqtt.wire import codec
@@ -52,7 +53,6 @@ from accept_mqtt.wire.plan import Plan, PlanError
 from accept_mqtt.wire.topics import Topics, check_id
 from device_agent import trace
 from device_agent.link import Link
-from device_agent.profile import device_profile
 
 log = logging.getLogger("device_agent")
 

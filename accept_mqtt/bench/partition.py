@@ -78,7 +78,7 @@ def _layer_costs(name: str, mb: int, mode: str, reps: int) -> tuple[list[float],
 
     model = build_model(name, seed=0)
     if mode == "flops":
-        from device_agent.profile import microbench_gflops
+        from accept_mqtt.model.hardware import microbench_gflops
 
         g = microbench_gflops(1)
         f = [d.flops * mb / (g * 1e6) for d in describe(model)]

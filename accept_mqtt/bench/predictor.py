@@ -66,13 +66,13 @@ def measure_here(plan: list[tuple[str, float]], threads: Sequence[int], batches:
                  reps: int, progress: bool) -> tuple[dict[int, list[Iteration]],
                                                      dict[int, dict[str, Any]], list[str]]:
     """Raw iterations (slowdown 1) per thread count, the profile per thread count, warnings."""
+    from accept_mqtt.model.hardware import device_profile
     from accept_mqtt.planning.profiling import (
         Calibrator,
         measure_quietly,
         progress_bar,
         robust_bench,
     )
-    from device_agent.profile import device_profile
 
     out: dict[int, list[Iteration]] = {}
     profiles: dict[int, dict[str, Any]] = {}
@@ -328,7 +328,7 @@ def machine() -> dict[str, Any]:
     import river
     import torch
 
-    from device_agent.profile import cpu_model
+    from accept_mqtt.model.hardware import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "river": river.__version__,

@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("accept_mqtt.cli.train", "train a model pipeline-parallel over MQTT"),
     "control": ("accept_mqtt.cli.control", "send a control command to a running job"),
     "monitor": ("accept_mqtt.cli.monitor", "live view of devices and jobs on a broker"),
-    "profile": ("accept_mqtt.planning.profiling", "measure the zoo's layers here to seed the predictor"),
+    "profile": ("accept_mqtt.planning.profiling",
+                "measure the zoo's layers here to seed the predictor"),
     "broker": ("broker.cli", "run Mosquitto or manage its credentials and ACL"),
 }
 

@@ -13,7 +13,7 @@ Guarantees:
   default dynamic ones a layer's backward can take 2-4x longer or not depending on which
   tensor sizes the process freed before (page faults after heap trimming), which would make
   times depend on the order of measurement. Agents call it too
-  (``device_agent.profile``), so that what they time matches the seed.
+  (``model.hardware``), so that what they time matches the seed.
 * Samples with no measurable compute (``ms <= 0``: a backward through a layer with neither
   parameters nor an input that needs a gradient) are kept out of the output.
 * The output is JSON lines, gzip-compressed when the path ends in ``.gz``, written to a
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from device_agent.profile import pin_allocator, robust_bench
+from accept_mqtt.model.hardware import pin_allocator, robust_bench
 
 Sample = dict[str, Any]
 
@@ -330,7 +330,7 @@ def collect(plan: list[tuple[str, float]], *, threads: list[int], batches: list[
             host: str = "local", progress: bool = True, max_cores: float = 0.3,
             retries: int = 3) -> list[Sample]:
     """Measure ``plan`` under each thread count and batch, then emulate each slowdown."""
-    from device_agent.profile import device_profile
+    from accept_mqtt.model.hardware import device_profile
 
     out: list[Sample] = []
     contended: list[str] = []
