@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
-import msgpack
 import torch
 
 from accept_mqtt.model import checkpoint
@@ -49,6 +47,30 @@ from accept_mqtt.model.zoo import build_model
 from accept_mqtt.wire import codec
 from accept_mqtt.wire.aio import cancel_and_wait, retry
 from accept_mqtt.wire.broker_url import parse_broker_url
+from accept_mqtt.wire.messages import (
+    DeviceProfile,
+    DeviceStatus,
+    Done,
+    Error,
+    Eval,
+    Event,
+    LayerInfo,
+    Loss,
+    MessageError,
+    Pong,
+    Ready,
+    Restored,
+    Rewound,
+    Stepped,
+    SyncOp,
+    SyncPing,
+    SyncRewind,
+    SyncWeights,
+    TimingSample,
+    Weights,
+    decode,
+    encode,
+)
 from accept_mqtt.wire.plan import Plan, PlanError
 from accept_mqtt.wire.topics import Topics, check_id
 from device_agent import trace
@@ -107,6 +129,7 @@ class _Job:
         self.errors = 0
         self.gen = 0  # rewind generation: frames and events of another one are stale
         self.link0: tuple[float, int, int] = (0.0, 0, 0)  # uplink counters when the job began
+        self.tracer: trace.StepTracer | None = None  # only with --trace-steps
         # state at the start of the current and the previous step (for ``rewind``)
         self.snapshots: dict[int, Any] = {self.step: self.runner.snapshot()}
 
@@ -150,20 +173,21 @@ class Agent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._compute = asyncio.Lock()  # one compute or state change of the stage at a time
-        self.profile: dict[str, Any] = {}
-        self.errors: list[dict[str, Any]] = []
+        self.profile: DeviceProfile | None = None
+        self.errors: list[Error] = []
         self.reconnects = 0
 
     # -- connection ----------------------------------------------------------------------
-    def _status(self, state: str, **extra: Any) -> bytes:
-        d = {"v": 1, "state": state, "device": self.cfg.device_id, "time": time.time(), **extra}
-        return json.dumps(d).encode()
+    def _status(self, state: Literal["online", "busy", "offline"], *, job: str | None = None,
+                stage: int | None = None, reason: str | None = None) -> DeviceStatus:
+        return DeviceStatus(state=state, device=self.cfg.device_id, time=time.time(), job=job,
+                            stage=stage, reason=reason)
 
     async def __aenter__(self) -> Agent:
         torch.set_num_threads(self.cfg.threads)
-        self.profile = device_profile(self.cfg.device_id, threads=self.cfg.threads,
-                                      slowdown=self.cfg.slowdown,
-                                      bandwidth_bps=self.cfg.bandwidth_bps)
+        self.profile = DeviceProfile(**device_profile(
+            self.cfg.device_id, threads=self.cfg.threads, slowdown=self.cfg.slowdown,
+            bandwidth_bps=self.cfg.bandwidth_bps))
         await self._connect()
         self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None)
         self._link.start()
@@ -179,7 +203,8 @@ class Agent:
         the broker; the coordinator rewinds the step in flight (docs/faults.md).
         """
         will = aiomqtt.Will(self.topics.status(self.cfg.device_id),
-                            self._status("offline", reason="connection lost"), qos=1, retain=True)
+                            encode(self._status("offline", reason="connection lost")), qos=1,
+                            retain=True)
         client = aiomqtt.Client(
             **self.url.client_kwargs(), identifier=f"accept-agent-{self.cfg.device_id}",
             will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
@@ -189,9 +214,10 @@ class Agent:
         job = self.job
         state = self._status("busy", job=job.plan.job, stage=job.k) if job else self._status(
             "online")
-        await client.publish(self.topics.profile(self.cfg.device_id), json.dumps(self.profile),
+        await client.publish(self.topics.profile(self.cfg.device_id), encode(self.profile),
                              qos=1, retain=True)
-        await client.publish(self.topics.status(self.cfg.device_id), state, qos=1, retain=True)
+        await client.publish(self.topics.status(self.cfg.device_id), encode(state), qos=1,
+                             retain=True)
         await client.subscribe(f"{self.topics.root}/jobs/+/plan", qos=1)
         if job is not None:
             await client.subscribe([(t, 1) for t in self._job_topics(job)], timeout=10)
@@ -221,7 +247,7 @@ class Agent:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.publish(self.topics.status(self.cfg.device_id),
-                                           self._status("offline", reason="shutdown"),
+                                           encode(self._status("offline", reason="shutdown")),
                                            qos=1, retain=True, timeout=2)
             with contextlib.suppress(Exception):
                 await self._client.__aexit__(None, None, None)
@@ -232,10 +258,12 @@ class Agent:
             raise aiomqtt.MqttError("not connected (reconnecting)")
         await self._client.publish(topic, payload, qos=1)
 
-    async def _publish_json(self, topic: str, obj: Any, qos: int = 1, retain: bool = False) -> None:
+    async def _publish_msg(self, topic: str, message: Any, qos: int = 1,
+                           retain: bool = False) -> None:
+        """Publish a ``wire.messages`` message (or a list of them)."""
         if self._client is None:
             raise aiomqtt.MqttError("not connected (reconnecting)")
-        await self._client.publish(topic, json.dumps(obj), qos=qos, retain=retain)
+        await self._client.publish(topic, encode(message), qos=qos, retain=retain)
 
     # -- main loop -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -341,18 +369,22 @@ class Agent:
         if self._link is not None:  # the link's counters live as long as the connection
             job.link0 = (self._link.busy_ms, self._link.bytes_by_kind["act"],
                          self._link.bytes_by_kind["grad"])
-        trace.attach(self, job)  # no-op unless --trace-steps
+        job.tracer = trace.attach(  # None unless --trace-steps
+            self.cfg.trace_steps, job=plan.job, device=self.cfg.device_id, stage=job.k,
+            topic=self.topics.trace(plan.job, self.cfg.device_id), publish=self._publish_msg,
+            runner=job.runner, link=self._link, loop=asyncio.get_running_loop())
         t, k = self.topics, job.k
         await self._client.subscribe([(topic, 1) for topic in self._job_topics(job)], timeout=10)
-        await self._publish_json(t.status(self.cfg.device_id),
-                                 json.loads(self._status("busy", job=plan.job, stage=k)),
-                                 retain=True)
-        await self._event({"op": "ready", "version": plan.version, "stage": k})
+        await self._publish_msg(t.status(self.cfg.device_id),
+                                self._status("busy", job=plan.job, stage=k), retain=True)
+        await self._event(Ready, version=plan.version, stage=k)
         log.info("stage %d of job %s: layers [%d, %d), plan v%d", k, plan.job, job.stage.start,
                  job.stage.end, plan.version)
 
     async def _leave_job(self, why: str) -> None:
         job, self.job = self.job, None
+        if job is not None and job.tracer is not None:
+            job.tracer.close()  # a later job's sends are not this job's
         if job is None or self._client is None:
             return
         t = self.topics
@@ -360,28 +392,26 @@ class Agent:
             await self._client.unsubscribe(self._job_topics(job), timeout=10)
         except Exception as e:  # stale subscriptions are harmless: _dispatch checks the job
             log.warning("unsubscribe from job %s failed: %s", job.plan.job, e)
-        await self._client.publish(t.status(self.cfg.device_id), self._status("online"),
-                                   qos=1, retain=True)
+        await self._publish_msg(t.status(self.cfg.device_id), self._status("online"),
+                                retain=True)
         log.info("left job %s: %s", job.plan.job, why)
 
     async def _on_sync(self, payload: bytes) -> None:
         job = self.job
         assert job is not None
+        topic = self.topics.sync(job.plan.job)
         try:
-            cmd = json.loads(payload)
-            op = cmd["op"]
-        except (ValueError, KeyError, TypeError):
-            await self._report_error(self.topics.sync(job.plan.job), "sync message is not "
-                                     "JSON with an 'op'")
+            cmd = decode(SyncOp, payload, topic=topic)
+        except MessageError as e:
+            await self._report_error(topic, f"bad sync message: {e.reason}")
             return
-        if op == "weights":
-            await self._send_weights(job, optim=bool(cmd.get("optim", False)))
-        elif op == "ping":
-            await self._event({"op": "pong", "stage": job.k, "step": job.step})
-        elif op == "rewind":
-            await self._rewind(job, cmd)
-        else:
-            await self._report_error(self.topics.sync(job.plan.job), f"unknown sync op {op!r}")
+        match cmd:
+            case SyncWeights(optim=optim):
+                await self._send_weights(job, optim=optim)
+            case SyncPing():
+                await self._event(Pong, stage=job.k, step=job.step)
+            case SyncRewind():
+                await self._rewind(job, cmd)
 
     async def _send_weights(self, job: _Job, optim: bool = False) -> None:
         async with self._compute:  # between two computations: a consistent state
@@ -389,27 +419,19 @@ class Agent:
             opt = (await asyncio.to_thread(job.runner.optimizer_state, job.stage.start)
                    if optim else {})
             step = job.step
-        body: dict[str, Any] = {
-            "v": 1, "job": job.plan.job, "stage": job.k, "step": step, "purpose": "checkpoint",
-            "version": job.plan.version, "gen": job.gen, "tensors": checkpoint.pack(state),
-        }
-        if optim:
-            body["optim"] = checkpoint.pack(opt)
+        body = Weights(job=job.plan.job, stage=job.k, step=step, purpose="checkpoint",
+                       version=job.plan.version, gen=job.gen, tensors=checkpoint.pack(state),
+                       optim=checkpoint.pack(opt) if optim else None)
         assert self._link is not None
-        self._link.send(self.topics.weights(job.plan.job, job.k),
-                        msgpack.packb(body, use_bin_type=True), "weights")
+        self._link.send(self.topics.weights(job.plan.job, job.k), encode(body), "weights")
 
-    async def _rewind(self, job: _Job, cmd: dict[str, Any]) -> None:
-        """Back to the start of step ``cmd["step"]`` in generation ``cmd["gen"]``.
+    async def _rewind(self, job: _Job, cmd: SyncRewind) -> None:
+        """Back to the start of step ``cmd.step`` in generation ``cmd.gen``.
 
         Works from the same step (a half-done step is forgotten) or the next one (the step
         finished here but not everywhere: the saved start-of-step state comes back).
         """
-        step, gen = cmd.get("step"), cmd.get("gen")
-        if not isinstance(step, int) or not isinstance(gen, int):
-            await self._report_error(self.topics.sync(job.plan.job),
-                                     "rewind needs int 'step' and 'gen'")
-            return
+        step, gen = cmd.step, cmd.gen
         async with self._compute:
             snap = job.snapshots.get(step)
             ok = snap is not None
@@ -419,26 +441,26 @@ class Agent:
         reason = None if ok else (f"no saved state of step {step} (stage is at step "
                                   f"{job.step}, keeps {sorted(job.snapshots)})")
         log.info("rewind to step %d gen %d: %s", step, gen, "ok" if ok else reason)
-        await self._event({"op": "rewound", "stage": job.k, "step": step, "ok": ok,
-                           "reason": reason, "rewind_gen": gen})
+        await self._event(Rewound, stage=job.k, step=step, ok=ok, reason=reason,
+                          rewind_gen=gen)
 
     async def _on_restore(self, topic: str, payload: bytes) -> None:
         """Weights and optimizer state from a checkpoint, sent by the coordinator."""
         job = self.job
         assert job is not None
         try:
-            body = msgpack.unpackb(payload, raw=False)
-        except Exception as e:
-            await self._report_error(topic, f"weights message is not msgpack: {e}")
+            body = decode(Weights, payload, topic=topic)
+        except MessageError as e:
+            await self._report_error(topic, f"bad weights message: {e.reason}")
             return
-        if not isinstance(body, dict) or body.get("purpose") != "restore":
+        if body.purpose != "restore":
             return  # our own checkpoint upload echoed back
-        if body.get("version") != job.plan.version:
+        if body.version != job.plan.version:
             return  # for another plan version
         try:
-            step, gen = int(body["step"]), int(body["gen"])
-            weights = checkpoint.unpack(body["tensors"])
-            optim = checkpoint.unpack(body.get("optim") or {})
+            step, gen = body.step, body.gen
+            weights = checkpoint.unpack(dict(body.tensors))
+            optim = checkpoint.unpack(dict(body.optim or {}))
             async with self._compute:
                 await asyncio.to_thread(job.runner.load_state_dict, weights, job.stage.start)
                 await asyncio.to_thread(job.runner.load_optimizer_state, optim, job.stage.start)
@@ -449,8 +471,7 @@ class Agent:
             await self._report_error(topic, f"cannot restore stage {job.k}: {e}")
             return
         log.info("stage %d restored to step %d (plan v%d)", job.k, step, job.plan.version)
-        await self._event({"op": "restored", "stage": job.k, "step": step,
-                           "version": job.plan.version})
+        await self._event(Restored, stage=job.k, step=step, version=job.plan.version)
 
     # -- compute -------------------------------------------------------------------------
     def _pick(self, job: _Job) -> _Work | None:
@@ -517,9 +538,9 @@ class Agent:
                 if labels is None or len(labels) != len(out):
                     raise StageError("evaluation frame reached the last stage without labels")
                 loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
-                await self._event({"op": "eval", "step": frame.step, "mb": frame.mb,
-                                   "correct": int((out.argmax(1) == labels).sum()),
-                                   "n": len(labels), "loss_sum": float(loss)})
+                await self._event(Eval, step=frame.step, mb=frame.mb,
+                                  correct=int((out.argmax(1) == labels).sum()),
+                                  n=len(labels), loss_sum=float(loss))
             else:
                 self._send_tensor(job, out, frame, "act", labels, extra)
             return
@@ -540,8 +561,8 @@ class Agent:
             assert res.out is not None
             self._send_tensor(job, res.out, frame, "act", labels, extra)
             return
-        await self._event({"op": "loss", "step": frame.step, "mb": frame.mb, "loss": res.loss,
-                           "correct": res.correct, "n": res.n})
+        await self._event(Loss, step=frame.step, mb=frame.mb, loss=res.loss,
+                          correct=res.correct, n=res.n)
         if job.plan.schedule == "1f1b":
             await self._run_backward(job, key, None)
         else:
@@ -572,7 +593,7 @@ class Agent:
                                      0.0, b"")
             self._send_tensor(job, gin, fake, "grad", None, {})
         if job.k == 0:
-            await self._event({"op": "done", "step": step, "mb": mb})
+            await self._event(Done, step=step, mb=mb)
         if len(job.bwd_done[step]) == job.nmb:
             await self._finish_step(job, step)
 
@@ -586,17 +607,15 @@ class Agent:
         job.snapshots = {s: v for s, v in job.snapshots.items() if s >= step}
         assert self._link is not None
         link = self._link
-        await self._event({
-            "op": "stepped", "step": step, "stage": job.k,
-            "busy_ms": round(job.runner.stats.busy_ms, 3),
-            "send_ms": round(link.busy_ms - job.link0[0], 3),  # since this job began here
-            "bytes_act": link.bytes_by_kind["act"] - job.link0[1],
-            "bytes_grad": link.bytes_by_kind["grad"] - job.link0[2],
-        })
+        await self._event(
+            Stepped, step=step, stage=job.k, busy_ms=round(job.runner.stats.busy_ms, 3),
+            send_ms=round(link.busy_ms - job.link0[0], 3),  # since this job began here
+            bytes_act=link.bytes_by_kind["act"] - job.link0[1],
+            bytes_grad=link.bytes_by_kind["grad"] - job.link0[2])
         if self.cfg.timing_every and step % self.cfg.timing_every == 0:
             samples = _aggregate(job.runner.drain_timings())
-            await self._publish_json(self.topics.timing(job.plan.job, self.cfg.device_id),
-                                     samples, qos=0)
+            await self._publish_msg(self.topics.timing(job.plan.job, self.cfg.device_id),
+                                    samples, qos=0)
 
     def _send_tensor(self, job: _Job, t: torch.Tensor, src: codec.TensorFrame, kind: str,
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
@@ -616,24 +635,25 @@ class Agent:
         self._link.send(topic, codec.to_bytes(frame), kind, tag=(src.step, src.mb))
 
     # -- reporting -----------------------------------------------------------------------
-    async def _event(self, body: dict[str, Any]) -> None:
+    async def _event(self, kind: type[Event], **fields: Any) -> None:
+        """Publish a ``kind`` event of the current job, stamped with this device, the time,
+        the plan version and the rewind generation."""
         job = self.job
         if job is None or self._client is None:
             return
-        body = {"device": self.cfg.device_id, "time": time.time(), "pv": job.plan.version,
-                "gen": job.gen, **body}
-        await self._publish_json(self.topics.events(job.plan.job, self.cfg.device_id), body)
+        ev = kind(device=self.cfg.device_id, time=time.time(), pv=job.plan.version, gen=job.gen,
+                  **fields)
+        await self._publish_msg(self.topics.events(job.plan.job, self.cfg.device_id), ev)
 
     async def _report_error(self, topic: str, reason: str, job: str | None = None) -> None:
         log.error("rejected message on %s: %s", topic, reason)
-        err = {"type": "error", "device": self.cfg.device_id, "topic": topic, "reason": reason,
-               "time": time.time()}
+        err = Error(device=self.cfg.device_id, topic=topic, reason=reason, time=time.time())
         self.errors.append(err)
         job_id = job or (self.job.plan.job if self.job else None)
         if job_id is None or self._client is None:
             return
         with contextlib.suppress(Exception):
-            await self._publish_json(self.topics.metrics(job_id), err)
+            await self._publish_msg(self.topics.metrics(job_id), err)
 
 
 def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:
@@ -641,15 +661,11 @@ def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + mb * 101 + stage) % 2**32
 
 
-def _aggregate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _aggregate(samples: list[dict[str, Any]]) -> list[TimingSample]:
     """Mean ms per (layer, direction, batch) over one step's micro-batches."""
     acc: dict[tuple[int, str, int], list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         acc[(s["layer"]["index"], s["dir"], s["batch"])].append(s)
-    out = []
-    for group in acc.values():
-        s = dict(group[0])
-        s["ms"] = round(sum(g["ms"] for g in group) / len(group), 4)
-        s["n"] = len(group)
-        out.append(s)
-    return out
+    return [TimingSample(layer=LayerInfo(**g[0]["layer"]), dir=g[0]["dir"], batch=g[0]["batch"],
+                         threads=g[0]["threads"], n=len(g),
+                         ms=round(sum(x["ms"] for x in g) / len(g), 4)) for g in acc.values()]

@@ -7,9 +7,11 @@ Guarantees:
   seconds before it is published (serialisation delay), measured with ``asyncio.sleep`` so a
   slow link costs no CPU. The compute loop never waits for the link unless it must.
 * ``bytes_sent``, ``busy_ms`` and per-topic-kind byte counters say what crossed the link.
-* An ``observer``, if set, is called after each successful publish with the payload's kind,
-  the ``tag`` given to ``send``, its size and the ``time.time()`` span it occupied the link
-  (pacing plus publish); ``device_agent.trace`` uses it. Its errors are logged and ignored.
+* Observers (``add_observer``) are called, in the event loop and in registration order,
+  after each successful publish with the payload's kind, the ``tag`` given to ``send``, its
+  size and the ``time.time()`` span it occupied the link (pacing plus publish);
+  ``device_agent.trace`` uses them. An observer's error is logged and ignored: the other
+  observers are still called and the uplink keeps sending.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ class Link:
         self.busy_ms = 0.0
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
         self.errors = 0
-        self.observer: Observer | None = None
+        self._observers: list[Observer] = []
+
+    def add_observer(self, fn: Observer) -> None:
+        """Call ``fn(kind, tag, nbytes, t0, t1)`` after every later successful publish."""
+        self._observers.append(fn)
+
+    def remove_observer(self, fn: Observer) -> None:
+        """Stop calling ``fn`` (no error if it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._observers.remove(fn)
 
     def start(self) -> None:
         if self._task is None:
@@ -52,7 +63,7 @@ class Link:
             self._task = None
 
     def send(self, topic: str, payload: bytes, kind: str = "other", tag: Any = None) -> None:
-        """Queue ``payload`` for ``topic``; returns at once. ``tag`` goes to the observer."""
+        """Queue ``payload`` for ``topic``; returns at once. ``tag`` goes to the observers."""
         self._queue.put_nowait((topic, payload, kind, tag))
 
     async def drain(self) -> None:
@@ -70,11 +81,13 @@ class Link:
                 self.busy_ms += (time.perf_counter() - t0) * 1e3
                 self.bytes_sent += len(payload)
                 self.bytes_by_kind[kind] += len(payload)
-                if self.observer is not None:
-                    try:
-                        self.observer(kind, tag, len(payload), w0, time.time())
-                    except Exception as e:
-                        log.warning("link observer failed: %s", e)
+                if self._observers:
+                    w1 = time.time()
+                    for fn in tuple(self._observers):  # a copy: an observer may remove itself
+                        try:
+                            fn(kind, tag, len(payload), w0, w1)
+                        except Exception as e:
+                            log.warning("link observer %r failed: %s", fn, e)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a failed publish must not kill the uplink

@@ -13,10 +13,16 @@ once, as JSON on the extension topic ``{root}/jobs/{job}/trace/{device}`` (docs/
 
 Guarantees:
 
-* Steps not traced cost one set lookup per compute and per send; nothing is published.
-* Compute spans cover the stage's forward/backward call in the worker thread, including the
-  emulated slowdown; send spans cover the uplink's pacing (if any) and the QoS 1 publish up to
-  the broker's acknowledgement, i.e. the time the tensor occupied the link.
+* The tracer only listens: it registers as an observer of the stage's ``StageRunner``
+  (``accept_mqtt.model.stage``) and of the agent's ``Link``, and never replaces their methods.
+  Without ``--trace-steps`` nothing is registered. Steps not traced cost, per compute and per
+  send, one observer call and one set lookup; nothing is published.
+* Compute spans cover the runner's forward/backward/optimizer-step call in the worker thread,
+  including the emulated slowdown; send spans cover the uplink's pacing (if any) and the QoS 1
+  publish up to the broker's acknowledgement, i.e. the time the tensor occupied the link.
+* One tracer per link: ``attach`` first detaches the tracer attached to the same link before
+  (an agent serves one job at a time, and a re-plan is a new job), so a trace never holds the
+  sends of another job.
 * A traced step is published after its optimizer step and after the uplink has sent every
   tensor queued until then, so its send spans are complete. A publishing error is logged,
   never raised into the agent.
@@ -28,17 +34,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from accept_mqtt.wire.messages import Span, Trace
+
 if TYPE_CHECKING:
-    from device_agent.agent import Agent, _Job
+    from accept_mqtt.model.stage import StageRunner
     from device_agent.link import Link
 
 log = logging.getLogger("device_agent.trace")
 
-PublishJson = Callable[[str, Any], Awaitable[None]]
+Publish = Callable[[str, Trace], Awaitable[None]]  # (topic, message)
 
 
 def parse_steps(text: str | None) -> tuple[int, ...]:
@@ -59,59 +66,59 @@ def parse_steps(text: str | None) -> tuple[int, ...]:
 
 
 class StepTracer:
-    """Spans of the traced steps of one stage of one job."""
+    """Spans of the traced steps of one stage of one job.
+
+    ``subscribe(runner)`` makes it observe the runner's computes and ``link``'s sends;
+    ``close()`` stops both. ``link`` (if any) is also what a flush waits for to drain.
+    """
 
     def __init__(self, steps: Iterable[int], *, job: str, device: str, stage: int,
-                 topic: str, publish: PublishJson, link: Link | None,
+                 topic: str, publish: Publish, link: Link | None,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.steps = frozenset(steps)
         self.job, self.device, self.stage, self.topic = job, device, stage, topic
         self._publish = publish
         self._link = link
         self._loop = loop
+        self._runner: StageRunner | None = None
         self.spans: dict[int, list[dict[str, Any]]] = {s: [] for s in self.steps}
         self._current: int | None = None  # step of the last compute (for the optimizer span)
         self.published: list[int] = []
+
+    def subscribe(self, runner: StageRunner | None) -> None:
+        """Observe ``runner``'s forward/backward/step and the link's sends (call once)."""
+        if runner is not None:
+            runner.add_observer(self)
+            self._runner = runner
+        if self._link is not None:
+            self._link.add_observer(self.on_send)
+
+    def close(self) -> None:
+        """Stop observing; spans kept so far stay, a flush already scheduled still publishes."""
+        if self._runner is not None:
+            self._runner.remove_observer(self)
+            self._runner = None
+        if self._link is not None:
+            self._link.remove_observer(self.on_send)
 
     # -- recording -----------------------------------------------------------------------
     def _add(self, step: int, span: dict[str, Any]) -> None:
         self.spans[step].append(span)  # list.append is atomic: worker thread and loop share it
 
-    def wrap(self, runner: Any) -> None:
-        """Time ``runner.forward``/``backward``/``step`` (instance attributes, nothing else)."""
-        fwd, bwd, opt = runner.forward, runner.backward, runner.step
-
-        def forward(key: tuple[int, int], *a: Any, **kw: Any) -> Any:
-            return self._timed("fwd", key, fwd, key, *a, **kw)
-
-        def backward(key: tuple[int, int], *a: Any, **kw: Any) -> Any:
-            return self._timed("bwd", key, bwd, key, *a, **kw)
-
-        def step(*a: Any, **kw: Any) -> Any:
-            cur = self._current
-            if cur not in self.steps:
-                return opt(*a, **kw)
-            t0 = time.time()
-            try:
-                return opt(*a, **kw)
-            finally:
-                assert cur is not None
-                self._add(cur, {"kind": "opt", "mb": -1, "t0": t0, "t1": time.time()})
-                self._loop.call_soon_threadsafe(self._flush_soon, cur)
-
-        runner.forward, runner.backward, runner.step = forward, backward, step
-
-    def _timed(self, kind: str, key: tuple[int, int], fn: Callable[..., Any], *a: Any,
-               **kw: Any) -> Any:
-        step, mb = int(key[0]), int(key[1])
-        self._current = step
-        if step not in self.steps:
-            return fn(*a, **kw)
-        t0 = time.time()
-        try:
-            return fn(*a, **kw)
-        finally:
-            self._add(step, {"kind": kind, "mb": mb, "t0": t0, "t1": time.time()})
+    def on_compute(self, kind: str, key: tuple[int, int] | None, t0: float, t1: float) -> None:
+        """``StageObserver`` (worker thread): one forward/backward, or the optimizer step."""
+        if key is not None:  # fwd / bwd of (step, mb)
+            step = int(key[0])
+            self._current = step
+            if step in self.steps:
+                self._add(step, {"kind": kind, "mb": int(key[1]), "t0": t0, "t1": t1})
+            return
+        # the optimizer step carries no key: it closes the step of the computes before it
+        cur = self._current
+        if cur is None or cur not in self.steps:
+            return
+        self._add(cur, {"kind": "opt", "mb": -1, "t0": t0, "t1": t1})
+        self._loop.call_soon_threadsafe(self._flush_soon, cur)
 
     def on_send(self, kind: str, tag: Any, nbytes: int, t0: float, t1: float) -> None:
         """``Link`` observer: one sent payload (``tag`` = (step, mb) for tensor frames)."""
@@ -136,26 +143,28 @@ class StepTracer:
         except Exception as e:  # tracing must never disturb training
             log.warning("trace of step %d not published: %s", step, e)
 
-    def message(self, step: int) -> dict[str, Any]:
+    def message(self, step: int) -> Trace:
         spans = sorted(self.spans.get(step, []), key=lambda s: s["t0"])
-        return {"v": 1, "job": self.job, "device": self.device, "stage": self.stage,
-                "step": step, "clock": "unix", "spans": spans}
+        return Trace(job=self.job, device=self.device, stage=self.stage, step=step,
+                     spans=[Span(**s) for s in spans])
 
 
 _pending: set[asyncio.Task[None]] = set()  # keep flush tasks referenced until done
 
 
-def attach(agent: Agent, job: _Job) -> StepTracer | None:
-    """Trace ``agent.cfg.trace_steps`` of ``job``: wrap its runner, observe the uplink."""
-    steps = agent.cfg.trace_steps
+def attach(steps: Iterable[int], *, job: str, device: str, stage: int, topic: str,
+           publish: Publish, runner: StageRunner, link: Link | None,
+           loop: asyncio.AbstractEventLoop) -> StepTracer | None:
+    """Trace ``steps`` of stage ``stage`` of ``job``: observe ``runner`` and the uplink.
+
+    Returns None (observing nothing) when ``steps`` is empty; otherwise the caller owns the
+    tracer and ``close()``s it when the stage ends (the agent does when it leaves a job), so
+    a later job's sends are not counted as this one's.
+    """
+    steps = tuple(steps)
     if not steps:
         return None
-    dev = agent.cfg.device_id
-    tracer = StepTracer(steps, job=job.plan.job, device=dev, stage=job.k,
-                        topic=agent.topics.trace(job.plan.job, dev),
-                        publish=lambda topic, body: agent._publish_json(topic, body),
-                        link=agent._link, loop=asyncio.get_running_loop())
-    tracer.wrap(job.runner)
-    if agent._link is not None:
-        agent._link.observer = tracer.on_send
+    tracer = StepTracer(steps, job=job, device=device, stage=stage, topic=topic,
+                        publish=publish, link=link, loop=loop)
+    tracer.subscribe(runner)
     return tracer

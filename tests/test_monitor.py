@@ -29,6 +29,7 @@ from rich.console import Console
 from accept_mqtt.cli.monitor import FleetView, live, load_bar, render, stage_loads, watch
 from accept_mqtt.coordinator import Coordinator
 from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.wire import messages
 from accept_mqtt.wire.aio import cancel_and_wait
 from accept_mqtt.wire.plan import Plan, cuts_to_stages
 from broker import MosquittoBroker
@@ -50,12 +51,13 @@ class Clock:
 
 
 def _status(device: str, state: str, **extra: Any) -> bytes:
-    """The agent's own status payload (device_agent.agent.Agent._status)."""
+    """The agent's own status payload (device_agent.agent.Agent._status, encoded as the agent
+    publishes it)."""
     from device_agent.agent import Agent, AgentConfig
 
     if device not in _AGENTS:
         _AGENTS[device] = Agent(AgentConfig("mqtt://127.0.0.1:1", device))
-    return _AGENTS[device]._status(state, **extra)
+    return messages.encode(_AGENTS[device]._status(state, **extra))
 
 
 _AGENTS: dict[str, Any] = {}
@@ -263,7 +265,8 @@ def test_other_messages_and_job_filter() -> None:
                  {"type": "error", "device": "pi-b", "topic": "accept/jobs/j1/stage/1/fwd",
                   "reason": "frame is not msgpack", "time": 1005.0},
                  {"type": "drift", "device": "pi-a", "step": 8, "speed_factor": 3.2,
-                  "error": 0.1, "partition_moves": True, "action": "re-plan advised"},
+                  "vs_model": 3.0, "error": 0.1, "partition_moves": True,
+                  "action": "re-plan advised"},
                  {"type": "status", "step": 10, "epoch": 0, "paused": True, "stopping": False,
                   "plan_version": 1, "devices": ["pi-a", "pi-b", "pi-c"]},
                  {"type": "checkpoint", "step": 10, "path": "runs/j1/checkpoint.pt"},
@@ -380,7 +383,8 @@ def test_live_view_reconnects_after_the_broker_restarts(broker: MosquittoBroker)
             assert "lost" in (view.notice or "")
             broker.start()
             async with aiomqtt.Client(broker.host, broker.port) as c:
-                await c.publish("accept/devices/back/status", b'{"state": "online"}', qos=1,
+                status = messages.DeviceStatus(state="online", device="back", time=time.time())
+                await c.publish("accept/devices/back/status", messages.encode(status), qos=1,
                                 retain=True)
             await _until(lambda: "back" in view.devices, 10, "the view to reconnect")
             assert view.notice is None and view.connections == 2

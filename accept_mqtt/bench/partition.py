@@ -117,7 +117,7 @@ def _codec_cost() -> tuple[CodecCost, str]:
         t1 = time.perf_counter()
         codec.decode(fr)
         t2 = time.perf_counter()
-        how = "accept_mqtt.codec minmax, 4 bits"
+        how = "accept_mqtt.wire.codec minmax, 4 bits"
     except (ValueError, NotImplementedError):
         a = x.numpy()
         t0 = time.perf_counter()

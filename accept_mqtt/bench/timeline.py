@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 
 import aiomqtt
 
+from accept_mqtt.wire import messages
 from accept_mqtt.wire.broker_url import parse_broker_url
 from accept_mqtt.wire.topics import Topics
 
@@ -62,11 +62,12 @@ class TraceCollector:
         assert self._client is not None
         async for msg in self._client.messages:
             try:
-                body = json.loads(bytes(msg.payload or b""))
-                self.traces[str(body["device"])] = body
-                self._got.set()
-            except (ValueError, KeyError, TypeError):
-                continue
+                body = messages.decode(messages.Trace, bytes(msg.payload or b""),
+                                       topic=msg.topic.value)
+            except messages.MessageError:
+                continue  # not a trace: nothing to plot
+            self.traces[body.device] = messages.to_builtins(body)  # the plots take plain dicts
+            self._got.set()
 
     async def wait(self, n: int, timeout: float = 10.0) -> list[Trace]:
         """The traces, by stage, once ``n`` devices sent theirs or after ``timeout`` s."""

@@ -6,8 +6,11 @@ Three layers, each usable alone:
   shows: devices (status, profile summary), and per job the latest plan, the latest step
   metrics with per-stage busy/idle/sending fractions, the last epoch, recent errors, drift
   events, other events and control commands. It imports no MQTT code and never raises on a
-  message: a payload that is not JSON, has a wrong type or arrives on an unexpected topic is
-  counted and remembered as "ignored", nothing else changes.
+  message. It parses nothing itself: every payload is decoded by the message vocabulary
+  (``accept_mqtt.wire.messages``; the plan by its own class), so the monitor accepts exactly
+  what the contract defines. A payload the vocabulary rejects (not JSON, a wrong type, a
+  missing field) or one on an unexpected topic is counted and remembered as "ignored", with
+  the vocabulary's reason (which names the field); nothing else changes.
 * ``render(view)`` turns a view into a rich renderable; ``FleetView.snapshot()`` into plain
   JSON-able data.
 * ``watch(url, root, job)`` is the MQTT side: one aiomqtt client with a random client id, a
@@ -26,14 +29,13 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import sys
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar, get_args
 
 import aiomqtt
 from rich import box
@@ -42,55 +44,36 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from accept_mqtt.wire import messages
 from accept_mqtt.wire.broker_url import BrokerUrlError, parse_broker_url
-from accept_mqtt.wire.topics import TopicError, Topics, check_id
+from accept_mqtt.wire.messages import (
+    ControlCommand,
+    DeviceProfile,
+    DeviceStatus,
+    DoneMetric,
+    Drift,
+    Epoch,
+    Error,
+    JobStatus,
+    MessageError,
+    Metric,
+    StageCounters,
+    StepMetric,
+)
+from accept_mqtt.wire.plan import Plan
+from accept_mqtt.wire.topics import ID_PATTERN, TopicError, Topics, check_id
 
 RECENT = 5  # errors, drift events, other events and control commands kept per job
 MAX_JOBS_SHOWN = 8  # render() shows the newest jobs only; snapshot() has them all
 BAR_WIDTH = 12
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# the ``type`` tags of the metrics this version knows: any other is an extension (see
+# ``_extension_event``)
+_METRIC_TAGS = frozenset(messages.wire_name(c) for c in get_args(Metric))
 
 
 class BadMessage(ValueError):
-    """A message the view cannot use; ``ingest`` counts it and moves on."""
-
-
-# -- typed field access ------------------------------------------------------------------
-_KINDS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,),
-                                        bool: (bool,)}
-
-
-def _field(d: dict[str, Any], key: str, kind: type, required: bool = False) -> Any:
-    """``d[key]`` checked to be of ``kind`` (ints are accepted as floats, bools never as
-    numbers); None when absent or null unless ``required``. Raises ``BadMessage``."""
-    v = d.get(key)
-    if v is None:
-        if required:
-            raise BadMessage(f"missing {key!r}")
-        return None
-    if (isinstance(v, bool) and kind is not bool) or not isinstance(v, _KINDS[kind]):
-        raise BadMessage(f"{key!r} must be {kind.__name__}, got {type(v).__name__}")
-    return float(v) if kind is float else v
-
-
-def _json_object(payload: bytes) -> dict[str, Any]:
-    """The payload as a JSON object, else ``BadMessage``."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise BadMessage("not JSON") from None
-    if not isinstance(body, dict):
-        raise BadMessage(f"not a JSON object ({type(body).__name__})")
-    return body
-
-
-def _objects(d: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    v = d.get(key)
-    if v is None:
-        return []
-    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
-        raise BadMessage(f"{key!r} must be a list of objects")
-    return v
+    """A message the view cannot use beyond what the vocabulary checks (a topic it does not
+    read, a plan published under another job); ``ingest`` counts it and moves on."""
 
 
 # -- the state -------------------------------------------------------------------------
@@ -103,7 +86,7 @@ class DeviceView:
     job: str | None = None
     stage: int | None = None
     reason: str | None = None
-    last_seen: float | None = None  # time of the latest status (its own "time", else receipt)
+    last_seen: float | None = None  # the "time" of the latest status (the device's clock)
     cores: int | None = None
     bench_gflops: float | None = None
     slowdown: float | None = None
@@ -113,6 +96,9 @@ class DeviceView:
     has_profile: bool = False
 
 
+# PlanStage, PlanView and StepView are what the monitor shows of a message: each field is
+# filled from the same-named attribute of the decoded message (``_project``), so the names and
+# types are defined once, by the message class, and these classes only choose which to keep.
 @dataclass(frozen=True)
 class PlanStage:
     index: int
@@ -136,18 +122,6 @@ class PlanView:
 
 
 @dataclass(frozen=True)
-class StageCounters:
-    """Cumulative counters of one stage, as a ``step`` metrics message carries them."""
-
-    stage: int
-    device: str | None
-    busy_ms: float
-    send_ms: float
-    bytes_act: int
-    bytes_grad: int
-
-
-@dataclass(frozen=True)
 class StepView:
     step: int
     total_steps: int | None
@@ -156,14 +130,16 @@ class StepView:
     train_acc: float | None
     samples_per_s: float | None
     step_ms: float | None
-    time: float
+    time: float  # the coordinator's clock when the message carries it, else receipt
     stages: dict[int, StageCounters]
-    plan_version: int | None = None  # of the plan this view held when the step arrived
+    # the plan the step ran under: the message's own ``plan_version``, else the version of
+    # the plan this view held when the step arrived
+    plan_version: int | None = None
 
 
-@dataclass(frozen=True)
-class StageLoad(StageCounters):
-    """One stage over the interval between the two latest step messages.
+class StageLoad(StageCounters, kw_only=True):
+    """One stage over the interval between the two latest step messages: its cumulative
+    counters (the ``StageCounters`` of the later message) and what they mean per second.
 
     ``busy``/``sending`` are the fractions of the interval spent computing / with the uplink
     sending, each in [0, 1]; sends overlap compute, so ``idle = max(0, 1 - busy - sending)``
@@ -189,13 +165,16 @@ class JobView:
     step: StepView | None = None
     prev_step: StepView | None = None
     loads: list[StageLoad] = field(default_factory=list)
+    # the latest epoch, done and status messages, and the recent errors and drift events,
+    # as their fields (``_fields``)
     epoch: dict[str, Any] | None = None
     done: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     drifts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     controls: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
-    # metrics of other types (extensions: checkpoint, replan, recovered, ...), as received
+    # metrics this monitor has no view for (checkpoint, replan, recovered, and types of
+    # newer versions), as their scalar fields (``_small``)
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
@@ -209,7 +188,8 @@ def stage_loads(prev: StepView | None, cur: StepView) -> list[StageLoad]:
     out = []
     for k in sorted(cur.stages):
         c = cur.stages[k]
-        load = StageLoad(c.stage, c.device, c.busy_ms, c.send_ms, c.bytes_act, c.bytes_grad)
+        counters = messages.to_builtins(c)
+        load = StageLoad(**counters)
         p = prev.stages.get(k) if prev is not None else None
         if p is not None and dt > 0 and p.device == c.device:
             d_busy, d_send = c.busy_ms - p.busy_ms, c.send_ms - p.send_ms
@@ -217,9 +197,9 @@ def stage_loads(prev: StepView | None, cur: StepView) -> list[StageLoad]:
             if min(d_busy, d_send, d_act, d_grad) >= 0:
                 busy = min(1.0, d_busy / (dt * 1e3))
                 sending = min(1.0, d_send / (dt * 1e3))
-                load = StageLoad(c.stage, c.device, c.busy_ms, c.send_ms, c.bytes_act,
-                                 c.bytes_grad, busy, sending, max(0.0, 1.0 - busy - sending),
-                                 d_act / dt, d_grad / dt)
+                load = StageLoad(**counters, busy=busy, sending=sending,
+                                 idle=max(0.0, 1.0 - busy - sending), act_bytes_per_s=d_act / dt,
+                                 grad_bytes_per_s=d_grad / dt)
         out.append(load)
     return out
 
@@ -255,6 +235,8 @@ class FleetView:
         self.messages += 1
         try:
             self._route(topic, bytes(payload))
+        except MessageError as e:
+            self._ignore(topic, e.reason)
         except BadMessage as e:
             self._ignore(topic, str(e))
         except Exception as e:  # a bug must not take the monitor down either
@@ -270,18 +252,20 @@ class FleetView:
         if "/".join(parts[:n]) != self.topics.root or len(parts) != n + 3:
             raise BadMessage("unexpected topic")
         kind, ident, leaf = parts[n:]
-        if not _ID.match(ident):
+        if not ID_PATTERN.match(ident):
             raise BadMessage(f"bad id {ident!r}")
         if kind == "devices" and leaf in ("status", "profile"):
-            (self._on_status if leaf == "status" else self._on_profile)(ident, payload)
+            (self._on_status if leaf == "status" else self._on_profile)(topic, ident, payload)
         elif kind == "jobs" and leaf in ("plan", "metrics", "control"):
             if self.job_filter is not None and ident != self.job_filter:
                 return
             {"plan": self._on_plan, "metrics": self._on_metrics,
-             "control": self._on_control}[leaf](ident, payload)
+             "control": self._on_control}[leaf](topic, ident, payload)
         else:
             raise BadMessage("unexpected topic")
 
+    # Every handler below decodes first and only then touches the view, so a message the
+    # vocabulary rejects leaves no trace (not even an empty job or device entry).
     def _device(self, dev: str) -> DeviceView:
         return self.devices.setdefault(dev, DeviceView(dev))
 
@@ -292,7 +276,7 @@ class FleetView:
             j = self.jobs[job] = JobView(job, self._seq)
         return j
 
-    def _on_status(self, dev: str, payload: bytes) -> None:
+    def _on_status(self, topic: str, dev: str, payload: bytes) -> None:
         if not payload:  # the retained status was cleared: forget the device's state
             d = self.devices.get(dev)
             if d is not None:
@@ -300,15 +284,12 @@ class FleetView:
                 if not d.has_profile:
                     del self.devices[dev]
             return
-        body = _json_object(payload)
-        state = _field(body, "state", str, required=True)
-        job, stage = _field(body, "job", str), _field(body, "stage", int)
-        reason, t = _field(body, "reason", str), _field(body, "time", float)
+        s = messages.decode(DeviceStatus, payload, topic=topic)
         d = self._device(dev)
-        d.state, d.job, d.stage, d.reason, d.has_status = state, job, stage, reason, True
-        d.last_seen = t if t is not None else self.clock()
+        d.state, d.job, d.stage, d.reason, d.has_status = s.state, s.job, s.stage, s.reason, True
+        d.last_seen = s.time
 
-    def _on_profile(self, dev: str, payload: bytes) -> None:
+    def _on_profile(self, topic: str, dev: str, payload: bytes) -> None:
         if not payload:
             d = self.devices.get(dev)
             if d is not None:
@@ -317,56 +298,73 @@ class FleetView:
                 if not d.has_status:
                     del self.devices[dev]
             return
-        body = _json_object(payload)
-        values = (_field(body, "cores", int), _field(body, "bench_gflops", float),
-                  _field(body, "slowdown", float), _field(body, "bandwidth_bps", float),
-                  _field(body, "cpu", str))
+        p = messages.decode(DeviceProfile, payload, topic=topic)
         d = self._device(dev)
-        d.cores, d.bench_gflops, d.slowdown, d.bandwidth_bps, d.cpu = values
+        d.cores, d.bench_gflops, d.slowdown, d.bandwidth_bps, d.cpu = (
+            p.cores, p.bench_gflops, p.slowdown, p.bandwidth_bps, p.cpu)
         d.has_profile = True
 
-    def _on_plan(self, job: str, payload: bytes) -> None:
+    def _on_plan(self, topic: str, job: str, payload: bytes) -> None:
         if not payload:  # contract: an empty retained plan ends the job
             if job in self.jobs:
                 self._job(job).plan_cleared = True
             return
-        plan = parse_plan(_json_object(payload), job)
+        # the same parse as ``Plan.from_json`` (field types, then the tiling checks of its
+        # ``__post_init__``), raising ``MessageError`` like every other message here
+        plan = messages.decode(Plan, payload, topic=topic)
+        if plan.job != job:
+            raise BadMessage(f"plan names job {plan.job!r}")
+        view = _project(PlanView, plan, stages=tuple(_project(PlanStage, s) for s in plan.stages))
         j = self._job(job)
-        j.plan, j.plan_cleared = plan, False
+        j.plan, j.plan_cleared = view, False
 
-    def _on_control(self, job: str, payload: bytes) -> None:
-        body = _json_object(payload)
-        cmd = _field(body, "cmd", str, required=True)
-        extra = {k: v for k, v in body.items() if k != "cmd"}
-        self._job(job).controls.append({"cmd": cmd, "time": self.clock(), **extra})
+    def _on_control(self, topic: str, job: str, payload: bytes) -> None:
+        c = messages.decode(ControlCommand, payload, topic=topic)
+        args = {k: v for k, v in messages.to_builtins(c).items() if k != "cmd" and v is not None}
+        self._job(job).controls.append({"cmd": c.cmd, "time": self.clock(), **args})
 
-    def _on_metrics(self, job: str, payload: bytes) -> None:
-        body = _json_object(payload)
-        kind = _field(body, "type", str, required=True)
-        if kind == "step":
-            self._on_step(job, body)
+    def _on_metrics(self, topic: str, job: str, payload: bytes) -> None:
+        try:
+            m = messages.decode(Metric, payload, topic=topic)
+        except MessageError:
+            body = _extension_event(payload)
+            if body is None:
+                raise  # a broken message of a known type (or no type at all)
+            self._job(job).events.append(self._event(body))
             return
-        fields = METRIC_FIELDS.get(kind)
-        # validate before touching the job, so a bad message leaves no trace
-        item = _pick(body, fields) if fields else {"time": self.clock(), **_small(body)}
+        if isinstance(m, StepMetric):
+            self._on_step(job, m)
+            return
         j = self._job(job)
-        if kind == "epoch":
-            j.epoch = item
-        elif kind == "done":
-            j.done = item
-        elif kind == "status":
-            j.status = item
-        elif kind == "error":
-            j.errors.append(item)
-        elif kind == "drift":
-            j.drifts.append(item)
-        else:  # an extension this monitor has no view for: shown as a generic event
-            j.events.append(item)
+        if isinstance(m, Epoch):
+            j.epoch = _fields(m)
+        elif isinstance(m, DoneMetric):
+            j.done = _fields(m)
+        elif isinstance(m, JobStatus):
+            j.status = _fields(m)
+        elif isinstance(m, Error):
+            j.errors.append(_fields(m))
+        elif isinstance(m, Drift):
+            j.drifts.append(_fields(m))
+        else:  # checkpoint, replan, recovered: no view of their own, shown as events
+            j.events.append(self._event(messages.to_builtins(m)))
 
-    def _on_step(self, job: str, body: dict[str, Any]) -> None:
+    def _event(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A generic event: the scalar fields of a metrics message, dated by its ``time`` if
+        that is a number (an extension's fields are not checked), else by receipt."""
+        ev = _small({k: v for k, v in body.items() if k != "job"})
+        t = ev.get("time")
+        if not isinstance(t, int | float) or isinstance(t, bool):
+            ev["time"] = self.clock()
+        return ev
+
+    def _on_step(self, job: str, m: StepMetric) -> None:
         known = self.jobs.get(job)
-        version = known.plan.version if known is not None and known.plan is not None else None
-        step = parse_step(body, self.clock(), version)
+        version = m.plan_version
+        if version is None and known is not None and known.plan is not None:
+            version = known.plan.version
+        step = _project(StepView, m, time=self.clock() if m.time is None else m.time,
+                        stages={c.stage: c for c in m.stages}, plan_version=version)
         j = self._job(job)
         cur = j.step
         if cur is not None and step.step == cur.step and step.plan_version == cur.plan_version:
@@ -397,17 +395,46 @@ class FleetView:
         }
 
 
-EPOCH_FIELDS = {"epoch": int, "step": int, "test_accuracy": float, "test_loss": float,
-                "samples_per_s": float, "time": float}
-DONE_FIELDS = {"final_accuracy": float, "samples_per_s": float, "time": float}
-ERROR_FIELDS = {"device": str, "topic": str, "reason": str, "time": float}
-DRIFT_FIELDS = {"device": str, "step": int, "speed_factor": float, "partition_moves": bool,
-                "action": str, "time": float}
-STATUS_FIELDS = {"step": int, "epoch": int, "paused": bool, "stopping": bool,
-                 "plan_version": int, "time": float}
-METRIC_FIELDS: dict[str, dict[str, type]] = {
-    "epoch": EPOCH_FIELDS, "done": DONE_FIELDS, "error": ERROR_FIELDS, "drift": DRIFT_FIELDS,
-    "status": STATUS_FIELDS}
+T = TypeVar("T")
+
+
+def _project(cls: type[T], msg: object, **given: Any) -> T:
+    """A ``cls`` (one of the dataclasses above) whose fields are ``given`` or else the
+    same-named attributes of the decoded ``msg``."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    return cls(**{k: getattr(msg, k) for k in names if k not in given}, **given)
+
+
+def _fields(msg: Any) -> dict[str, Any]:
+    """A decoded metrics message as the plain dict a job view keeps: its fields without the
+    ``type`` tag (the slot it is kept in says it) and ``job`` (the view it is kept in)."""
+    out: dict[str, Any] = messages.to_builtins(msg)
+    out.pop("type", None)
+    out.pop("job", None)
+    return out
+
+
+def _extension_event(payload: bytes) -> dict[str, Any] | None:
+    """The payload as a JSON object if it is a metrics message of a ``type`` this version
+    does not know, else None.
+
+    The vocabulary rejects a tag it does not know like any other bad value, but the contract
+    lets newer coordinators and extensions add metric types (docs/protocol.md,
+    "Extensions"), and a monitor should show them rather than count them as garbage. So
+    this is the one place the monitor reads a payload itself: only to tell "unknown type"
+    from "broken message of a known type" (still rejected, with the vocabulary's reason),
+    and only the scalar fields are kept (``_small``), none of them interpreted.
+    """
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested absurdly deep
+        return None
+    if not isinstance(body, dict):
+        return None
+    kind = body.get("type")
+    if not isinstance(kind, str) or kind in _METRIC_TAGS:
+        return None
+    return body
 
 
 def _small(body: dict[str, Any], limit: int = 200) -> dict[str, Any]:
@@ -422,49 +449,6 @@ def _small(body: dict[str, Any], limit: int = 200) -> dict[str, Any]:
     return out
 
 
-def _pick(body: dict[str, Any], fields: dict[str, type]) -> dict[str, Any]:
-    """The known ``fields`` of a metrics message, type-checked; absent ones are None."""
-    return {k: _field(body, k, kind) for k, kind in fields.items()}
-
-
-def parse_plan(body: dict[str, Any], job: str) -> PlanView:
-    """The parts of a plan a monitor shows; lenient about keys it does not know (future
-    plan versions may add some) but strict about the types of those it uses."""
-    named = _field(body, "job", str)
-    if named is not None and named != job:
-        raise BadMessage(f"plan names job {named!r}")
-    raw = _objects(body, "stages")
-    if not raw:
-        raise BadMessage("plan without stages")
-    stages = tuple(PlanStage(
-        _field(s, "index", int, required=True), _field(s, "device", str, required=True),
-        _field(s, "start", int, required=True), _field(s, "end", int, required=True),
-        _field(s, "act_bits", int), _field(s, "grad_bits", int), _field(s, "predicted_ms", float),
-    ) for s in raw)
-    return PlanView(_field(body, "version", int), _field(body, "model", str),
-                    _field(body, "method", str), _field(body, "schedule", str),
-                    _field(body, "micro_batches", int),
-                    _field(body, "predicted_bottleneck_ms", float), stages)
-
-
-def parse_step(body: dict[str, Any], received: float,
-               plan_version: int | None = None) -> StepView:
-    """A ``step`` metrics message; its ``time`` (the coordinator's clock) when present, else
-    ``received``, dates it."""
-    stages = {}
-    for s in _objects(body, "stages"):
-        c = StageCounters(_field(s, "stage", int, required=True), _field(s, "device", str),
-                          _field(s, "busy_ms", float) or 0.0, _field(s, "send_ms", float) or 0.0,
-                          _field(s, "bytes_act", int) or 0, _field(s, "bytes_grad", int) or 0)
-        stages[c.stage] = c
-    t = _field(body, "time", float)
-    return StepView(_field(body, "step", int, required=True), _field(body, "total_steps", int),
-                    _field(body, "epoch", int), _field(body, "loss", float),
-                    _field(body, "train_acc", float), _field(body, "samples_per_s", float),
-                    _field(body, "step_ms", float), received if t is None else t, stages,
-                    plan_version)
-
-
 def _device_json(d: DeviceView) -> dict[str, Any]:
     out = asdict(d)
     for k in ("id", "has_status", "has_profile"):
@@ -474,15 +458,15 @@ def _device_json(d: DeviceView) -> dict[str, Any]:
 
 def _job_json(j: JobView) -> dict[str, Any]:
     step = None
-    if j.step is not None:
-        step = {k: v for k, v in asdict(j.step).items() if k != "stages"}
+    if j.step is not None:  # (not asdict: it would deep-copy the stages only to drop them)
+        step = {f.name: getattr(j.step, f.name) for f in fields(StepView) if f.name != "stages"}
     plan = None
     if j.plan is not None:
         plan = asdict(j.plan)
         plan["stages"] = [asdict(s) for s in j.plan.stages]
     return {"job": j.id, "plan": plan, "ended": j.plan_cleared or j.done is not None,
-            "step": step, "stages": [asdict(ld) for ld in j.loads], "epoch": j.epoch,
-            "done": j.done, "status": j.status, "errors": list(j.errors),
+            "step": step, "stages": [messages.to_builtins(ld) for ld in j.loads],
+            "epoch": j.epoch, "done": j.done, "status": j.status, "errors": list(j.errors),
             "drifts": list(j.drifts), "controls": list(j.controls), "events": list(j.events)}
 
 

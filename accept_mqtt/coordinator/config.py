@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
+from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
+
 DEFAULT_SEED = 1234
 
 
@@ -63,12 +66,12 @@ class TrainConfig:
             raise ConfigError(f"devices must be >= 1, got {self.devices}")
         for name in ("act_bits", "grad_bits"):
             b = getattr(self, name)
-            if b not in (*range(1, 9), 16, 32):
-                raise ConfigError(f"{name} must be 1..8, 16 or 32, got {b}")
-        if self.grad_scheme not in ("minmax", "minmax0"):
+            if b not in VALID_BITS:
+                raise ConfigError(f"{name} must be {BITS_TEXT}, got {b}")
+        if self.grad_scheme not in GRAD_SCHEMES:
             raise ConfigError(f"grad_scheme must be minmax or minmax0, got "
                               f"{self.grad_scheme!r}")
-        if self.schedule not in ("gpipe", "1f1b"):
+        if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be gpipe or 1f1b, got {self.schedule!r}")
         if self.partition not in ("auto", "predictor", "flops", "equal"):
             raise ConfigError(f"partition must be auto, predictor, flops or equal, got "

@@ -1,16 +1,35 @@
-"""From devices and a model to a ``Plan``: the glue between cost estimates and the partitioner.
+"""From devices and a model to a ``Plan``, and when to plan again.
 
-Guarantee: ``plan_job`` is deterministic for the same inputs (device order ties broken by id)
-and always returns a valid ``Plan`` or raises ``PlanningError`` naming what does not fit.
+The pure glue (``make_partition``, ``build_plan``, ``prior_costs``) is deterministic for the
+same inputs (device order ties broken by id) and always returns a valid ``Plan`` or raises
+``PlanningError`` naming what does not fit.
+
+``Planner`` is the coordinator's planning collaborator. Guarantees:
+
+* Plans are made with the adaptive latency predictor (``partition`` auto/predictor: loaded
+  from ``predictor_state`` or seeded) or the FLOPs prior, over the devices it was told of;
+  every timing sample queued so far is learnt before a re-plan (``next_plan``).
+* The latency predictor learns every timing sample the agents send, in arrival order, in
+  the gaps of the event loop rather than when the sample arrives (``on_timing``), so learning
+  never holds up a step's events; ``learn_pending`` learns the rest at once.
+* A speed change the predictor detects is recorded and published as ``drift``; when planning
+  now would move the partition (and ``auto_replan``, and no re-plan in the last
+  ``replan_min_steps`` steps) it becomes a re-plan request, as ``repartition`` and ``set``
+  commands do. Requests are taken (``take_replan_request``) at a step boundary.
+* ``set_widths`` changes the link widths only if the whole config stays valid.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from accept_mqtt.model.descriptors import LayerDescriptor
+from accept_mqtt.model.descriptors import LayerDescriptor, describe
+from accept_mqtt.model.zoo import build_model
 from accept_mqtt.planning.partition import (
     PartitionResult,
     equal_split,
@@ -18,9 +37,14 @@ from accept_mqtt.planning.partition import (
     partition,
     problem_from_profiles,
 )
+from accept_mqtt.wire.aio import cancel_and_wait
+from accept_mqtt.wire.messages import Drift
 from accept_mqtt.wire.plan import Plan, cuts_to_stages
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .record import RunState, as_metric
+
+log = logging.getLogger("accept_mqtt.coordinator")
 
 
 class PlanningError(ValueError):
@@ -106,3 +130,220 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step,
     )
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class Planner:
+    """Cost model, plans and re-plan requests of one job (see the module docstring).
+
+    ``current`` gives the plan the pipeline runs now (None before the first); ``emit``
+    publishes a metrics message in the background.
+    """
+
+    def __init__(self, job: str, cfg: TrainConfig, state: RunState, *,
+                 current: Callable[[], Plan | None], emit: Callable[[Drift], None],
+                 say: Progress = lambda kind, info: None) -> None:
+        self.job = job
+        self.cfg = cfg  # replaced by ``set_widths``; read by whoever needs the job's config
+        self.state = state
+        self.current = current
+        self.emit = emit
+        self.say = say
+        self.costs: Any = None  # predictor.CostModel when planning by prediction
+        self.profiles: dict[str, dict[str, Any]] = {}  # devices planned with (the record's)
+        self.timing_samples: list[dict[str, Any]] = []
+        self._info: dict[str, DeviceInfo] = {}
+        self._replan_request: str | None = None
+        self._last_replan_step = -(10**9)
+        # timing samples waiting for the predictor: (device, profile, sample), oldest first
+        self._to_learn: collections.deque[tuple[str, dict[str, Any], dict[str, Any]]] = (
+            collections.deque())
+        self._learn_wake = asyncio.Event()
+        self._learner: asyncio.Task[None] | None = None
+
+    # -- devices -------------------------------------------------------------------------
+    def start_with(self, devices: list[DeviceInfo]) -> None:
+        """The devices the job starts on (their profiles go into the record)."""
+        self.profiles = {d.id: d.profile for d in devices}
+        self._info = {d.id: d for d in devices}
+
+    def know(self, devices: list[DeviceInfo]) -> None:
+        """Devices a later plan may use (a profile first seen is kept for the record)."""
+        for d in devices:
+            self._info[d.id] = d
+            self.profiles.setdefault(d.id, d.profile)
+
+    def device_info(self, device: str) -> DeviceInfo:
+        return self._info[device]
+
+    # -- cost model ----------------------------------------------------------------------
+    def load_costs(self) -> None:
+        """The online latency predictor (River), seeded, or restored from ``predictor_state``."""
+        if self.cfg.partition not in ("auto", "predictor") or self.costs is not None:
+            return
+        from accept_mqtt.planning.predictor import CostModel
+
+        self.say("status", {"msg": "loading the latency predictor"})
+        self.costs = CostModel.load_or_seed(self.cfg.predictor_state)
+
+    def save_costs(self) -> None:
+        if self.costs is not None and self.cfg.predictor_state:
+            self.costs.save(self.cfg.predictor_state)
+
+    @property
+    def cost_source(self) -> str:
+        return "predictor" if self.costs is not None else "flops-prior"
+
+    def layer_costs(self, descs: list[Any], profile: dict[str, Any],
+                    batch: int) -> list[tuple[float, float]]:
+        """(fwd_ms, bwd_ms) per layer on the device with ``profile``: the adaptive predictor
+        when planning uses it, else the FLOPs prior."""
+        if self.costs is not None:
+            return self.costs.layer_costs(descs, profile, batch, device=profile.get("device"))
+        return prior_costs(descs, profile, batch)
+
+    def predictor_error(self, devices: list[str]) -> dict[str, Any] | None:
+        """The predictor's rolling error per device (None without a predictor)."""
+        if self.costs is None:
+            return None
+        return {d: self.costs.device_error(d) for d in devices}
+
+    # -- plans ---------------------------------------------------------------------------
+    def make_plan(self, devices: list[DeviceInfo], version: int = 1,
+                  start_step: int = 0) -> Plan:
+        cfg = self.cfg
+        model = build_model(cfg.model, seed=cfg.seed, width=cfg.width)
+        descs = describe(model)
+        method = {"auto": "dp", "predictor": "dp"}.get(cfg.partition, cfg.partition)
+        res = make_partition(descs, devices, cfg, method=method, costs=self.layer_costs)
+        name = {"dp": f"dp+{self.cost_source}"}.get(method, method)
+        return build_plan(self.job, cfg, len(descs), [self._info[d] for d in res.devices],
+                          list(res.cuts), method=name, version=version,
+                          act_bits=list(res.act_bits), grad_bits=list(res.grad_bits),
+                          predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
+                          start_step=start_step)
+
+    def next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
+        """The next plan version over ``devices`` (now known to the planner), made with every
+        timing sample received so far."""
+        plan = self.current()
+        assert plan is not None
+        self.know(devices)
+        self.learn_pending()
+        return self.make_plan(devices, version=plan.version + 1, start_step=start_step)
+
+    def partition_would_move(self) -> bool:
+        """Whether planning now, with what the predictor has learnt, gives other cuts/order."""
+        plan = self.current()
+        if plan is None or not self._info:
+            return False
+        try:
+            fresh = self.make_plan(list(self._info.values()), version=plan.version + 1)
+        except Exception as e:  # planning trouble must not stop training
+            log.warning("re-planning check failed: %s", e)
+            return False
+        return fresh.layout(bits=False) != plan.layout(bits=False)
+
+    # -- re-plan requests ----------------------------------------------------------------
+    def request_replan(self, reason: str) -> None:
+        self._replan_request = reason
+
+    def take_replan_request(self) -> str | None:
+        """The pending re-plan request's reason (and forget it), else None."""
+        reason, self._replan_request = self._replan_request, None
+        return reason
+
+    def replanned(self, step: int) -> None:
+        """A re-plan happened at ``step`` (drift re-plans keep ``replan_min_steps`` apart)."""
+        self._last_replan_step = step
+
+    def set_widths(self, changes: dict[str, int]) -> None:
+        """New ``act_bits``/``grad_bits``, applied by a re-plan at the next step boundary;
+        ``ValueError`` (and nothing changed) if the config would not be valid."""
+        try:
+            self.cfg = replace(self.cfg, **changes).validate()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        self.request_replan("set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+    # -- learning ------------------------------------------------------------------------
+    def on_timing(self, device: str, samples: list[dict[str, Any]],
+                  fallback_profile: dict[str, Any] | None = None) -> None:
+        """Timing samples of one device: kept, and queued for the predictor.
+
+        Learning costs about 0.1-0.3 ms per sample (River), some 30 samples per step, so it
+        is not done here, in the reader that also delivers the step's events: the background
+        learner (``_learn_loop``) learns the queue one sample at a time in the gaps of the
+        event loop, and ``learn_pending`` empties it before any re-plan and before the record
+        is written. Every sample is learnt, in arrival order; a speed change the predictor
+        detects is reported as ``drift`` (``_on_drift``) when its sample is learnt, in
+        practice within the step that follows. ``fallback_profile``: the device's profile
+        if it is not (yet) one the planner knows.
+        """
+        for s in samples:
+            s["device"] = device
+        self.timing_samples.extend(samples)
+        profile = self.profiles.get(device) or fallback_profile
+        if self.costs is None or profile is None:
+            return
+        self._to_learn.extend((device, profile, s) for s in samples)
+        self._learn_wake.set()
+        if self._learner is None or self._learner.done():
+            self._learner = asyncio.get_running_loop().create_task(self._learn_loop(),
+                                                                   name="predictor-learner")
+
+    async def _learn_loop(self) -> None:
+        """Learn queued timing samples, yielding to the event loop after each one, so an
+        event waits at most one sample's learning (< 1 ms) instead of a whole batch."""
+        while True:
+            await self._learn_wake.wait()
+            self._learn_wake.clear()
+            while self._to_learn:
+                self._learn_one()
+                await asyncio.sleep(0)
+
+    def learn_pending(self) -> int:
+        """Learn every queued timing sample now; returns how many there were."""
+        n = 0
+        while self._to_learn:
+            self._learn_one()
+            n += 1
+        return n
+
+    def _learn_one(self) -> None:
+        device, profile, sample = self._to_learn.popleft()
+        self.costs.observe_many(profile, [sample])  # a malformed sample is logged, skipped
+        if self.costs.drift(device):
+            self._on_drift(device)
+
+    def _on_drift(self, device: str) -> None:
+        """``device``'s speed changed: record it, and ask for a re-plan if that moves cuts."""
+        moved = self.partition_would_move()
+        step = self.state.step
+        replan = moved and self.cfg.auto_replan and (
+            step - self._last_replan_step >= self.cfg.replan_min_steps)
+        if replan:
+            self.request_replan(f"{device} changed speed")
+        events = self.costs.drift_events(device)
+        # the size of this change (measured / its own earlier times), not the device's
+        # offset against the shared model, which also holds its profile's error
+        change = events[-1].factor if events else self.costs.device_factor(device)
+        ev = {"type": "drift", "device": device, "step": step,
+              "speed_factor": round(change, 3),
+              "vs_model": round(self.costs.device_factor(device), 3),
+              "error": self.costs.device_error(device), "partition_moves": moved,
+              "action": ("re-plan at the next step" if replan else
+                         "re-plan advised (auto_replan off or a re-plan was recent)"
+                         if moved else "none: the current partition is still the best")}
+        self.state.drifts.append(ev)
+        log.warning("device %s changed speed: %.2fx its own earlier times", device,
+                    ev["speed_factor"])
+        self.say("replan", {"reason": f"{device} now takes {ev['speed_factor']}x "
+                                      "its earlier time"})
+        self.emit(as_metric(Drift, ev))
+
+    async def close(self) -> None:
+        """Stop the background learner (queued samples stay queued)."""
+        await cancel_and_wait(self._learner)

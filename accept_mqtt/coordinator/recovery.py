@@ -1,65 +1,160 @@
-"""Checkpoints, restores, re-plans and fault recovery: the coordinator's fault-handling half.
+"""Checkpoints, restores, re-plans and fault recovery (docs/faults.md).
 
-``Recovery`` is a mixin of ``coordinator.Coordinator`` (it uses the coordinator's connection,
-state and planner; it is not used alone). What it guarantees, tested in
-``tests/test_faults.py`` by comparing final parameters with a one-process run:
+``Recovery`` works through four neighbours, each seen through a small interface: the session
+(``Link``: publish, reconnect), the fleet (``Devices``: who is online), the planner (``Plans``:
+the next plan, the job's config) and the step driver (``Pipeline``: the current plan, its
+generation, its events). What it guarantees, tested in ``tests/test_faults.py`` by comparing
+final parameters with a one-process run, and in ``tests/test_recovery.py`` against fakes:
 
 * ``checkpoint`` collects every stage's weights, buffers and optimizer state between steps,
-  checks that all stages are at the same step, and saves them atomically.
+  checks that all stages are at the same step (the coordinator's), and saves them atomically
+  to ``runs/<job>/checkpoint.pt`` (every ``checkpoint_every`` steps, by the coordinator).
 * ``replan`` publishes a new plan version and ``restore`` gives each new stage its slice of a
   checkpoint by whole-model names: weights migrate to whichever device now holds them.
-* ``_recover`` brings training back after a fault losing as little as possible: a rewind of
-  the step in flight when every device is back (broker restart, connection blip), else a
-  re-plan over the devices still here from the last checkpoint (docs/faults.md).
-* ``_live_replan`` (commands, drift) checkpoints first, so it loses nothing.
+* ``recover`` brings training back after a fault losing as little as possible. A lost broker
+  connection is retried; when every plan device is back within ``rejoin_grace`` (broker
+  restart, connection blip), every stage is rewound to the start of the step in flight
+  (agents keep the start-of-step state), so no step is lost or applied twice. Otherwise (a
+  device went offline, or a stage cannot rewind) it re-plans over the devices still online
+  (newly joined ones included), restores every stage from the last checkpoint and replays
+  from there: at most the steps since that checkpoint are redone, none is skipped, and with
+  compression off the final parameters are those of an undisturbed run.
+* ``live_replan`` (``repartition``, ``set``, drift that moves the partition) checkpoints first,
+  so it loses nothing; if the partition comes out the same, nothing moves.
+* ``resume`` restarts a job from its checkpoint after a coordinator restart (``load_resume``
+  refuses a missing, unreadable or foreign checkpoint with ``CoordinatorError``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
-import msgpack
 import torch
 
 from accept_mqtt.model.checkpoint import Checkpoint, CheckpointError, pack, unpack
+from accept_mqtt.wire.messages import (
+    Checkpointed,
+    Event,
+    Metric,
+    PackedTensor,
+    Recovered,
+    Replan,
+    Restored,
+    Rewound,
+    SyncRewind,
+    SyncWeights,
+    Weights,
+    encode,
+)
+from accept_mqtt.wire.plan import Plan
+from accept_mqtt.wire.topics import Topics
 
+from .config import TrainConfig
 from .errors import BrokerLost, CoordinatorError, StepTimeout
 from .planner import DeviceInfo
-
-if TYPE_CHECKING:
-    from accept_mqtt.wire.plan import Plan
-
-    from .config import TrainConfig
+from .record import RunState, as_metric
 
 log = logging.getLogger("accept_mqtt.coordinator")
 
 
-class Recovery:
-    """Fault handling for ``Coordinator`` (see the module docstring)."""
+class Link(Protocol):
+    """The session, as recovery uses it."""
 
-    # set by Coordinator.__init__ (declared here for readers and type checkers)
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def trusted(self) -> bool: ...
+
+    async def reconnect(self) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1,
+                      retain: bool = False) -> None: ...
+
+    async def metric(self, msg: Metric) -> None: ...
+
+
+class Devices(Protocol):
+    """The fleet, as recovery uses it."""
+
+    def device_state(self, device: str) -> str: ...
+
+    def online_devices(self, exclude: set[str] | frozenset[str] = frozenset()
+                       ) -> list[DeviceInfo]: ...
+
+    async def wait_for_devices(self, n: int, timeout: float,
+                               exclude: set[str] | frozenset[str] = frozenset(),
+                               at_least: int | None = None) -> list[DeviceInfo]: ...
+
+    async def wait_changed(self, timeout: float) -> None: ...
+
+
+class Plans(Protocol):
+    """The planner, as recovery uses it."""
+
     cfg: TrainConfig
-    job: str
-    plan: Plan | None
-    state: Any  # coordinator.RunState
-    gen: int
-    last_ckpt: Checkpoint | None
 
-    def _drain_events(self) -> None:
-        """Forget queued events (a new plan or a rewind makes them meaningless)."""
-        keep = []
-        while not self._events.empty():
-            ev = self._events.get_nowait()
-            if ev.get("op") in ("lost", "disconnected"):  # faults are never dropped
-                keep.append(ev)
-        for ev in keep:
-            self._events.put_nowait(ev)
+    def make_plan(self, devices: list[DeviceInfo], version: int = 1,
+                  start_step: int = 0) -> Plan: ...
+
+    def next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan: ...
+
+    def device_info(self, device: str) -> DeviceInfo: ...
+
+    def replanned(self, step: int) -> None: ...
+
+
+class Pipeline(Protocol):
+    """The step driver, as recovery uses it."""
+
+    plan: Plan | None
+    gen: int
+
+    async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None: ...
+
+    async def republish_plan(self) -> None: ...
+
+    async def next_event(self, timeout: float, waiting_for: str) -> Event: ...
+
+    def new_generation(self) -> int: ...
+
+
+class Recovery:
+    """Fault handling of one job (see the module docstring)."""
+
+    def __init__(self, job: str, topics: Topics, state: RunState, *, session: Link,
+                 fleet: Devices, planner: Plans, steps: Pipeline,
+                 say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> None:
+        self.job = job
+        self.topics = topics
+        self.state = state
+        self.session = session
+        self.fleet = fleet
+        self.planner = planner
+        self.steps = steps
+        self.say = say
+        self.last_ckpt: Checkpoint | None = None
+        self._weights: asyncio.Queue[Weights] = asyncio.Queue()
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.planner.cfg
+
+    def _plan(self) -> Plan:
+        plan = self.steps.plan
+        assert plan is not None, "no plan yet"
+        return plan
+
+    # -- state of the stages ---------------------------------------------------------------
+    def on_weights(self, w: Weights) -> None:
+        """A stage's tensors (``purpose: checkpoint``); our own restore echo is ignored."""
+        if w.purpose != "restore":
+            self._weights.put_nowait(w)
 
     async def collect_state(self, optim: bool = True,
                             timeout: float = 60.0) -> tuple[dict[str, torch.Tensor],
@@ -69,27 +164,26 @@ class Recovery:
         Called between steps, so every stage reports the same step; a stage that does not
         is an error rather than a silently inconsistent checkpoint.
         """
-        assert self.plan is not None
+        plan = self._plan()
         while not self._weights.empty():
             self._weights.get_nowait()
-        await self._publish(self.topics.sync(self.job),
-                            json.dumps({"op": "weights", "optim": optim}))
+        await self.session.publish(self.topics.sync(self.job), encode(SyncWeights(optim=optim)))
         weights: dict[str, torch.Tensor] = {}
         opt: dict[str, torch.Tensor] = {}
         steps: dict[int, int] = {}
         deadline = time.monotonic() + timeout
-        while len(steps) < len(self.plan.stages):
+        while len(steps) < len(plan.stages):
             try:
-                body = await asyncio.wait_for(self._weights.get(),
-                                              max(0.1, deadline - time.monotonic()))
+                w = await asyncio.wait_for(self._weights.get(),
+                                           max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                missing = sorted(set(range(len(self.plan.stages))) - set(steps))
+                missing = sorted(set(range(len(plan.stages))) - set(steps))
                 raise CoordinatorError(f"no weights from stages {missing}") from None
-            if body.get("version", self.plan.version) != self.plan.version:
+            if w.version != plan.version:
                 continue
-            steps[int(body["stage"])] = int(body["step"])
-            weights.update(unpack(body["tensors"]))
-            opt.update(unpack(body.get("optim") or {}))
+            steps[w.stage] = w.step
+            weights.update(unpack(dict(w.tensors)))
+            opt.update(unpack(dict(w.optim or {})))
         if len(set(steps.values())) != 1:
             raise CoordinatorError(f"stages report different steps {steps}")
         return weights, opt, next(iter(steps.values()))
@@ -103,53 +197,41 @@ class Recovery:
 
     async def checkpoint(self) -> Checkpoint:
         """Collect every stage's state now (between steps) and save it atomically."""
-        assert self.plan is not None
+        plan = self._plan()
         weights, opt, step = await self.collect_state(optim=True)
         if step != self.state.step:
             raise CoordinatorError(f"stages are at step {step}, the coordinator at "
                                    f"{self.state.step}")
-        ck = Checkpoint(self.job, step, weights, opt, self.plan.version,
+        ck = Checkpoint(self.job, step, weights, opt, plan.version,
                         meta={**self.state.counters(), "config": self.cfg.to_dict()})
         await asyncio.to_thread(ck.save, self.checkpoint_path())
         self.last_ckpt = ck
         self.state.checkpoints.append(step)
-        self.progress("checkpoint", {"step": step})
-        await self._metric({"type": "checkpoint", "step": step,
-                            "path": str(self.checkpoint_path())})
+        self.say("checkpoint", {"step": step})
+        await self.session.metric(Checkpointed(step=step, path=str(self.checkpoint_path())))
         return ck
 
     async def restore(self, ck: Checkpoint, timeout: float = 60.0) -> None:
         """Send each stage of the current plan its slice of ``ck``; wait until all load it."""
-        assert self.plan is not None
-        plan = self.plan
+        plan = self._plan()
         for s in plan.stages:
             w, o = ck.stage(s.start, s.end)
-            body = {"v": 1, "job": self.job, "stage": s.index, "step": ck.step,
-                    "purpose": "restore", "version": plan.version, "gen": self.gen,
-                    "tensors": pack(w), "optim": pack(o)}
-            await self._publish(self.topics.weights(self.job, s.index),
-                                msgpack.packb(body, use_bin_type=True))
+            body = Weights(job=self.job, stage=s.index, step=ck.step, purpose="restore",
+                           version=plan.version, gen=self.steps.gen, tensors=_packed(w),
+                           optim=_packed(o))
+            await self.session.publish(self.topics.weights(self.job, s.index), encode(body))
         done: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(done) < len(plan.stages):
-            ev = await self._next_event(max(0.1, deadline - time.monotonic()),
-                                        f"stages to restore step {ck.step}")
-            if ev.get("op") == "restored" and ev.get("version") == plan.version:
-                done.add(int(ev["stage"]))
+            ev = await self.steps.next_event(max(0.1, deadline - time.monotonic()),
+                                             f"stages to restore step {ck.step}")
+            if isinstance(ev, Restored) and ev.version == plan.version:
+                done.add(ev.stage)
         self.state.step = ck.step
         self.state.epoch = int(ck.meta.get("epoch", self.state.epoch))
         self.state.history = list(ck.meta.get("history", self.state.history))
 
-    def _next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
-        """The next plan version over ``devices`` (now known to the planner), made with every
-        timing sample received so far."""
-        assert self.plan is not None
-        for d in devices:
-            self._info[d.id] = d
-            self.profiles.setdefault(d.id, d.profile)
-        self.learn_pending()
-        return self.make_plan(devices, version=self.plan.version + 1, start_step=start_step)
-
+    # -- plans -----------------------------------------------------------------------------
     async def replan(self, devices: list[DeviceInfo], reason: str,
                      ck: Checkpoint | None, plan: Plan | None = None) -> Plan:
         """Adopt ``plan`` (default: the next plan over ``devices``), starting at ``ck``'s step
@@ -159,17 +241,42 @@ class Recovery:
         ``ck``: weights move to whichever device now holds their layers.
         """
         if plan is None:
-            plan = self._next_plan(devices, ck.step if ck is not None else 0)
+            plan = self.planner.next_plan(devices, ck.step if ck is not None else 0)
         log.info("re-plan v%d (%s): %s", plan.version, reason, plan.layout(bits=False))
-        await self.publish_plan(plan)
+        await self.steps.publish_plan(plan)
         if ck is not None:
             await self.restore(ck)
         else:
             self.state.step, self.state.history = 0, []
-        self._last_replan_step = self.state.step
+        self.planner.replanned(self.state.step)
         return plan
 
-    async def _recover(self, why: str) -> None:
+    async def live_replan(self, reason: str) -> None:
+        """Between steps: checkpoint, plan again with what is known now, restore if it moved."""
+        plan = self._plan()
+        ck = await self.checkpoint()
+        current = {d: self.planner.device_info(d) for d in plan.devices}
+        extra = [d for d in self.fleet.online_devices() if d.id not in current]
+        devices = sorted([*current.values(), *extra],
+                         key=lambda d: (-d.speed, d.id))[: self.cfg.devices]
+        fresh = self.planner.next_plan(devices, ck.step)
+        self.planner.replanned(self.state.step)
+        if fresh.layout() == plan.layout():
+            log.info("re-plan (%s): the partition is unchanged", reason)
+            ev: dict[str, Any] = {"type": "replan", "reason": reason, "changed": False,
+                                  "step": ck.step}
+            self.state.replans.append(ev)
+            await self.session.metric(as_metric(Replan, ev))
+            return
+        plan = await self.replan(devices, reason, ck, fresh)
+        ev = {"type": "replan", "reason": reason, "changed": True, "step": ck.step,
+              "plan_version": plan.version, "stages": plan.to_dict()["stages"]}
+        self.state.replans.append(ev)
+        await self.session.metric(as_metric(Replan, ev))
+        self.say("replan", {"reason": f"{reason}: now {', '.join(plan.devices)}"})
+
+    # -- faults ----------------------------------------------------------------------------
+    async def recover(self, why: str) -> None:
         """Bring training back after a fault, losing as little as possible.
 
         1. Reconnect if the broker connection is gone; re-publish the plan.
@@ -179,29 +286,28 @@ class Recovery:
         4. Otherwise (or a stage cannot rewind): re-plan over the devices still here plus
            idle ones, restore the last checkpoint, replay the steps since it.
         """
-        assert self.plan is not None
+        plan = self._plan()
         st = self.state
         at = st.step
-        self.progress("status", {"msg": f"{why} at step {at}; recovering"})
-        if (self._need_reconnect or self._reader is None or self._reader.done()
-                or self._client is None):
-            await self._reconnect()
-            self._need_reconnect = False
-            await self._publish(self.topics.plan(self.job), self.plan.to_json(), retain=True)
-        missing = await self._wait_back(self.cfg.rejoin_grace)
+        self.say("status", {"msg": f"{why} at step {at}; recovering"})
+        if not self.session.trusted:
+            await self.session.reconnect()
+            await self.steps.republish_plan()
+        missing = await self.wait_back(self.cfg.rejoin_grace)
         if not missing:
-            failed = await self._rewind_all(at)
+            failed = await self.rewind_all(at)
             if not failed:
-                rec = {"type": "recovered", "reason": why, "at_step": at, "restored_step": at,
-                       "redo_steps": 0, "action": "rewind", "plan_version": self.plan.version}
+                rec: dict[str, Any] = {
+                    "type": "recovered", "reason": why, "at_step": at, "restored_step": at,
+                    "redo_steps": 0, "action": "rewind", "plan_version": plan.version}
                 st.recoveries.append(rec)
-                self.progress("replan", {"reason": f"{why}; all stages back, step {at} redone"})
-                await self._metric(rec)
+                self.say("replan", {"reason": f"{why}; all stages back, step {at} redone"})
+                await self.session.metric(as_metric(Recovered, rec))
                 return
             missing = failed
         ck = self.last_ckpt
         back_to = ck.step if ck is not None else 0
-        devices = await self.wait_for_devices(
+        devices = await self.fleet.wait_for_devices(
             self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=missing, at_least=1)
         plan = await self.replan(devices, why, ck)
         st.replayed_steps += at - back_to
@@ -212,73 +318,48 @@ class Recovery:
         st.recoveries.append(rec)
         log.warning("recovered (%s): plan v%d on %s, back to step %d", why, plan.version,
                     plan.devices, back_to)
-        self.progress("replan", {"reason": f"{why}; now on {', '.join(plan.devices)}, back "
-                                           f"to step {back_to}"})
-        await self._metric(rec)
+        self.say("replan", {"reason": f"{why}; now on {', '.join(plan.devices)}, back "
+                                      f"to step {back_to}"})
+        await self.session.metric(as_metric(Recovered, rec))
 
-    async def _wait_back(self, grace: float) -> set[str]:
+    async def wait_back(self, grace: float) -> set[str]:
         """Plan devices not back in this job after ``grace`` seconds (empty: all are)."""
-        assert self.plan is not None
+        plan = self._plan()
         deadline = time.monotonic() + grace
         while True:
-            if self._reader is None or self._reader.done():
+            if not self.session.alive:
                 raise BrokerLost("connection lost again while recovering")
-            missing = {d for d in self.plan.devices if self._device_state(d) != "busy"}
+            missing = {d for d in plan.devices if self.fleet.device_state(d) != "busy"}
             left = deadline - time.monotonic()
             if not missing or left <= 0:
                 return missing
-            self._device_change.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._device_change.wait(), min(left, 0.5))
+            await self.fleet.wait_changed(min(left, 0.5))
 
-    async def _rewind_all(self, step: int) -> set[str]:
+    async def rewind_all(self, step: int) -> set[str]:
         """Rewind every stage to the start of ``step``; the devices that could not."""
-        assert self.plan is not None
-        self.gen += 1
-        self._drain_events()
+        plan = self._plan()
+        gen = self.steps.new_generation()
         ok: dict[int, bool] = {}
         deadline = time.monotonic() + min(self.cfg.step_timeout, 15.0)
-        while len(ok) < len(self.plan.stages) and time.monotonic() < deadline:
+        while len(ok) < len(plan.stages) and time.monotonic() < deadline:
             # repeated until all answer: agents may still be re-subscribing
-            await self._publish(self.topics.sync(self.job), json.dumps(
-                {"op": "rewind", "step": step, "gen": self.gen}))
+            await self.session.publish(self.topics.sync(self.job),
+                                       encode(SyncRewind(step=step, gen=gen)))
             until = min(deadline, time.monotonic() + 1.0)
-            while len(ok) < len(self.plan.stages) and time.monotonic() < until:
+            while len(ok) < len(plan.stages) and time.monotonic() < until:
                 try:
-                    ev = await self._next_event(until - time.monotonic(), "rewind")
+                    ev = await self.steps.next_event(until - time.monotonic(), "rewind")
                 except StepTimeout:
                     break
-                if ev.get("op") == "rewound" and ev.get("step") == step:
-                    ok[int(ev["stage"])] = bool(ev.get("ok"))
-                    if not ev.get("ok"):
-                        log.warning("stage %s cannot rewind: %s", ev["stage"], ev.get("reason"))
-        return {s.device for s in self.plan.stages if not ok.get(s.index, False)}
+                if isinstance(ev, Rewound) and ev.step == step:
+                    ok[ev.stage] = ev.ok
+                    if not ev.ok:
+                        log.warning("stage %s cannot rewind: %s", ev.stage, ev.reason)
+        return {s.device for s in plan.stages if not ok.get(s.index, False)}
 
-    async def _live_replan(self, reason: str) -> None:
-        """Between steps: checkpoint, plan again with what is known now, restore if it moved."""
-        assert self.plan is not None
-        ck = await self.checkpoint()
-        current = {d: self._info[d] for d in self.plan.devices}
-        extra = [d for d in self.online_devices() if d.id not in current]
-        devices = sorted([*current.values(), *extra],
-                         key=lambda d: (-d.speed, d.id))[: self.cfg.devices]
-        fresh = self._next_plan(devices, ck.step)
-        self._last_replan_step = self.state.step
-        if fresh.layout() == self.plan.layout():
-            log.info("re-plan (%s): the partition is unchanged", reason)
-            ev = {"type": "replan", "reason": reason, "changed": False, "step": ck.step}
-            self.state.replans.append(ev)
-            await self._metric(ev)
-            return
-        await self.replan(devices, reason, ck, fresh)
-        assert self.plan is not None
-        ev = {"type": "replan", "reason": reason, "changed": True, "step": ck.step,
-              "plan_version": self.plan.version, "stages": self.plan.to_dict()["stages"]}
-        self.state.replans.append(ev)
-        await self._metric(ev)
-        self.progress("replan", {"reason": f"{reason}: now {', '.join(self.plan.devices)}"})
-
-    def _load_resume(self) -> Checkpoint | None:
+    # -- resume ----------------------------------------------------------------------------
+    def load_resume(self) -> Checkpoint | None:
+        """The checkpoint to resume from (``resume`` set), else None."""
         if not self.cfg.resume:
             return None
         try:
@@ -288,3 +369,17 @@ class Recovery:
         if ck.job != self.job:
             raise CoordinatorError(f"{self.checkpoint_path()} belongs to job {ck.job!r}")
         return ck
+
+    async def resume(self, ck: Checkpoint, devices: list[DeviceInfo]) -> None:
+        """Continue the job from ``ck`` over ``devices``: a new plan version, restored."""
+        plan = self.planner.make_plan(devices, version=ck.plan_version + 1, start_step=ck.step)
+        await self.steps.publish_plan(plan)
+        await self.restore(ck)
+        self.last_ckpt = ck
+        self.state.recoveries.append({"type": "resumed", "restored_step": ck.step,
+                                      "plan_version": plan.version})
+        self.say("status", {"msg": f"resumed job {self.job} at step {ck.step}"})
+
+
+def _packed(state: dict[str, torch.Tensor]) -> dict[str, PackedTensor]:
+    return cast(dict[str, PackedTensor], pack(state))

@@ -118,7 +118,7 @@ def device_profile(
         "cpu": cpu_model(),
         "clock_mhz": cpu_clock_mhz(),
         "arch": platform.machine(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion, not a plain str
         "bench_gflops": robust_bench(threads, slowdown) if bench else None,
         "slowdown": slowdown,
         "bandwidth_bps": bandwidth_bps,

@@ -13,13 +13,20 @@ Guarantees:
 * With ``slowdown = s`` every layer's compute is followed by a sleep of ``(s - 1)`` times its
   duration, emulating a device ``s`` times slower without taking CPU from other processes;
   reported times include the sleep.
+* Observers (``add_observer``, e.g. ``device_agent.trace``) get one ``on_compute`` call per
+  ``forward`` ("fwd"), ``backward`` ("bwd") and ``step`` ("opt", key None), with the
+  ``time.time()`` span of the call, after it returns or raises. They are called in the thread
+  that runs the compute (an agent's worker thread), in registration order. An observer's
+  exception is logged and swallowed: it never changes what the stage computes or raises.
+  With no observer registered the calls cost one truth test, no clock read.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,8 @@ from torch import nn
 from .descriptors import LayerDescriptor
 
 Key = tuple[int, int]  # (step, micro-batch)
+
+log = logging.getLogger(__name__)
 
 
 class StageError(ValueError):
@@ -43,6 +52,15 @@ def make_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.opt
         return torch.optim.Adam(params, lr=cfg.get("lr", 1e-3),
                                 weight_decay=cfg.get("weight_decay", 0.0))
     raise ValueError(f"unknown optimizer {name!r} (sgd or adam)")
+
+
+class StageObserver(Protocol):
+    """Told about every forward, backward and optimizer step of a ``StageRunner``."""
+
+    def on_compute(self, kind: str, key: Key | None, t0: float, t1: float) -> None:
+        """``kind`` "fwd"/"bwd" (``key`` = (step, mb)) or "opt" (``key`` None): one call's
+        ``time.time()`` span. Runs in the compute thread, so keep it short and thread-safe."""
+        ...
 
 
 @dataclass
@@ -87,6 +105,25 @@ class StageRunner:
         self._stash: dict[Key, _Stash] = {}
         self.timings: list[dict[str, Any]] = []
         self.stats = StageStats()
+        # a tuple, replaced on add/remove: the compute thread iterates it while the loop edits
+        self._observers: tuple[StageObserver, ...] = ()
+
+    # -- observers -----------------------------------------------------------------------
+    def add_observer(self, obs: StageObserver) -> None:
+        """Call ``obs.on_compute`` around every later forward, backward and step."""
+        self._observers = (*self._observers, obs)
+
+    def remove_observer(self, obs: StageObserver) -> None:
+        """Stop calling ``obs`` (no error if it was not registered)."""
+        self._observers = tuple(o for o in self._observers if o is not obs)
+
+    def _notify(self, kind: str, key: Key | None, t0: float) -> None:
+        t1 = time.time()
+        for obs in self._observers:
+            try:
+                obs.on_compute(kind, key, t0, t1)
+            except Exception:  # an observer must never break training
+                log.warning("stage observer %r failed on %s %s", obs, kind, key, exc_info=True)
 
     # -- helpers -------------------------------------------------------------------------
     def _timed(self, fn: Any, *args: Any) -> tuple[Any, float]:
@@ -116,6 +153,16 @@ class StageRunner:
     def forward(self, key: Key, x: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_scale: float = 1.0) -> ForwardResult:
         """Training forward of one micro-batch; stashes what its backward needs."""
+        if not self._observers:
+            return self._forward(key, x, labels, loss_scale)
+        t0 = time.time()
+        try:
+            return self._forward(key, x, labels, loss_scale)
+        finally:
+            self._notify("fwd", key, t0)
+
+    def _forward(self, key: Key, x: torch.Tensor, labels: torch.Tensor | None,
+                 loss_scale: float) -> ForwardResult:
         self.check_input(x)
         if key in self._stash:
             raise StageError(f"micro-batch {key} was already forwarded")
@@ -147,6 +194,15 @@ class StageRunner:
 
     def backward(self, key: Key, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """Backward of one micro-batch; returns the gradient of the stage input (or None)."""
+        if not self._observers:
+            return self._backward(key, grad)
+        t0 = time.time()
+        try:
+            return self._backward(key, grad)
+        finally:
+            self._notify("bwd", key, t0)
+
+    def _backward(self, key: Key, grad: torch.Tensor | None) -> torch.Tensor | None:
         try:
             stash = self._stash.pop(key)
         except KeyError:
@@ -179,6 +235,16 @@ class StageRunner:
         return None if self.is_first else g
 
     def step(self) -> None:
+        """Apply the accumulated gradients once and zero them."""
+        if not self._observers:
+            return self._step()
+        t0 = time.time()
+        try:
+            return self._step()
+        finally:
+            self._notify("opt", None, t0)
+
+    def _step(self) -> None:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,6 @@ measured throughput.
 from __future__ import annotations
 
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,15 +33,19 @@ import msgpack
 import numpy as np
 import torch
 
+from .topics import ID_PATTERN
+
 VERSION = 1
 KINDS = ("act", "grad")
 RAW_BITS = (16, 32)
 MINMAX_BITS = tuple(range(1, 9))
+# every width a link can carry: the one list plan, config and partitioner check against
+VALID_BITS: tuple[int, ...] = (*MINMAX_BITS, *RAW_BITS)
+BITS_TEXT = "1..8, 16 or 32"
 # "minmax0" is an extension scheme (docs/protocol.md): the min-max grid shifted and widened
 # so that 0 is exactly a code wherever a range straddles 0; decoded exactly like "minmax".
 SCHEMES = ("raw", "minmax", "minmax0")
 _ZERO_SCALE_BITS = 16  # significant bits of a minmax0 scale: z * scale is then exact (z <= 255)
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # PROTOCOL.md "Topics"
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, 2**-126
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -458,7 +461,7 @@ def encode(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not _is_int(bits):
         raise ValueError(f"bits must be an int, got {bits!r}")
-    if not isinstance(job, str) or not _JOB_ID.match(job):
+    if not isinstance(job, str) or not ID_PATTERN.match(job):
         raise ValueError(f"job id {job!r} must match [A-Za-z0-9_-]{{1,64}}")
     for name, val in (("step", step), ("mb", mb)):
         if not _is_int(val) or val < 0:
@@ -619,7 +622,7 @@ def _check_floats(topic: str, name: str, v: object, count: int | None, axis: int
 def validate(frame: TensorFrame, topic: str = "") -> None:
     """Raise ``FrameError`` (naming ``topic``) if ``frame`` breaks the wire contract."""
     f = frame
-    if not isinstance(f.job, str) or not _JOB_ID.match(f.job):
+    if not isinstance(f.job, str) or not ID_PATTERN.match(f.job):
         raise FrameError(topic, f"job id {f.job!r:.80} must match [A-Za-z0-9_-]{{1,64}}")
     if f.kind not in KINDS:
         raise FrameError(topic, f"kind {f.kind!r:.40} is not 'act' or 'grad'")

@@ -15,6 +15,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import msgspec
+
+from .codec import BITS_TEXT, VALID_BITS
+
 SCHEDULES = ("gpipe", "1f1b")
 GRAD_SCHEMES = ("minmax", "minmax0")  # codec schemes for k-bit gradients (docs/codec.md)
 
@@ -82,8 +86,8 @@ class Plan:
             devices.add(s.device)
             for name in ("act_bits", "grad_bits"):
                 b = getattr(s, name)
-                if b not in (*range(1, 9), 16, 32):
-                    raise PlanError(f"stage {i} {name} must be 1..8, 16 or 32, got {b}")
+                if b not in VALID_BITS:
+                    raise PlanError(f"stage {i} {name} must be {BITS_TEXT}, got {b}")
             expect = s.end
         if expect != self.num_layers:
             raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
@@ -116,23 +120,21 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         try:
-            stages = tuple(Stage(**s) for s in d["stages"])
-            kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "stages"}
-            return cls(stages=stages, **kw)
-        except PlanError:
-            raise
-        except (KeyError, TypeError) as e:
-            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
+            return msgspec.convert(d, cls)
+        except msgspec.ValidationError as e:
+            raise PlanError(f"bad plan: {e}") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
+        """Parse and validate (field types, then how the stages tile the model) in one go:
+        msgspec checks each field's type and runs ``validate`` through ``__post_init__``, so
+        every rejection is one ``PlanError`` whose reason names the field or the stage."""
         try:
-            d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+            return msgspec.json.decode(text, type=cls)
+        except msgspec.ValidationError as e:
+            raise PlanError(f"bad plan: {e}") from None
+        except msgspec.DecodeError as e:
             raise PlanError(f"plan is not JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise PlanError("plan must be a JSON object")
-        return cls.from_dict(d)
 
 
 def cuts_to_stages(cuts: list[int], devices: list[str], act_bits: list[int] | None = None,

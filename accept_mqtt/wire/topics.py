@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# a job or device id: one topic level that can never be a wildcard or span levels
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = ID_PATTERN
 _ROOT = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64})*$")
 
 

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import Stage, cuts_to_stages
 
-VALID_BITS: tuple[int, ...] = (*range(1, 9), 16, 32)
 SCHEDULES = ("1f1b", "gpipe")
 
 
@@ -39,7 +39,7 @@ class InfeasiblePlanError(ValueError):
 
 def _check_bits(bits: int, what: str) -> int:
     if bits not in VALID_BITS:
-        raise ValueError(f"{what} must be 1..8, 16 or 32, got {bits!r}")
+        raise ValueError(f"{what} must be {BITS_TEXT}, got {bits!r}")
     return int(bits)
 
 

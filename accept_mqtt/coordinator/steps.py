@@ -1,0 +1,234 @@
+"""The step driver: the synchronous pipeline protocol, one mini-batch at a time.
+
+Guarantees:
+
+* ``publish_plan`` publishes a plan retained and returns once every stage's agent says it is
+  ready for it; a new plan version starts at generation 0 with fresh per-stage counters.
+* ``train_step`` is one optimizer step on every stage: the coordinator is the data source, it
+  publishes each micro-batch (inputs + labels) to ``stage/0/fwd`` and, under 1F1B, keeps at
+  most as many micro-batches in flight as there are stages; under GPipe it injects the whole
+  mini-batch at once. It returns when stage 0 has finished every backward and the last stage
+  has reported every loss (the loss summed over the micro-batches, and the accuracy).
+* ``evaluate`` sends the held-out set in eval mode (no stash, no step) and aggregates the last
+  stage's ``eval`` events.
+* Events of an earlier plan version or rewind generation are dropped on arrival (frames and
+  events carry both, docs/faults.md); events without them count as current.
+* ``next_event`` raises ``DeviceLost`` for a plan device that is offline *now* (a Last Will
+  followed by the device's return is not a loss), ``BrokerLost`` when the connection dropped
+  and ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost
+  when queued events are dropped (``drain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from accept_mqtt.model.microbatch import split
+from accept_mqtt.wire import codec
+from accept_mqtt.wire.messages import Done, Eval, Event, Loss, Ready, Rewound, Stepped
+from accept_mqtt.wire.plan import Plan
+from accept_mqtt.wire.topics import Topics
+
+from .errors import BrokerLost, DeviceLost, StepTimeout
+from .record import RunState, StageTotals
+
+
+class Publisher(Protocol):
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1,
+                      retain: bool = False) -> None:
+        """Publish or raise ``BrokerLost``."""
+
+
+class DeviceStates(Protocol):
+    def device_state(self, device: str) -> str:
+        """``online``, ``busy``, ``elsewhere``, ``offline`` or ``unknown``, now."""
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Internal: a plan device's status said ``offline`` (checked again when taken)."""
+
+    device: str
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """Internal: the broker connection dropped."""
+
+    reason: str
+
+
+Queued = Event | Lost | Disconnected
+
+
+class StepDriver:
+    """Drives the current plan's pipeline (see the module docstring)."""
+
+    def __init__(self, job: str, topics: Topics, state: RunState, publisher: Publisher,
+                 devices: DeviceStates, *, step_timeout: float, eval_batch: int,
+                 say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> None:
+        self.job = job
+        self.topics = topics
+        self.state = state
+        self.publisher = publisher
+        self.devices = devices
+        self.step_timeout = step_timeout
+        self.eval_batch = eval_batch
+        self.say = say
+        self.plan: Plan | None = None
+        self.gen = 0  # rewind generation of the current plan (frames and events carry it)
+        self._events: asyncio.Queue[Queued] = asyncio.Queue()
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    # -- what arrives (from the session) ---------------------------------------------------
+    def on_event(self, ev: Event) -> None:
+        if self._stale(ev):
+            return
+        if isinstance(ev, Stepped):
+            tot = self.state.stages.setdefault(ev.stage, StageTotals())
+            tot.busy_ms, tot.send_ms = ev.busy_ms, ev.send_ms
+            tot.bytes_act, tot.bytes_grad = ev.bytes_act, ev.bytes_grad
+            tot.steps += 1
+        else:
+            self._events.put_nowait(ev)
+
+    def device_offline(self, device: str) -> None:
+        """A device's status says offline: a fault if the plan uses it and it stays so."""
+        if self.plan is not None and device in self.plan.devices:
+            self._events.put_nowait(Lost(device))
+
+    def disconnected(self, reason: str) -> None:
+        self._events.put_nowait(Disconnected(reason))
+
+    def _stale(self, ev: Event) -> bool:
+        """An event of an earlier plan version or rewind generation (absent keys: current)."""
+        if self.plan is not None and ev.pv is not None and ev.pv != self.plan.version:
+            return True
+        if isinstance(ev, Rewound):
+            return ev.rewind_gen != self.gen
+        return ev.gen is not None and ev.gen != self.gen
+
+    def drain(self) -> None:
+        """Forget queued events (a new plan or a rewind makes them meaningless)."""
+        keep = []
+        while not self._events.empty():
+            ev = self._events.get_nowait()
+            if isinstance(ev, Lost | Disconnected):  # faults are never dropped
+                keep.append(ev)
+        for ev in keep:
+            self._events.put_nowait(ev)
+
+    def new_generation(self) -> int:
+        """Start the next rewind generation of this plan: queued events are dropped."""
+        self.gen += 1
+        self.drain()
+        return self.gen
+
+    async def next_event(self, timeout: float, waiting_for: str) -> Event:
+        """The next agent event (see the module docstring for the faults it raises)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ev = await asyncio.wait_for(self._events.get(),
+                                            max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise StepTimeout(f"no progress for {timeout:.0f}s while waiting for "
+                                  f"{waiting_for}") from None
+            match ev:
+                case Lost(device=dev):
+                    if self.plan is not None and dev in self.plan.devices and (
+                            self.devices.device_state(dev) == "offline"):
+                        raise DeviceLost(dev)
+                case Disconnected(reason=reason):
+                    raise BrokerLost(reason)
+                case _:
+                    return ev
+
+    # -- the plan --------------------------------------------------------------------------
+    async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
+        """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
+        if self.plan is None or self.plan.version != plan.version:
+            self.gen = 0
+            self.state.stages = {}  # the new stages count from zero
+            self.drain()
+        self.plan = plan
+        await self.republish_plan()
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(ready) < len(plan.stages):
+            ev = await self.next_event(max(0.1, deadline - time.monotonic()),
+                                       f"agents to load plan v{plan.version}")
+            if isinstance(ev, Ready) and ev.version == plan.version:
+                ready.add(ev.stage)
+        self.say("plan", {"plan": plan.to_dict()})
+
+    async def republish_plan(self) -> None:
+        """Publish the current plan retained again (after a reconnect), without waiting."""
+        assert self.plan is not None
+        await self.publisher.publish(self.topics.plan(self.job), self.plan.to_json(),
+                                     retain=True)
+
+    # -- training --------------------------------------------------------------------------
+    def _input_frame(self, x: torch.Tensor, y: torch.Tensor, step: int, mb: int,
+                     extra: dict[str, Any]) -> bytes:
+        assert self.plan is not None
+        f = codec.encode(x, bits=32, job=self.job, step=step, mb=mb, kind="act", labels=y,
+                         extra={**extra, "pv": self.plan.version, "gen": self.gen})
+        return codec.to_bytes(f)
+
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One mini-batch through the pipeline; returns loss and accuracy of the batch."""
+        assert self.plan is not None
+        step, bsz = self.state.step, len(x)
+        mbs = split(bsz, self.plan.micro_batches)
+        nmb, k = len(mbs), len(self.plan.stages)
+        window = nmb if self.plan.schedule == "gpipe" else k
+        extra = {"nmb": nmb, "bsz": bsz, "train": True}
+        fwd0 = self.topics.fwd(self.job, 0)
+        sent = done = 0
+        losses: dict[int, Loss] = {}
+        while done < nmb or len(losses) < nmb:
+            while sent < nmb and sent - done < window:
+                a, b = mbs[sent]
+                await self.publisher.publish(fwd0, self._input_frame(x[a:b], y[a:b], step,
+                                                                     sent, extra))
+                sent += 1
+            ev = await self.next_event(self.step_timeout, f"step {step}")
+            match ev:  # anything else: a late event of an earlier step or an eval
+                case Done(step=s) if s == step:
+                    done += 1
+                case Loss(step=s) if s == step:
+                    losses[ev.mb] = ev
+        self.state.step += 1
+        self.state.microbatches += nmb
+        loss = sum(e.loss for e in losses.values())
+        correct = sum(e.correct for e in losses.values())
+        return {"loss": loss, "train_acc": correct / bsz}
+
+    async def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Held-out accuracy through the pipeline in eval mode (no stash, no step)."""
+        assert self.plan is not None
+        fwd0 = self.topics.fwd(self.job, 0)
+        chunks = [(i, min(i + self.eval_batch, len(x)))
+                  for i in range(0, len(x), self.eval_batch)]
+        for mb, (a, b) in enumerate(chunks):
+            await self.publisher.publish(fwd0, self._input_frame(x[a:b], y[a:b],
+                                                                 self.state.step, mb,
+                                                                 {"train": False}))
+        got: dict[int, Eval] = {}
+        while len(got) < len(chunks):
+            ev = await self.next_event(self.step_timeout, "evaluation results")
+            if isinstance(ev, Eval) and ev.step == self.state.step:
+                got[ev.mb] = ev
+        n = sum(e.n for e in got.values())
+        return {"accuracy": sum(e.correct for e in got.values()) / max(n, 1),
+                "loss": sum(e.loss_sum for e in got.values()) / max(n, 1)}
