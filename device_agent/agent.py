@@ -14,8 +14,19 @@ Lifecycle::
 * Frames are validated before use; a bad frame is logged and reported on the job's metrics
   topic (``{"type": "error", ...}``, naming topic and reason) and dropped. Nothing else
   changes: the stage's stash, weights and step counter are untouched.
-* Compute runs in a worker thread (``asyncio.to_thread``) so the connection stays serviced
-  and paced sends overlap compute, as a real NIC overlaps a CPU.
+* Compute runs on the event loop's own thread, one work item at a time, between which the
+  loop services the connection: measured, a worker thread that competes with the loop for
+  the GIL stretched 2 ms convolutions to 5-11 ms. Only where the loop must keep time while
+  the stage computes -- ``--slowdown`` (its emulating sleep) and a paced uplink (its
+  serialisation delay overlaps compute, as a real NIC overlaps a CPU) -- or when asked
+  (``compute_thread``, e.g. agents sharing one process in tests) does compute go to a worker
+  thread (``asyncio.to_thread``).
+* Under 1F1B, stage 0 keeps at most as many micro-batches of a step in flight (forwarded, not
+  yet backwarded) as there are stages; the coordinator sends a step's inputs at once, so no
+  stage waits for a round trip to the coordinator inside a step. A training frame for the
+  step after the current one is held until the current one ends.
+* Events (``ready``, ``stepped``, ...) are published without waiting for their PUBACK: the
+  stage computes on while the broker acknowledges.
 * Recovery (docs/faults.md): the agent keeps a copy of its stage's state at the start of the
   current and the previous step, so the coordinator can *rewind* it to a step after a broker
   restart (sync op ``rewind``) without losing or repeating a step, and it accepts a restore of
@@ -50,12 +61,10 @@ from accept_mqtt.wire.broker_url import parse_broker_url
 from accept_mqtt.wire.messages import (
     DeviceProfile,
     DeviceStatus,
-    Done,
     Error,
     Eval,
     Event,
     LayerInfo,
-    Loss,
     MessageError,
     Pong,
     Ready,
@@ -92,6 +101,8 @@ class AgentConfig:
     reconnect_timeout: float = 300.0  # seconds to keep retrying a lost broker connection
     pace: bool = True  # False: bandwidth_bps is only advertised, the link is shaped elsewhere
     trace_steps: tuple[int, ...] = ()  # steps whose spans go to trace/{device} (trace.py)
+    compute_thread: bool = False  # compute in a worker thread even at full speed
+    uplink_window: int = 16  # frames in flight on the uplink (Link)
 
 
 @dataclass
@@ -124,6 +135,8 @@ class _Job:
         self.fwd_done: dict[int, set[int]] = defaultdict(set)
         self.bwd_done: dict[int, set[int]] = defaultdict(set)
         self.deferred: list[tuple[int, int]] = []  # gpipe: last stage's waiting backwards
+        self.early: list[_Work] = []  # training frames of the next step, held until it starts
+        self.results: dict[int, list[float]] = {}  # last stage: step -> [loss, correct, n]
         self.fwd_q: deque[_Work] = deque()
         self.bwd_q: deque[_Work] = deque()
         self.errors = 0
@@ -141,6 +154,8 @@ class _Job:
         self.fwd_done.clear()
         self.bwd_done.clear()
         self.deferred.clear()
+        self.early.clear()
+        self.results.clear()
         self.nmb = 0
         self.step, self.gen = step, gen
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= step}
@@ -173,6 +188,9 @@ class Agent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._compute = asyncio.Lock()  # one compute or state change of the stage at a time
+        self._in_thread = bool(config.compute_thread or config.slowdown > 1.0
+                               or (config.bandwidth_bps and config.pace))
+        self._bg: set[asyncio.Task[None]] = set()  # publishes nobody waits for
         self.profile: DeviceProfile | None = None
         self.errors: list[Error] = []
         self.reconnects = 0
@@ -189,7 +207,8 @@ class Agent:
             self.cfg.device_id, threads=self.cfg.threads, slowdown=self.cfg.slowdown,
             bandwidth_bps=self.cfg.bandwidth_bps))
         await self._connect()
-        self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None)
+        self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None,
+                          window=self.cfg.uplink_window)
         self._link.start()
         log.info("agent %s online at %s (threads=%d slowdown=%g bandwidth=%s)",
                  self.cfg.device_id, self.url, self.cfg.threads, self.cfg.slowdown,
@@ -242,6 +261,9 @@ class Agent:
 
     async def __aexit__(self, *exc: object) -> None:
         await cancel_and_wait(*self._tasks)
+        if self._bg:  # let the last events leave (bounded: the broker may be gone)
+            await asyncio.wait(set(self._bg), timeout=2)
+            await cancel_and_wait(*self._bg)
         if self._link is not None:
             await self._link.close()
         if self._client is not None:
@@ -264,6 +286,28 @@ class Agent:
         if self._client is None:
             raise aiomqtt.MqttError("not connected (reconnecting)")
         await self._client.publish(topic, encode(message), qos=qos, retain=retain)
+
+    def _publish_soon(self, topic: str, message: Any, qos: int = 1) -> None:
+        """``_publish_msg`` without waiting for the broker's acknowledgement.
+
+        The client takes the packet before this returns, so messages published this way
+        leave in call order; a failure is logged (a lost connection makes the coordinator
+        rewind the step, docs/faults.md)."""
+        async def send() -> None:
+            try:
+                await self._publish_msg(topic, message, qos=qos)
+            except aiomqtt.MqttError as e:
+                log.warning("publish to %s failed: %s", topic, e)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _compute_call(self, fn: Any, *args: Any) -> Any:
+        """Run one piece of stage compute: inline, or in a worker thread (module docstring)."""
+        if self._in_thread:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     # -- main loop -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -377,7 +421,7 @@ class Agent:
         await self._client.subscribe([(topic, 1) for topic in self._job_topics(job)], timeout=10)
         await self._publish_msg(t.status(self.cfg.device_id),
                                 self._status("busy", job=plan.job, stage=k), retain=True)
-        await self._event(Ready, version=plan.version, stage=k)
+        self._event(Ready, version=plan.version, stage=k)
         log.info("stage %d of job %s: layers [%d, %d), plan v%d", k, plan.job, job.stage.start,
                  job.stage.end, plan.version)
 
@@ -409,14 +453,14 @@ class Agent:
             case SyncWeights(optim=optim):
                 await self._send_weights(job, optim=optim)
             case SyncPing():
-                await self._event(Pong, stage=job.k, step=job.step)
+                self._event(Pong, stage=job.k, step=job.step)
             case SyncRewind():
                 await self._rewind(job, cmd)
 
     async def _send_weights(self, job: _Job, optim: bool = False) -> None:
         async with self._compute:  # between two computations: a consistent state
-            state = await asyncio.to_thread(job.runner.state_dict, job.stage.start)
-            opt = (await asyncio.to_thread(job.runner.optimizer_state, job.stage.start)
+            state = await self._compute_call(job.runner.state_dict, job.stage.start)
+            opt = (await self._compute_call(job.runner.optimizer_state, job.stage.start)
                    if optim else {})
             step = job.step
         body = Weights(job=job.plan.job, stage=job.k, step=step, purpose="checkpoint",
@@ -436,13 +480,12 @@ class Agent:
             snap = job.snapshots.get(step)
             ok = snap is not None
             if ok:
-                await asyncio.to_thread(job.runner.restore, snap)
+                await self._compute_call(job.runner.restore, snap)
                 job.reset(step, gen)
         reason = None if ok else (f"no saved state of step {step} (stage is at step "
                                   f"{job.step}, keeps {sorted(job.snapshots)})")
         log.info("rewind to step %d gen %d: %s", step, gen, "ok" if ok else reason)
-        await self._event(Rewound, stage=job.k, step=step, ok=ok, reason=reason,
-                          rewind_gen=gen)
+        self._event(Rewound, stage=job.k, step=step, ok=ok, reason=reason, rewind_gen=gen)
 
     async def _on_restore(self, topic: str, payload: bytes) -> None:
         """Weights and optimizer state from a checkpoint, sent by the coordinator."""
@@ -462,25 +505,32 @@ class Agent:
             weights = checkpoint.unpack(dict(body.tensors))
             optim = checkpoint.unpack(dict(body.optim or {}))
             async with self._compute:
-                await asyncio.to_thread(job.runner.load_state_dict, weights, job.stage.start)
-                await asyncio.to_thread(job.runner.load_optimizer_state, optim, job.stage.start)
+                await self._compute_call(job.runner.load_state_dict, weights, job.stage.start)
+                await self._compute_call(job.runner.load_optimizer_state, optim, job.stage.start)
                 job.snapshots = {}
                 job.reset(step, gen)
-                job.snapshots[step] = await asyncio.to_thread(job.runner.snapshot)
+                job.snapshots[step] = await self._compute_call(job.runner.snapshot)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             await self._report_error(topic, f"cannot restore stage {job.k}: {e}")
             return
         log.info("stage %d restored to step %d (plan v%d)", job.k, step, job.plan.version)
-        await self._event(Restored, stage=job.k, step=step, version=job.plan.version)
+        self._event(Restored, stage=job.k, step=step, version=job.plan.version)
 
     # -- compute -------------------------------------------------------------------------
     def _pick(self, job: _Job) -> _Work | None:
-        first, second = ((job.bwd_q, job.fwd_q) if job.plan.schedule == "1f1b"
-                         else (job.fwd_q, job.bwd_q))
-        if first:
-            return first.popleft()
-        if second:
-            return second.popleft()
+        """The next work item: 1F1B prefers backwards (and stage 0 forwards a new micro-batch
+        only while fewer than one per stage are in flight); GPipe prefers forwards."""
+        if job.plan.schedule == "1f1b":
+            if job.bwd_q:
+                return job.bwd_q.popleft()
+            if job.fwd_q and (job.k > 0 or job.runner.in_flight < len(job.plan.stages)
+                              or not _is_training(job.fwd_q[0])):
+                return job.fwd_q.popleft()
+            return None
+        if job.fwd_q:
+            return job.fwd_q.popleft()
+        if job.bwd_q:
+            return job.bwd_q.popleft()
         return None
 
     async def _worker(self) -> None:
@@ -517,7 +567,7 @@ class Agent:
                                    f"{frame.kind!r}")
         if frame.job != job.plan.job:
             raise codec.FrameError(topic, f"frame for job {frame.job!r} on job {job.plan.job!r}")
-        if frame.extra.get("train", True) and frame.step != job.step:
+        if frame.extra.get("train", True) and frame.step not in (job.step, job.step + 1):
             raise codec.FrameError(topic, f"frame for step {frame.step} but this stage is at "
                                    f"step {job.step}")
 
@@ -526,21 +576,24 @@ class Agent:
         if job.stale(frame):
             log.info("stale frame on %s dropped (plan/rewind changed)", work.topic)
             return
+        train = bool(frame.extra.get("train", True))
+        if train and frame.step == job.step + 1 and frame.kind == "act":
+            job.early.append(work)  # the next step's input: checked when that step starts
+            return
         x = codec.decode(frame)
         job.runner.check_input(x)  # the frame's own shape first: the most specific reason
         self._check_frame(job, frame, work.topic, "act")
         labels = frame.labels_tensor()
-        train = bool(frame.extra.get("train", True))
         extra = {k: frame.extra[k] for k in ("nmb", "bsz", "train") if k in frame.extra}
         if not train:
-            out = await asyncio.to_thread(job.runner.infer, x)
+            out = await self._compute_call(job.runner.infer, x)
             if job.last:
                 if labels is None or len(labels) != len(out):
                     raise StageError("evaluation frame reached the last stage without labels")
                 loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
-                await self._event(Eval, step=frame.step, mb=frame.mb,
-                                  correct=int((out.argmax(1) == labels).sum()),
-                                  n=len(labels), loss_sum=float(loss))
+                self._event(Eval, step=frame.step, mb=frame.mb,
+                            correct=int((out.argmax(1) == labels).sum()), n=len(labels),
+                            loss_sum=float(loss))
             else:
                 self._send_tensor(job, out, frame, "act", labels, extra)
             return
@@ -554,15 +607,17 @@ class Agent:
             log.warning("duplicate forward frame %s mb %d dropped", work.topic, frame.mb)
             return
         key = (frame.step, frame.mb)
-        res = await asyncio.to_thread(job.runner.forward, key, x, labels, 1.0 / bsz)
+        res = await self._compute_call(job.runner.forward, key, x, labels, 1.0 / bsz)
         job.fwd_done[frame.step].add(frame.mb)
         job.nmb = nmb
         if not job.last:
             assert res.out is not None
             self._send_tensor(job, res.out, frame, "act", labels, extra)
             return
-        await self._event(Loss, step=frame.step, mb=frame.mb, loss=res.loss,
-                          correct=res.correct, n=res.n)
+        acc = job.results.setdefault(frame.step, [0.0, 0, 0])
+        acc[0] += res.loss or 0.0
+        acc[1] += res.correct or 0
+        acc[2] += res.n
         if job.plan.schedule == "1f1b":
             await self._run_backward(job, key, None)
         else:
@@ -578,6 +633,9 @@ class Agent:
             log.info("stale frame on %s dropped (plan/rewind changed)", work.topic)
             return
         self._check_frame(job, frame, work.topic, "grad")
+        if frame.step != job.step:
+            raise codec.FrameError(work.topic, f"gradient for step {frame.step} but this stage "
+                                   f"is at step {job.step}")
         if frame.mb in job.bwd_done[frame.step]:
             log.warning("duplicate gradient frame %s mb %d dropped", work.topic, frame.mb)
             return
@@ -586,36 +644,42 @@ class Agent:
 
     async def _run_backward(self, job: _Job, key: tuple[int, int], g: torch.Tensor | None) -> None:
         step, mb = key
-        gin = await asyncio.to_thread(job.runner.backward, key, g)
+        gin = await self._compute_call(job.runner.backward, key, g)
         job.bwd_done[step].add(mb)
         if gin is not None and job.k > 0:
             fake = codec.TensorFrame(job.plan.job, step, mb, "grad", (), 32, "raw", None, 0.0,
                                      0.0, b"")
             self._send_tensor(job, gin, fake, "grad", None, {})
-        if job.k == 0:
-            await self._event(Done, step=step, mb=mb)
         if len(job.bwd_done[step]) == job.nmb:
             await self._finish_step(job, step)
 
     async def _finish_step(self, job: _Job, step: int) -> None:
-        await asyncio.to_thread(job.runner.step)
+        await self._compute_call(job.runner.step)
         job.step = step + 1
+        if job.early:  # the next step's inputs that came early go first
+            job.fwd_q.extendleft(reversed(job.early))
+            job.early.clear()
+            self._wake.set()
         job.fwd_done.pop(step, None)
         job.bwd_done.pop(step, None)
         # the state at the start of the new step; the previous one is kept for a rewind
-        job.snapshots[step + 1] = await asyncio.to_thread(job.runner.snapshot)
+        job.snapshots[step + 1] = await self._compute_call(job.runner.snapshot)
         job.snapshots = {s: v for s, v in job.snapshots.items() if s >= step}
         assert self._link is not None
         link = self._link
-        await self._event(
+        result = job.results.pop(step, None) if job.last else None
+        self._event(
             Stepped, step=step, stage=job.k, busy_ms=round(job.runner.stats.busy_ms, 3),
             send_ms=round(link.busy_ms - job.link0[0], 3),  # since this job began here
             bytes_act=link.bytes_by_kind["act"] - job.link0[1],
-            bytes_grad=link.bytes_by_kind["grad"] - job.link0[2])
+            bytes_grad=link.bytes_by_kind["grad"] - job.link0[2], mbs=job.nmb,
+            loss=None if result is None else result[0],
+            correct=None if result is None else int(result[1]),
+            n=None if result is None else int(result[2]))
         if self.cfg.timing_every and step % self.cfg.timing_every == 0:
             samples = _aggregate(job.runner.drain_timings())
-            await self._publish_msg(self.topics.timing(job.plan.job, self.cfg.device_id),
-                                    samples, qos=0)
+            self._publish_soon(self.topics.timing(job.plan.job, self.cfg.device_id), samples,
+                               qos=0)
 
     def _send_tensor(self, job: _Job, t: torch.Tensor, src: codec.TensorFrame, kind: str,
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
@@ -635,15 +699,15 @@ class Agent:
         self._link.send(topic, codec.to_bytes(frame), kind, tag=(src.step, src.mb))
 
     # -- reporting -----------------------------------------------------------------------
-    async def _event(self, kind: type[Event], **fields: Any) -> None:
+    def _event(self, kind: type[Event], **fields: Any) -> None:
         """Publish a ``kind`` event of the current job, stamped with this device, the time,
-        the plan version and the rewind generation."""
+        the plan version and the rewind generation, without waiting for its PUBACK."""
         job = self.job
         if job is None or self._client is None:
             return
         ev = kind(device=self.cfg.device_id, time=time.time(), pv=job.plan.version, gen=job.gen,
                   **fields)
-        await self._publish_msg(self.topics.events(job.plan.job, self.cfg.device_id), ev)
+        self._publish_soon(self.topics.events(job.plan.job, self.cfg.device_id), ev)
 
     async def _report_error(self, topic: str, reason: str, job: str | None = None) -> None:
         log.error("rejected message on %s: %s", topic, reason)
@@ -654,6 +718,14 @@ class Agent:
             return
         with contextlib.suppress(Exception):
             await self._publish_msg(self.topics.metrics(job_id), err)
+
+
+def _is_training(work: _Work) -> bool:
+    """A forward frame of a training step (evaluation frames are not bounded by 1F1B)."""
+    try:
+        return bool(codec.from_bytes(work.payload, work.topic).extra.get("train", True))
+    except codec.FrameError:
+        return True  # it fails in _forward, where it is reported
 
 
 def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:

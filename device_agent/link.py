@@ -2,11 +2,16 @@
 
 Guarantees:
 
-* Sends leave in the order they were queued, one at a time, as on a real single uplink.
+* Sends leave in the order they were queued, as on a real single uplink. Up to ``window``
+  publishes are in flight at once (handed to the MQTT client, PUBACK not yet back): a link
+  with a round trip carries ``window`` frames per round trip, not one. The client takes each
+  publish synchronously when it is started, so starting them in queue order keeps the order
+  on the wire.
 * With ``bandwidth_bps`` set, a payload of ``n`` bytes occupies the link for ``8n/bandwidth``
   seconds before it is published (serialisation delay), measured with ``asyncio.sleep`` so a
   slow link costs no CPU. The compute loop never waits for the link unless it must.
-* ``bytes_sent``, ``busy_ms`` and per-topic-kind byte counters say what crossed the link.
+* ``bytes_sent``, ``busy_ms`` (the time the link was pacing or had a publish outstanding)
+  and per-topic-kind byte counters say what crossed the link.
 * Observers (``add_observer``) are called, in the event loop and in registration order,
   after each successful publish with the payload's kind, the ``tag`` given to ``send``, its
   size and the ``time.time()`` span it occupied the link (pacing plus publish);
@@ -31,11 +36,19 @@ Observer = Callable[[str, Any, int, float, float], None]  # kind, tag, bytes, t0
 
 
 class Link:
-    def __init__(self, publish: Publish, bandwidth_bps: float | None = None) -> None:
+    def __init__(self, publish: Publish, bandwidth_bps: float | None = None,
+                 window: int = 16) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self._publish = publish
         self.bandwidth_bps = bandwidth_bps
+        self.window = window
         self._queue: asyncio.Queue[tuple[str, bytes, str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(window)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._active = 0  # pacing or publishes outstanding
+        self._active_since = 0.0
         self.bytes_sent = 0
         self.busy_ms = 0.0
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
@@ -56,11 +69,14 @@ class Link:
             self._task = asyncio.create_task(self._run(), name="link")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._inflight) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await t
+        self._task = None
+        self._inflight.clear()
 
     def send(self, topic: str, payload: bytes, kind: str = "other", tag: Any = None) -> None:
         """Queue ``payload`` for ``topic``; returns at once. ``tag`` goes to the observers."""
@@ -70,28 +86,55 @@ class Link:
         """Wait until everything queued so far has been published."""
         await self._queue.join()
 
+    def _enter(self) -> None:
+        if self._active == 0:
+            self._active_since = time.perf_counter()
+        self._active += 1
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self.busy_ms += (time.perf_counter() - self._active_since) * 1e3
+
     async def _run(self) -> None:
         while True:
-            topic, payload, kind, tag = await self._queue.get()
+            item = await self._queue.get()
+            await self._slots.acquire()
+            w0 = time.time()
+            self._enter()
             try:
-                t0, w0 = time.perf_counter(), time.time()
                 if self.bandwidth_bps:
-                    await asyncio.sleep(len(payload) * 8 / self.bandwidth_bps)
-                await self._publish(topic, payload)
-                self.busy_ms += (time.perf_counter() - t0) * 1e3
-                self.bytes_sent += len(payload)
-                self.bytes_by_kind[kind] += len(payload)
-                if self._observers:
-                    w1 = time.time()
-                    for fn in tuple(self._observers):  # a copy: an observer may remove itself
-                        try:
-                            fn(kind, tag, len(payload), w0, w1)
-                        except Exception as e:
-                            log.warning("link observer %r failed: %s", fn, e)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a failed publish must not kill the uplink
-                self.errors += 1
-                log.error("publish to %s failed: %s", topic, e)
-            finally:
+                    await asyncio.sleep(len(item[1]) * 8 / self.bandwidth_bps)
+            except BaseException:
+                self._leave()
+                self._slots.release()
                 self._queue.task_done()
+                raise
+            task = asyncio.create_task(self._send_one(item, w0))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            # let the task hand its publish to the client before the next one is started
+            await asyncio.sleep(0)
+
+    async def _send_one(self, item: tuple[str, bytes, str, Any], w0: float) -> None:
+        topic, payload, kind, tag = item
+        try:
+            await self._publish(topic, payload)
+            self.bytes_sent += len(payload)
+            self.bytes_by_kind[kind] += len(payload)
+            if self._observers:
+                w1 = time.time()
+                for fn in tuple(self._observers):  # a copy: an observer may remove itself
+                    try:
+                        fn(kind, tag, len(payload), w0, w1)
+                    except Exception as e:
+                        log.warning("link observer %r failed: %s", fn, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a failed publish must not kill the uplink
+            self.errors += 1
+            log.error("publish to %s failed: %s", topic, e)
+        finally:
+            self._leave()
+            self._slots.release()
+            self._queue.task_done()

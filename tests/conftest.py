@@ -47,7 +47,10 @@ async def running_agents(url: str | Callable[[str], str], ids: list[str],
     """Agents as tasks in this event loop (fast start; same code as the process agent).
 
     ``url`` is the broker URL, or a function of the device id giving each its own (e.g. its
-    credentials)."""
+    credentials). They compute in worker threads (``compute_thread``): agents sharing one
+    event loop would otherwise compute in turn with the coordinator, and a hung one would
+    stop them all. Agents started as processes (``harness.local``) compute inline."""
+    kw.setdefault("compute_thread", True)
     from device_agent.agent import Agent, AgentConfig
 
     agents: list[Agent] = []

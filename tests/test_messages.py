@@ -65,6 +65,8 @@ def test_every_wire_tag_is_unique_within_its_union() -> None:
     m.DeviceStatus(state="busy", device="pi-a", time=1.5, job="j1", stage=0),
     m.Rewound(device="pi-a", time=2.0, pv=1, gen=2, stage=1, step=4, ok=False,
               rewind_gen=2, reason="no saved state"),
+    m.Stepped(device="pi-c", time=2.5, pv=1, gen=0, step=4, stage=2, busy_ms=9.5, send_ms=1.0,
+              bytes_act=0, bytes_grad=640, mbs=4, loss=1.25, correct=50, n=64),
     m.StepMetric(job="j1", time=3.0, step=7, loss=0.5, stage_busy_ms={0: 1.5, 1: 2.0},
                  stages=[m.StageCounters(stage=0, device="pi-a", busy_ms=1.5)]),
     m.Recovered(job="j1", reason="device pi-b went offline", at_step=5, restored_step=3,
@@ -86,8 +88,10 @@ def test_round_trip(msg: msgspec.Struct) -> None:
 @pytest.mark.parametrize("payload, reason", [
     (b"not json", "malformed"),
     (b"[1, 2]", "Expected `object`, got `array`"),
-    (b'{"op": "done", "time": 1.0, "step": 1, "mb": 0}', "missing required field `device`"),
-    (b'{"op": "done", "device": "a", "time": 1.0, "step": true, "mb": 0}', "`$.step`"),
+    (b'{"op": "eval", "time": 1.0, "step": 1, "mb": 0, "correct": 1, "n": 2, "loss_sum": 1}',
+     "missing required field `device`"),
+    (b'{"op": "eval", "device": "a", "time": 1.0, "step": true, "mb": 0, "correct": 1, '
+     b'"n": 2, "loss_sum": 1}', "`$.step`"),
     (b'{"op": "bogus", "device": "a", "time": 1.0}', "Invalid value 'bogus' - at `$.op`"),
     (b'{"device": "a", "time": 1.0, "step": 1, "mb": 0}', "missing required field `op`"),
 ])
@@ -99,9 +103,9 @@ def test_a_bad_event_names_what_is_wrong(payload: bytes, reason: str) -> None:
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
-    ev = m.decode(m.Event, b'{"op": "done", "device": "a", "time": 1, "step": 2, "mb": 0, '
-                           b'"added_in_v2": [1]}')
-    assert isinstance(ev, m.Done) and ev.step == 2 and ev.time == 1.0
+    ev = m.decode(m.Event, b'{"op": "ready", "device": "a", "time": 1, "version": 2, '
+                           b'"stage": 0, "added_in_v2": [1]}')
+    assert isinstance(ev, m.Ready) and ev.version == 2 and ev.time == 1.0
 
 
 @pytest.mark.parametrize("payload, reason", [

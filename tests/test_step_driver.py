@@ -1,7 +1,8 @@
 """The step driver against a fake pipeline: no broker, no agents, each test well under 1 s.
 
 The fake stands in for the agents: it decodes every stage-0 input frame the driver publishes
-and answers it as the last stage (``loss``) and stage 0 (``done``) would.
+and, once a step's micro-batches are all there, answers as stage 0 and the last stage would
+(``stepped``, the last stage's with the step's loss and accuracy).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from accept_mqtt.coordinator.errors import DeviceLost, StepTimeout
 from accept_mqtt.coordinator.record import RunState
 from accept_mqtt.coordinator.steps import StepDriver
 from accept_mqtt.wire import codec
-from accept_mqtt.wire.messages import Done, Eval, Loss, Ready, Stepped
+from accept_mqtt.wire.messages import Eval, Ready, Stepped
 from accept_mqtt.wire.plan import Plan, cuts_to_stages
 from accept_mqtt.wire.topics import Topics
 
@@ -50,6 +51,7 @@ class FakePipeline:
         self.in_flight = 0
         self.max_in_flight = 0
         self.plans: list[str] = []
+        self.step_frames: list[codec.TensorFrame] = []
 
     def _later(self, ev: Any) -> None:
         assert self.driver is not None
@@ -81,20 +83,23 @@ class FakePipeline:
             return
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.step_frames.append(f)
+        if len(self.step_frames) < f.extra["nmb"]:
+            return
+        frames, self.step_frames, self.in_flight = self.step_frames, [], 0
+        loss = sum(0.5 * (g.mb + 1) for g in frames)
+        correct = sum(int((g.labels_tensor() == 0).sum()) for g in frames)  # type: ignore[union-attr]
+        n = sum(len(g.labels_tensor()) for g in frames)  # type: ignore[arg-type]
         if self.stale:  # would end the step early with wrong numbers if they counted
-            self._later(Done(device="a", time=0.0, pv=pv + 7, gen=gen, step=f.step, mb=f.mb))
-            self._later(Loss(device="c", time=0.0, pv=pv, gen=gen + 1, step=f.step,
-                             mb=f.mb + 100, loss=1000.0, correct=0, n=1))
-        self._later(Loss(device="c", time=0.0, pv=pv, gen=gen, step=f.step, mb=f.mb,
-                         loss=0.5 * (f.mb + 1), correct=int((labels == 0).sum()),
-                         n=len(labels)))
-        asyncio.get_running_loop().call_soon(self._done, f)
+            self._later(_stepped(0, f.step, pv + 7, gen))
+            self._later(_stepped(2, f.step, pv, gen + 1, loss=1000.0, correct=0, n=1))
+        self._later(_stepped(2, f.step, pv, gen, loss=loss, correct=correct, n=n))
+        self._later(_stepped(0, f.step, pv, gen))
 
-    def _done(self, f: codec.TensorFrame) -> None:
-        self.in_flight -= 1
-        assert self.driver is not None
-        self.driver.on_event(Done(device="a", time=0.0, pv=f.extra["pv"], gen=f.extra["gen"],
-                                  step=f.step, mb=f.mb))
+
+def _stepped(stage: int, step: int, pv: int, gen: int, **result: Any) -> Stepped:
+    return Stepped(device=DEVICES[stage], time=0.0, pv=pv, gen=gen, step=step, stage=stage,
+                   busy_ms=1.0, send_ms=0.0, bytes_act=0, bytes_grad=0, mbs=8, **result)
 
 
 def _driver(pipe: FakePipeline, fleet: FakeFleet | None = None,
@@ -111,7 +116,7 @@ def _batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-def test_train_step_sums_losses_and_bounds_what_is_in_flight(schedule: str) -> None:
+def test_train_step_sends_the_step_at_once_and_sums_the_losses(schedule: str) -> None:
     x, y = _batch()
 
     async def main() -> tuple[dict[str, float], FakePipeline, StepDriver]:
@@ -128,8 +133,8 @@ def test_train_step_sums_losses_and_bounds_what_is_in_flight(schedule: str) -> N
     assert [f.mb for f in pipe.frames] == list(range(8))
     assert all(f.step == 0 and f.extra["nmb"] == 8 and f.extra["bsz"] == 32 for f in pipe.frames)
     torch.testing.assert_close(torch.cat([codec.decode(f) for f in pipe.frames]), x)
-    # 1F1B: at most one micro-batch per stage in flight; GPipe: the whole mini-batch at once
-    assert pipe.max_in_flight == (3 if schedule == "1f1b" else 8)
+    # the whole mini-batch is sent before any stage answers (stage 0 keeps the 1F1B bound)
+    assert pipe.max_in_flight == 8
     assert d.state.step == 1 and d.state.microbatches == 8
 
 
@@ -141,9 +146,9 @@ def test_stale_events_are_ignored_and_stepped_counts() -> None:
         d = _driver(pipe)
         await d.publish_plan(_plan())
         d.on_event(Stepped(device="b", time=0.0, pv=1, gen=0, step=0, stage=1, busy_ms=4.0,
-                           send_ms=1.0, bytes_act=10, bytes_grad=20))
+                           send_ms=1.0, bytes_act=10, bytes_grad=20, mbs=8))
         d.on_event(Stepped(device="b", time=0.0, pv=2, gen=0, step=0, stage=1, busy_ms=99.0,
-                           send_ms=1.0, bytes_act=10, bytes_grad=20))  # another plan: stale
+                           send_ms=1.0, bytes_act=10, bytes_grad=20, mbs=8))  # another plan: stale
         return await d.train_step(x, y), d
 
     res, d = asyncio.run(main())

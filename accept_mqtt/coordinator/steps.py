@@ -5,10 +5,12 @@ Guarantees:
 * ``publish_plan`` publishes a plan retained and returns once every stage's agent says it is
   ready for it; a new plan version starts at generation 0 with fresh per-stage counters.
 * ``train_step`` is one optimizer step on every stage: the coordinator is the data source, it
-  publishes each micro-batch (inputs + labels) to ``stage/0/fwd`` and, under 1F1B, keeps at
-  most as many micro-batches in flight as there are stages; under GPipe it injects the whole
-  mini-batch at once. It returns when stage 0 has finished every backward and the last stage
-  has reported every loss (the loss summed over the micro-batches, and the accuracy).
+  publishes every micro-batch of the step (inputs + labels) to ``stage/0/fwd`` at once (under
+  1F1B stage 0 itself keeps at most one micro-batch per stage in flight, so no stage waits
+  for a round trip to the coordinator inside a step). It returns when the first and the last
+  stage have each reported the step (``stepped``): stage 0 runs the step's last backward, so
+  every stage has finished it; the last stage's report carries the loss summed over the
+  micro-batches and the accuracy.
 * ``evaluate`` sends the held-out set in eval mode (no stash, no step) and aggregates the last
   stage's ``eval`` events.
 * Events of an earlier plan version or rewind generation are dropped on arrival (frames and
@@ -31,7 +33,7 @@ import torch
 
 from accept_mqtt.model.microbatch import split
 from accept_mqtt.wire import codec
-from accept_mqtt.wire.messages import Done, Eval, Event, Loss, Ready, Rewound, Stepped
+from accept_mqtt.wire.messages import Eval, Event, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
@@ -98,8 +100,7 @@ class StepDriver:
             tot.busy_ms, tot.send_ms = ev.busy_ms, ev.send_ms
             tot.bytes_act, tot.bytes_grad = ev.bytes_act, ev.bytes_grad
             tot.steps += 1
-        else:
-            self._events.put_nowait(ev)
+        self._events.put_nowait(ev)
 
     def device_offline(self, device: str) -> None:
         """A device's status says offline: a fault if the plan uses it and it stays so."""
@@ -190,29 +191,26 @@ class StepDriver:
         assert self.plan is not None
         step, bsz = self.state.step, len(x)
         mbs = split(bsz, self.plan.micro_batches)
-        nmb, k = len(mbs), len(self.plan.stages)
-        window = nmb if self.plan.schedule == "gpipe" else k
+        nmb, last = len(mbs), len(self.plan.stages) - 1
         extra = {"nmb": nmb, "bsz": bsz, "train": True}
         fwd0 = self.topics.fwd(self.job, 0)
-        sent = done = 0
-        losses: dict[int, Loss] = {}
-        while done < nmb or len(losses) < nmb:
-            while sent < nmb and sent - done < window:
-                a, b = mbs[sent]
-                await self.publisher.publish(fwd0, self._input_frame(x[a:b], y[a:b], step,
-                                                                     sent, extra))
-                sent += 1
+        frames = [self._input_frame(x[a:b], y[a:b], step, mb, extra)
+                  for mb, (a, b) in enumerate(mbs)]
+        # started in order, so the client queues them in order; all in flight at once
+        await asyncio.gather(*(self.publisher.publish(fwd0, f) for f in frames))
+        waiting = {0, last}
+        result: Stepped | None = None
+        while waiting:
             ev = await self.next_event(self.step_timeout, f"step {step}")
-            match ev:  # anything else: a late event of an earlier step or an eval
-                case Done(step=s) if s == step:
-                    done += 1
-                case Loss(step=s) if s == step:
-                    losses[ev.mb] = ev
+            if isinstance(ev, Stepped) and ev.step == step and ev.stage in waiting:
+                waiting.discard(ev.stage)
+                if ev.stage == last:
+                    result = ev
+            # anything else: a late event of an earlier step, or an eval
+        assert result is not None
         self.state.step += 1
         self.state.microbatches += nmb
-        loss = sum(e.loss for e in losses.values())
-        correct = sum(e.correct for e in losses.values())
-        return {"loss": loss, "train_acc": correct / bsz}
+        return {"loss": result.loss or 0.0, "train_acc": (result.correct or 0) / bsz}
 
     async def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Held-out accuracy through the pipeline in eval mode (no stash, no step)."""

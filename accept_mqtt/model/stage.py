@@ -267,6 +267,11 @@ class StageRunner:
             self.optimizer.zero_grad(set_to_none=True)
         self.stats.steps += 1
 
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches forwarded whose backward has not run yet."""
+        return len(self._stash)
+
     def pending(self) -> list[Key]:
         return sorted(self._stash)
 
