@@ -56,7 +56,7 @@ from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
 from accept_mqtt.model.zoo import build_model
 from accept_mqtt.wire import codec
-from accept_mqtt.wire.aio import cancel_and_wait, retry
+from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
 from accept_mqtt.wire.messages import (
     DeviceProfile,
@@ -229,6 +229,7 @@ class Agent:
             will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
         )
         await client.__aenter__()
+        widen_socket_buffers(client._client.socket())  # aiomqtt keeps paho's client there
         self._client = client
         job = self.job
         state = self._status("busy", job=job.plan.job, stage=job.k) if job else self._status(
@@ -560,6 +561,7 @@ class Agent:
                 job.errors += 1
                 log.exception("stage %d failed on %s", job.k, work.topic)
                 await self._report_error(work.topic, f"{type(e).__name__}: {e}")
+            await _let_io_run()
 
     def _check_frame(self, job: _Job, frame: codec.TensorFrame, topic: str, kind: str) -> None:
         if frame.kind != kind:
@@ -718,6 +720,18 @@ class Agent:
             return
         with contextlib.suppress(Exception):
             await self._publish_msg(self.topics.metrics(job_id), err)
+
+
+async def _let_io_run() -> None:
+    """Give the loop the turns it needs to put what a work item queued on the socket.
+
+    Computing inline never suspends, so without this a frame queued by one work item would
+    leave only when the stage runs out of work. Three turns: the uplink takes the frame and
+    starts its publish, the publish hands the packet to the client (which asks the loop to
+    watch the socket), the loop sees the socket writable and writes. Each turn with nothing
+    to do is one zero-timeout poll."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 def _is_training(work: _Work) -> bool:

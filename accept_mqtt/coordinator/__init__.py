@@ -311,16 +311,21 @@ class Coordinator:
         n = len(data.train_x)
         order: dict[int, list[Any]] = {}
         while st.step < total:
-            await self._between_steps()
-            if self.control.stop_requested:
-                break
+            if self.steps.sent_ahead != st.step:  # else the devices are on this step already
+                await self._between_steps()
+                if self.control.stop_requested:
+                    break
             epoch, i = divmod(st.step, per_epoch)
             if epoch not in order:  # the batches of an epoch are fixed by the seed
                 order = {epoch: epoch_batches(n, cfg.batch_size, cfg.seed, epoch)}
             idx = order[epoch][i]
+            ahead = None
+            if self._plain_boundary(st.step + 1, per_epoch, total):
+                nxt = order[epoch][i + 1]
+                ahead = (data.train_x[nxt], data.train_y[nxt])
             st.epoch = epoch
             t0 = time.perf_counter()
-            res = await self.steps.train_step(data.train_x[idx], data.train_y[idx])
+            res = await self.steps.train_step(data.train_x[idx], data.train_y[idx], ahead)
             dt = time.perf_counter() - t0
             st.train_s += dt
             st.samples += len(idx)
@@ -338,6 +343,14 @@ class Coordinator:
                 await self._end_of_epoch(data, epoch)
         if self.control.stop_requested and (not st.history or st.history[-1]["step"] != st.step):
             await self._end_of_epoch(data, st.epoch)
+
+    def _plain_boundary(self, step: int, per_epoch: int, total: int) -> bool:
+        """Nothing is due before ``step`` (no evaluation, checkpoint, pause, stop or re-plan
+        asked for): its inputs may go out with the step before (``StepDriver``)."""
+        every = self.cfg.checkpoint_every
+        return (step < total and step % per_epoch != 0 and not (every and step % every == 0)
+                and self.control.running.is_set() and not self.control.stop_requested
+                and not self.planner.replan_requested)
 
     async def _end_of_epoch(self, data: Dataset, epoch: int) -> None:
         st = self.state

@@ -250,6 +250,10 @@ class Planner:
     def request_replan(self, reason: str) -> None:
         self._replan_request = reason
 
+    @property
+    def replan_requested(self) -> bool:
+        return self._replan_request is not None
+
     def take_replan_request(self) -> str | None:
         """The pending re-plan request's reason (and forget it), else None."""
         reason, self._replan_request = self._replan_request, None

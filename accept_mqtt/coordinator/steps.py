@@ -11,6 +11,13 @@ Guarantees:
   stage have each reported the step (``stepped``): stage 0 runs the step's last backward, so
   every stage has finished it; the last stage's report carries the loss summed over the
   micro-batches and the accuracy.
+* ``train_step(..., ahead=(x, y))`` also sends the *next* step's inputs before it waits, so
+  stage 0 starts that step the moment it finishes this one, without a round trip to the
+  coordinator in between (stage 0 holds them until then). The next ``train_step`` then
+  sends nothing new for its own step. The caller must run that next step before anything
+  else happens at the boundary (pause, checkpoint, re-plan, evaluation): the devices will
+  compute it on their own. A new plan or a rewind makes the frames sent ahead stale; they are
+  forgotten here and dropped by the agents.
 * ``evaluate`` sends the held-out set in eval mode (no stash, no step) and aggregates the last
   stage's ``eval`` events.
 * Events of an earlier plan version or rewind generation are dropped on arrival (frames and
@@ -85,6 +92,7 @@ class StepDriver:
         self.say = say
         self.plan: Plan | None = None
         self.gen = 0  # rewind generation of the current plan (frames and events carry it)
+        self.sent_ahead: int | None = None  # a step whose inputs went out with the one before
         self._events: asyncio.Queue[Queued] = asyncio.Queue()
 
     @property
@@ -120,6 +128,7 @@ class StepDriver:
 
     def drain(self) -> None:
         """Forget queued events (a new plan or a rewind makes them meaningless)."""
+        self.sent_ahead = None  # and the frames sent ahead: stale for the agents now
         keep = []
         while not self._events.empty():
             ev = self._events.get_nowait()
@@ -186,16 +195,27 @@ class StepDriver:
                          extra={**extra, "pv": self.plan.version, "gen": self.gen})
         return codec.to_bytes(f)
 
-    async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One mini-batch through the pipeline; returns loss and accuracy of the batch."""
+    def _step_frames(self, x: torch.Tensor, y: torch.Tensor, step: int) -> list[bytes]:
+        assert self.plan is not None
+        mbs = split(len(x), self.plan.micro_batches)
+        extra = {"nmb": len(mbs), "bsz": len(x), "train": True}
+        return [self._input_frame(x[a:b], y[a:b], step, mb, extra)
+                for mb, (a, b) in enumerate(mbs)]
+
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                         ahead: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> dict[str, float]:
+        """One mini-batch through the pipeline; returns loss and accuracy of the batch.
+
+        ``ahead``: the next step's mini-batch, sent now (see the module docstring)."""
         assert self.plan is not None
         step, bsz = self.state.step, len(x)
-        mbs = split(bsz, self.plan.micro_batches)
-        nmb, last = len(mbs), len(self.plan.stages) - 1
-        extra = {"nmb": nmb, "bsz": bsz, "train": True}
+        nmb, last = len(split(bsz, self.plan.micro_batches)), len(self.plan.stages) - 1
+        frames = [] if self.sent_ahead == step else self._step_frames(x, y, step)
+        if ahead is not None:
+            frames += self._step_frames(*ahead, step + 1)
+        self.sent_ahead = step + 1 if ahead is not None else None
         fwd0 = self.topics.fwd(self.job, 0)
-        frames = [self._input_frame(x[a:b], y[a:b], step, mb, extra)
-                  for mb, (a, b) in enumerate(mbs)]
         # started in order, so the client queues them in order; all in flight at once
         await asyncio.gather(*(self.publisher.publish(fwd0, f) for f in frames))
         waiting = {0, last}
