@@ -49,12 +49,12 @@ async def retry(connect: Callable[[], Awaitable[None]], timeout: float,
             delay = min(2 * delay, 2.0)
 
 
-# Socket buffers for tensor frames. The agent computes on its event loop's thread, so a frame
-# the kernel cannot take in one write waits, half sent, until the current layer finishes
-# (measured: 262 KB VGG activations took 2-3 ms per hop on loopback with the 208 KB default
-# buffer, the rest of each frame stuck behind a forward). Asking for 4 MiB lets one write
-# take a whole frame; the kernel caps the request at net.core.wmem_max/rmem_max (4 MiB here,
-# 208 KiB on a stock Raspberry Pi OS, doubled by Linux for its own bookkeeping).
+# Socket buffers for tensor frames. The agent computes on its event loop's thread, so the part
+# of a frame the kernel does not take in one write waits for the loop's next turn, i.e. until
+# the current work item is computed. Asking for 4 MiB lets one write take a whole frame (a
+# VGG width 0.25 activation of 8 samples is 262 KB; Linux's default is 208 KiB). The kernel
+# caps the request at net.core.wmem_max/rmem_max (4 MiB here, 208 KiB on a stock Raspberry
+# Pi OS). On this machine's loopback the effect on digits steps was within run-to-run noise.
 FRAME_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
