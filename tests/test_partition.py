@@ -73,7 +73,7 @@ def problems(draw: st.DrawFn, max_layers: int = 8, max_devices: int = 3,
         codec=CodecCost.minmax(enc, enc / 2, enc / 8),
         micro_batches=draw(st.integers(1, 4)), schedule=draw(st.sampled_from(["1f1b", "gpipe"])),
         optimizer_slots=draw(st.integers(0, 2)), fixed_order=draw(st.booleans()),
-        use_all_devices=use_all,
+        use_all_devices=use_all, frame_cpu_ms=draw(st.sampled_from([0.0, 0.05, 0.3])),
     )
 
 

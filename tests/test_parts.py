@@ -104,6 +104,41 @@ def test_every_partition_method_gives_a_valid_plan(method: str) -> None:
         assert max(work, key=work.__getitem__) == "d0"
 
 
+def test_auto_micro_batches_is_the_predicted_fastest_count_that_fits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from accept_mqtt.coordinator import planner
+    from accept_mqtt.coordinator.config import ConfigError, TrainConfig
+    from accept_mqtt.coordinator.planner import (
+        MICRO_BATCH_CHOICES,
+        DeviceInfo,
+        PlanningError,
+        choose_micro_batches,
+        make_partition,
+        predicted_step_ms,
+    )
+
+    cfg = TrainConfig(model="vgg", width=0.25, batch_size=32, devices=3,
+                      micro_batches="auto").validate()
+    descs = describe(build_model("vgg", seed=0, width=0.25))
+    devs = [DeviceInfo(f"d{i}", {"bench_gflops": 5.0, "memory_mb": 4096}) for i in range(3)]
+    res, m = choose_micro_batches(descs, devs, cfg, method="dp")
+    steps = {c: predicted_step_ms(make_partition(descs, devs, cfg, method="dp",
+                                                 micro_batches=c), c)
+             for c in MICRO_BATCH_CHOICES}
+    assert m in steps and predicted_step_ms(res, m) == pytest.approx(min(steps.values()))
+    # dearer frames (a slow client, a weak CPU) mean fewer, larger micro-batches
+    monkeypatch.setattr(planner, "FRAME_CPU_MS", 20.0)
+    _, m_dear = choose_micro_batches(descs, devs, cfg, method="dp")
+    assert m_dear < m, (m_dear, m)
+    # memory: a budget that holds few micro-batches' stashes caps the count
+    small = [DeviceInfo(d.id, {**d.profile, "memory_mb": 0}) for d in devs]
+    with pytest.raises(PlanningError, match="no micro-batch count fits"):
+        choose_micro_batches(descs, small, cfg, method="dp")
+    for bad in (0, "many", True):
+        with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):
+            TrainConfig(micro_batches=bad).validate()  # type: ignore[arg-type]
+
+
 def test_broker_config_and_missing_binary(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     text = render_config("listener 1883 0.0.0.0\nallow_anonymous true\n", 4242, "127.0.0.1",
                          tmp_path, persistence=False)

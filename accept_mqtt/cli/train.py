@@ -18,10 +18,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from accept_mqtt.coordinator.config import ConfigError, TrainConfig
+from accept_mqtt.coordinator.config import ConfigError, TrainConfig, micro_batch_count
 
 # flag -> TrainConfig field (flags default to None so a config file can fill them)
-_FLAGS: list[tuple[str, str, type, str]] = [
+_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "zoo model: cnn, mlp, vgg, mobilenet, har1d"),
     ("--dataset", "dataset", str, "digits, cifar10, har, synthetic-cifar, synthetic-har"),
     ("--data-path", "data_path", str, "directory of CIFAR-10 python batches or UCI HAR"),
@@ -29,7 +29,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--devices", "devices", int, "number of device agents (stages)"),
     ("--epochs", "epochs", int, "epochs to train"),
     ("--batch-size", "batch_size", int, "mini-batch size (one optimizer step each)"),
-    ("--micro-batches", "micro_batches", int, "micro-batches per mini-batch"),
+    ("--micro-batches", "micro_batches", micro_batch_count,
+     "micro-batches per mini-batch, or 'auto' (the planner chooses)"),
     ("--schedule", "schedule", str, "gpipe or 1f1b"),
     ("--optimizer", "optimizer", str, "sgd or adam"),
     ("--lr", "lr", float, "learning rate"),

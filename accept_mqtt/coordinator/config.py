@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
@@ -21,6 +21,19 @@ class ConfigError(ValueError):
     pass
 
 
+def micro_batch_count(text: str) -> int | Literal["auto"]:
+    """``--micro-batches``: a count >= 1, or ``auto``."""
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"micro-batches must be an int >= 1 or 'auto', got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"micro-batches must be an int >= 1 or 'auto', got {text!r}")
+    return n
+
+
 @dataclass
 class TrainConfig:
     model: str = "cnn"
@@ -29,7 +42,7 @@ class TrainConfig:
     width: float = 1.0
     epochs: int = 2
     batch_size: int = 64
-    micro_batches: int = 4
+    micro_batches: int | Literal["auto"] = 4  # "auto": the planner chooses (planner.py)
     schedule: str = "1f1b"
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -60,8 +73,12 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.micro_batches < 1:
-            raise ConfigError("batch_size and micro_batches must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batches != "auto" and (isinstance(self.micro_batches, bool) or not (
+                isinstance(self.micro_batches, int) and self.micro_batches >= 1)):
+            raise ConfigError(f"micro_batches must be an int >= 1 or 'auto', got "
+                              f"{self.micro_batches!r}")
         if self.devices < 1:
             raise ConfigError(f"devices must be >= 1, got {self.devices}")
         for name in ("act_bits", "grad_bits"):

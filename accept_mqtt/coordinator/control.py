@@ -5,7 +5,9 @@ Guarantees:
 * ``pause`` lets the current optimizer step finish, then training waits (``running`` is
   cleared) until ``resume``/``start``; ``stop`` ends it at the next step boundary (evaluated,
   saved); ``repartition`` and ``set`` ask the planner for a live re-plan at the next step
-  boundary; ``status`` only answers.
+  boundary; ``status`` only answers. "The next step boundary" is the first one without a
+  step in flight: a step whose inputs the coordinator sent ahead (``StepDriver``) is run
+  first, so a command takes effect at most one step later than it would otherwise.
 * Every accepted command is answered on the metrics topic with ``status`` (``JobStatus``).
 * A rejected command (not JSON, unknown, a ``set`` with another key or a value the config
   refuses) changes nothing; it is answered with an ``error`` (``device: "coordinator"``),

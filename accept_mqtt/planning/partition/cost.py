@@ -4,7 +4,8 @@ A device runs two resources concurrently, as ``device_agent`` does (compute in a
 sends queued on one paced uplink, ``device_agent/link.py``):
 
 * compute: fwd+bwd of its layers, plus codec work — encoding the activations it sends and the
-  gradients it sends, decoding the activations and gradients it receives;
+  gradients it sends, decoding the activations and gradients it receives — plus
+  ``frame_cpu_ms`` per frame it sends or receives, whatever the size;
 * uplink: the bytes of its outgoing activation frame (to the next stage) and its outgoing
   gradient frame (to the previous stage), at *its own* uplink bandwidth. Receivers' downlinks
   are not modelled (the broker fans in; the emulated link paces the sender only).
@@ -86,8 +87,9 @@ def device_tables(p: PartitionProblem, d: int, cand: Sequence[Choice]) -> Device
     enc_a = np.array([p.codec.encode(b) for b in act])
     dec_g = np.array([p.codec.decode(b) for b in grad])
     enc_g = np.array([p.codec.encode(b) for b in grad])
-    codec_in = scale * n[:, None] * (dec_a + enc_g)[None, :]
-    codec_out = scale * n[:, None] * (enc_a + dec_g)[None, :]
+    frames = 2.0 * p.frame_cpu_ms * (n > 0)  # one frame in, one out at every inner cut
+    codec_in = scale * n[:, None] * (dec_a + enc_g)[None, :] + frames[:, None]
+    codec_out = scale * n[:, None] * (enc_a + dec_g)[None, :] + frames[:, None]
     up_in = np.stack([send_ms(p, d, wire_bytes(p, n, b)) for b in grad], axis=1)
     up_out = np.stack([send_ms(p, d, wire_bytes(p, n, b)) for b in act], axis=1)
     prefix = np.concatenate([[0.0], np.cumsum(p.compute_ms[d])])
@@ -158,8 +160,10 @@ def evaluate(p: PartitionProblem, devices: Sequence[str], cuts: Sequence[int],
         scale = p.devices[d].codec_scale
         prefix = np.concatenate([[0.0], np.cumsum(p.compute_ms[d])])
         # same arithmetic, in the same order, as device_tables + stage_cost_array
-        c_in = scale * float(n[a]) * (p.codec.decode(a_in) + p.codec.encode(g_out))
-        c_out = scale * float(n[b]) * (p.codec.encode(a_out) + p.codec.decode(g_in))
+        c_in = (scale * float(n[a]) * (p.codec.decode(a_in) + p.codec.encode(g_out))
+                + 2.0 * p.frame_cpu_ms * float(n[a] > 0))
+        c_out = (scale * float(n[b]) * (p.codec.encode(a_out) + p.codec.decode(g_in))
+                 + 2.0 * p.frame_cpu_ms * float(n[b] > 0))
         comp = float(prefix[b] - prefix[a]) + c_in + c_out
         up = _frame_ms(p, d, float(n[a]), g_out) + _frame_ms(p, d, float(n[b]), a_out)
         mem = stage_memory_bytes(p, a, b, k - 1 - s)

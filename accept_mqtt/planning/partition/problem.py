@@ -134,6 +134,9 @@ class PartitionProblem:
     optimizer_slots: int = 1
     activation_overhead: float = 1.0
     frame_overhead_bytes: int = 64
+    # CPU ms to send or to receive one frame, whatever its size (serialising, the MQTT
+    # client, system calls): what makes many small micro-batches dear. 0: not modelled.
+    frame_cpu_ms: float = 0.0
     fixed_order: bool = False
     use_all_devices: bool = False
 
