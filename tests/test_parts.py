@@ -137,6 +137,12 @@ def test_auto_micro_batches_is_the_predicted_fastest_count_that_fits(
     for bad in (0, "many", True):
         with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):
             TrainConfig(micro_batches=bad).validate()  # type: ignore[arg-type]
+    # the way a config file and the command line arrive
+    assert TrainConfig.from_dict({"micro_batches": "auto"}).micro_batches == "auto"
+    with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):
+        TrainConfig.from_dict({"micro_batches": 0})
+    with pytest.raises(ConfigError, match="'micro_batches' must be int, got 'many'"):
+        TrainConfig.from_dict({"micro_batches": "many"})
 
 
 def test_broker_config_and_missing_binary(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

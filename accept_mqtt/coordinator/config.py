@@ -22,16 +22,12 @@ class ConfigError(ValueError):
 
 
 def micro_batch_count(text: str) -> int | Literal["auto"]:
-    """``--micro-batches``: a count >= 1, or ``auto``."""
-    if text == "auto":
-        return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"micro-batches must be an int >= 1 or 'auto', got {text!r}") from None
-    if n < 1:
-        raise ValueError(f"micro-batches must be an int >= 1 or 'auto', got {text!r}")
-    return n
+    """``--micro-batches``: ``auto`` or an int (its range is ``TrainConfig.validate``'s)."""
+    return "auto" if text == "auto" else int(text)
+
+
+# fields that take a word besides values of their default's type (checked by ``validate``)
+_WORDS: dict[str, tuple[str, ...]] = {"micro_batches": ("auto",)}
 
 
 @dataclass
@@ -113,7 +109,7 @@ class TrainConfig:
         defaults = cls()
         for k, v in d.items():
             want = type(getattr(defaults, k))
-            if getattr(defaults, k) is None or v is None:
+            if getattr(defaults, k) is None or v is None or v in _WORDS.get(k, ()):
                 continue
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 d[k] = float(v)

@@ -145,7 +145,7 @@ def choose_micro_batches(descs: list[LayerDescriptor], devices: list[DeviceInfo]
         try:
             res = make_partition(descs, devices, cfg, method=method, costs=costs,
                                  micro_batches=m)
-        except (PlanningError, ValueError) as e:
+        except ValueError as e:  # PlanningError, InfeasiblePlanError and the problem's own
             errors.append(f"{m}: {e}")
             continue
         if not res.feasible:
