@@ -656,7 +656,7 @@ class Agent:
             await self._finish_step(job, step)
 
     async def _finish_step(self, job: _Job, step: int) -> None:
-        await self._compute_call(job.runner.step)
+        await self._compute_call(job.runner.step, step)  # the lr schedule's clock
         job.step = step + 1
         if job.early:  # the next step's inputs that came early go first
             job.fwd_q.extendleft(reversed(job.early))

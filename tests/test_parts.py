@@ -97,7 +97,7 @@ def test_every_partition_method_gives_a_valid_plan(method: str) -> None:
             for i, g in enumerate([10.0, 5.0, 2.5])]
     res = make_partition(descs, devs, cfg, method=method)
     plan = build_plan("j", cfg, len(descs), [d for i in res.devices for d in devs if d.id == i],
-                      list(res.cuts), method=method)
+                      list(res.cuts), method=method, optimizer=cfg.optimizer_cfg(10))
     assert len(plan.stages) == 3 and plan.stages[-1].end == len(descs)
     if method == "dp":  # the fastest device gets the most work
         work = {s.device: sum(d.flops for d in descs[s.start:s.end]) for s in plan.stages}

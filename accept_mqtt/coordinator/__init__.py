@@ -217,6 +217,7 @@ class Coordinator:
         dataset = cfg.dataset or ZOO[cfg.model].default_dataset
         data = load_dataset(dataset, path=cfg.data_path, seed=cfg.seed,
                             synthetic_size=cfg.synthetic_size)
+        self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset)
         resume = self.recovery.load_resume()
         self.planner.load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})

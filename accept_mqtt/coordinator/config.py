@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from accept_mqtt.model.schedule import LR_SCHEDULES, default_recipe
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
 
@@ -44,6 +45,8 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "auto"  # constant | cosine | step; auto: model/schedule.py's recipe
+    warmup_steps: int | None = None  # None: the recipe's share of the run's steps
     seed: int = DEFAULT_SEED
     act_bits: int = 32
     grad_bits: int = 32
@@ -89,13 +92,28 @@ class TrainConfig:
         if self.partition not in ("auto", "predictor", "flops", "equal"):
             raise ConfigError(f"partition must be auto, predictor, flops or equal, got "
                               f"{self.partition!r}")
+        if self.lr_schedule not in ("auto", *LR_SCHEDULES):
+            raise ConfigError(f"lr_schedule must be auto, {', '.join(LR_SCHEDULES)}, got "
+                              f"{self.lr_schedule!r}")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not (
+                isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)):
+            raise ConfigError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self
 
-    def optimizer_cfg(self) -> dict[str, Any]:
+    def optimizer_cfg(self, total_steps: int, dataset: str | None = None) -> dict[str, Any]:
+        """The plan's ``optimizer`` dict for a run of ``total_steps`` optimizer steps on
+        ``dataset`` (default: the configured one): ``lr_schedule`` "auto" and an unset
+        ``warmup_steps`` take the (model, data set) recipe of ``model/schedule.py``."""
+        recipe = default_recipe(self.model, self.dataset or dataset)
+        kind = recipe.lr_schedule if self.lr_schedule == "auto" else self.lr_schedule
+        warm = self.warmup_steps
+        if warm is None:
+            warm = recipe.warmup_steps(total_steps) if kind != "constant" else 0
         return {"name": self.optimizer, "lr": self.lr, "momentum": self.momentum,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, "lr_schedule": kind,
+                "warmup_steps": warm, "total_steps": total_steps}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -164,7 +164,8 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
                micro_batches: int | None = None,
                act_bits: list[int] | None = None, grad_bits: list[int] | None = None,
                predicted_ms: list[float] | None = None, bottleneck_ms: float | None = None,
-               start_step: int = 0) -> Plan:
+               start_step: int = 0, optimizer: dict[str, Any]) -> Plan:
+    """``optimizer``: the plan's optimizer dict, lr schedule included (``cfg.optimizer_cfg``)."""
     k = len(order)
     return Plan(
         job=job, version=version, model=cfg.model, num_layers=num_layers,
@@ -173,7 +174,7 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
                               predicted_ms),
         seed=cfg.seed, model_args={"width": cfg.width} if cfg.width != 1.0 else {},
         micro_batches=micro_batches if micro_batches is not None else int(cfg.micro_batches),
-        schedule=cfg.schedule, optimizer=cfg.optimizer_cfg(),
+        schedule=cfg.schedule, optimizer=optimizer,
         method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step,
@@ -200,6 +201,7 @@ class Planner:
         self.emit = emit
         self.say = say
         self.costs: Any = None  # predictor.CostModel when planning by prediction
+        self.optimizer: dict[str, Any] | None = None  # the plans' optimizer dict (set_run)
         self.profiles: dict[str, dict[str, Any]] = {}  # devices planned with (the record's)
         self.timing_samples: list[dict[str, Any]] = []
         self._info: dict[str, DeviceInfo] = {}
@@ -225,6 +227,10 @@ class Planner:
 
     def device_info(self, device: str) -> DeviceInfo:
         return self._info[device]
+
+    def set_run(self, total_steps: int, dataset: str) -> None:
+        """The run's length and data set: they fix the lr schedule every plan carries."""
+        self.optimizer = self.cfg.optimizer_cfg(total_steps, dataset)
 
     # -- cost model ----------------------------------------------------------------------
     def load_costs(self) -> None:
@@ -262,6 +268,9 @@ class Planner:
     def make_plan(self, devices: list[DeviceInfo], version: int = 1,
                   start_step: int = 0) -> Plan:
         cfg = self.cfg
+        if self.optimizer is None:
+            raise PlanningError("the run's length is not known yet (Planner.set_run): the lr "
+                                "schedule depends on it")
         model = build_model(cfg.model, seed=cfg.seed, width=cfg.width)
         descs = describe(model)
         method = {"auto": "dp", "predictor": "dp"}.get(cfg.partition, cfg.partition)
@@ -276,7 +285,7 @@ class Planner:
                           list(res.cuts), method=name, version=version, micro_batches=m,
                           act_bits=list(res.act_bits), grad_bits=list(res.grad_bits),
                           predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
-                          start_step=start_step)
+                          start_step=start_step, optimizer=self.optimizer)
 
     def next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
         """The next plan version over ``devices`` (now known to the planner), made with every

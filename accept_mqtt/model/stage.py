@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .descriptors import LayerDescriptor
+from .schedule import apply_lr, check_schedule
 
 Key = tuple[int, int]  # (step, micro-batch)
 
@@ -47,6 +48,8 @@ class StageError(ValueError):
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer of the plan's ``optimizer`` dict (its lr schedule: ``schedule.py``)."""
+    check_schedule(cfg)
     name = cfg.get("name", "sgd")
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.get("lr", 0.05), momentum=cfg.get("momentum", 0.9),
@@ -251,18 +254,24 @@ class StageRunner:
         self.stats.bwd_count += 1
         return stash.inp.grad if not self.is_first else None
 
-    def step(self) -> None:
-        """Apply the accumulated gradients once and zero them."""
+    def step(self, index: int | None = None) -> None:
+        """Apply the accumulated gradients once and zero them.
+
+        ``index``: the run's optimizer step this is (the clock of the lr schedule, so a
+        resumed or rewound stage applies the lr of that step); default: the number of steps
+        this runner has applied so far."""
         if not self._observers:
-            return self._step()
+            return self._step(index)
         t0 = time.time()
         try:
-            return self._step()
+            return self._step(index)
         finally:
             self._notify("opt", None, t0)
 
-    def _step(self) -> None:
+    def _step(self, index: int | None) -> None:
         if self.optimizer is not None:
+            apply_lr(self.optimizer, self.optimizer_cfg,
+                     self.stats.steps if index is None else index)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.stats.steps += 1

@@ -90,6 +90,27 @@ def _digits_cnn(in_shape: tuple[int, ...], classes: int, width: float) -> list[n
     ]
 
 
+def _fashion_cnn(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
+    """Two conv + BN + pool blocks and two linear layers, for 28x28 grey images."""
+    c1, c2 = (max(4, int(c * width)) for c in (16, 32))
+    hidden = max(16, int(128 * width))
+    cin, h, w = in_shape
+    return [
+        nn.Conv2d(cin, c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * (h // 4) * (w // 4), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    ]
+
+
 def _vgg(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
     cfg: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, "M"]
     layers: list[nn.Module] = []
@@ -195,6 +216,8 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {
     "cnn": ZooEntry(_digits_cnn, (1, 8, 8), 10, "digits", "small CNN for 8x8 handwritten digits"),
     "mlp": ZooEntry(_mlp, (1, 8, 8), 10, "digits", "3-hidden-layer MLP"),
+    "fashion-cnn": ZooEntry(_fashion_cnn, (1, 28, 28), 10, "fashion-mnist",
+                            "2-conv CNN for 28x28x1 images (Fashion-MNIST)"),
     "vgg": ZooEntry(_vgg, (3, 32, 32), 10, "synthetic-cifar", "VGG-style CNN for 32x32x3 images"),
     "mobilenet": ZooEntry(
         _mobilenet_v2, (3, 32, 32), 10, "synthetic-cifar", "MobileNetV2-style CNN, 32x32x3"
