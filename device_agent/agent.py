@@ -50,7 +50,7 @@ from typing import Any, Literal
 import aiomqtt
 import torch
 
-from accept_mqtt.model import checkpoint
+from accept_mqtt.model import checkpoint, footprint
 from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
@@ -103,6 +103,7 @@ class AgentConfig:
     trace_steps: tuple[int, ...] = ()  # steps whose spans go to trace/{device} (trace.py)
     compute_thread: bool = False  # compute in a worker thread even at full speed
     uplink_window: int = 16  # frames in flight on the uplink (Link)
+    memory_limit: int | None = None  # bytes a stage may use; None: hardware's default
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Agent:
         torch.set_num_threads(self.cfg.threads)
         self.profile = DeviceProfile(**device_profile(
             self.cfg.device_id, threads=self.cfg.threads, slowdown=self.cfg.slowdown,
-            bandwidth_bps=self.cfg.bandwidth_bps))
+            bandwidth_bps=self.cfg.bandwidth_bps, memory_limit_bytes=self.cfg.memory_limit))
         await self._connect()
         self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None,
                           window=self.cfg.uplink_window)
@@ -403,6 +404,15 @@ class Agent:
 
     async def _join_job(self, plan: Plan) -> None:
         assert self._client is not None
+        assert self.profile is not None
+        try:
+            refusal = await asyncio.to_thread(memory_refusal, plan, self.cfg.device_id,
+                                              self.profile.memory_limit_mb)
+        except Exception as e:
+            refusal = f"cannot size stage: {type(e).__name__}: {e}"
+        if refusal is not None:  # before a single weight of the stage is allocated
+            await self._report_error(self.topics.plan(plan.job), refusal, job=plan.job)
+            return
         try:
             job = await asyncio.to_thread(_Job, plan, self.cfg.device_id, self.cfg.threads,
                                           self.cfg.slowdown)
@@ -720,6 +730,35 @@ class Agent:
             return
         with contextlib.suppress(Exception):
             await self._publish_msg(self.topics.metrics(job_id), err)
+
+
+def memory_refusal(plan: Plan, device: str, limit_mb: float | None) -> str | None:
+    """Why ``device`` cannot hold its stage of ``plan`` within ``limit_mb`` (None: it fits,
+    or the plan carries no batch size to size it by). The model is built on torch's meta
+    device: shapes only, no weight is allocated."""
+    stage = plan.stage_of(device)
+    if stage is None or limit_mb is None or plan.batch_size is None:
+        return None
+    with torch.device("meta"):
+        descs = describe(build_model(plan.model, seed=plan.seed, **plan.model_args))
+    mb = -(-plan.batch_size // plan.micro_batches)  # the largest micro-batch
+    mine = descs[stage.start:stage.end]
+    last = stage.index == len(plan.stages) - 1
+    fp = footprint.stage_footprint(
+        [d.params for d in mine], mine[0].in_elems * mb, [d.out_elems * mb for d in mine],
+        in_flight=footprint.in_flight(plan.schedule, plan.micro_batches,
+                                      len(plan.stages) - 1 - stage.index),
+        micro_batches=plan.micro_batches, optimizer_slots=footprint.optimizer_slots(
+            plan.optimizer), first=stage.index == 0, last=last)
+    limit = limit_mb * 2**20
+    if fp.total <= limit:
+        return None
+    big = mine[fp.largest_layer()]
+    return (f"stage {stage.index} (layers [{stage.start}, {stage.end}) of {plan.model}) does "
+            f"not fit this device's memory limit of {limit:.0f} bytes ({limit_mb:.3f} MiB): "
+            f"training it needs {fp.text()}; the largest part is layer {big.index} "
+            f"({big.type}, {fp.per_layer[fp.largest_layer()]:.0f} bytes). Plan over more "
+            "devices, fewer micro-batches or a smaller batch, or raise --memory-limit")
 
 
 async def _let_io_run() -> None:

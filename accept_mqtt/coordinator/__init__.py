@@ -64,7 +64,14 @@ from accept_mqtt.wire.topics import Topics, check_id
 
 from .config import TrainConfig
 from .control import Control
-from .errors import BrokerLost, CoordinatorError, DeviceLost, DevicesTimeout, StepTimeout
+from .errors import (
+    BrokerLost,
+    CoordinatorError,
+    DeviceLost,
+    DevicesTimeout,
+    PlanRefused,
+    StepTimeout,
+)
 from .fleet import Fleet
 from .planner import Planner
 from .record import RunState, as_metric, make_record, stage_counters, write_run
@@ -73,7 +80,7 @@ from .session import Session
 from .steps import StepDriver
 
 __all__ = ["BrokerLost", "Coordinator", "CoordinatorError", "DeviceLost", "DevicesTimeout",
-           "StepTimeout", "new_job_id"]
+           "PlanRefused", "StepTimeout", "new_job_id"]
 
 log = logging.getLogger("accept_mqtt.coordinator")
 
@@ -188,6 +195,8 @@ class Coordinator:
         self.state.errors.append(body)
         log.warning("device %s rejected %s: %s", error.device, error.topic, error.reason)
         self.progress("error", body)
+        if error.topic == self.topics.plan(self.job):  # it will not load the plan
+            self.steps.plan_refused(error.device, error.reason)
 
     def on_control(self, command: ControlCommand | MessageError) -> None:
         self.control.on_command(command)

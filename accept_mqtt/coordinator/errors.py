@@ -23,3 +23,7 @@ class StepTimeout(CoordinatorError):
 
 class BrokerLost(CoordinatorError):
     """The connection to the broker dropped; training continues after a reconnect."""
+
+
+class PlanRefused(CoordinatorError):
+    """A device of the plan refused it (e.g. its stage does not fit its memory limit)."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from accept_mqtt.model.descriptors import LayerDescriptor, describe
+from accept_mqtt.model.footprint import SNAPSHOT_COPIES, optimizer_slots
 from accept_mqtt.model.zoo import build_model
 from accept_mqtt.planning.partition import (
     PartitionResult,
@@ -113,14 +114,23 @@ def make_partition(
         act_bits=(cfg.act_bits,), grad_bits=(cfg.grad_bits,), min_act_bits=cfg.act_bits,
         min_grad_bits=cfg.grad_bits, micro_batches=m, schedule=cfg.schedule,
         use_all_devices=True, fixed_order=method != "dp", frame_cpu_ms=FRAME_CPU_MS,
+        optimizer_slots=optimizer_slots({"name": cfg.optimizer, "momentum": cfg.momentum}),
+        snapshot_copies=SNAPSHOT_COPIES, codec_buffers=True,  # what the agents hold
     )
     if len(order) > len(descs):
         raise PlanningError(f"{len(order)} stages need at least {len(order)} layers, "
                             f"the model has {len(descs)}")
-    if method == "equal":
-        return equal_split(problem, bits=cfg.act_bits)
-    if method == "flops":
-        return flops_split(problem, bits=cfg.act_bits)
+    if method in ("equal", "flops"):
+        split = equal_split if method == "equal" else flops_split
+        res = split(problem, bits=cfg.act_bits)
+        for i, (dev, need) in enumerate(zip(res.devices, res.memory_bytes, strict=True)):
+            limit = problem.devices[problem.index_of(dev)].memory_bytes
+            if limit is not None and need > limit:
+                raise PlanningError(
+                    f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
+                    f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f}; "
+                    "--partition auto places layers by memory")
+        return res
     return partition(problem, objective="minibatch")
 
 
@@ -174,7 +184,7 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
                               predicted_ms),
         seed=cfg.seed, model_args={"width": cfg.width} if cfg.width != 1.0 else {},
         micro_batches=micro_batches if micro_batches is not None else int(cfg.micro_batches),
-        schedule=cfg.schedule, optimizer=optimizer,
+        schedule=cfg.schedule, optimizer=optimizer, batch_size=cfg.batch_size,
         method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step,

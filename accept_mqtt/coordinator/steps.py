@@ -23,8 +23,9 @@ Guarantees:
 * Events of an earlier plan version or rewind generation are dropped on arrival (frames and
   events carry both, docs/faults.md); events without them count as current.
 * ``next_event`` raises ``DeviceLost`` for a plan device that is offline *now* (a Last Will
-  followed by the device's return is not a loss), ``BrokerLost`` when the connection dropped
-  and ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost
+  followed by the device's return is not a loss), ``BrokerLost`` when the connection dropped,
+  ``PlanRefused`` (with the device's reason) when a plan device reported an error on the plan
+  topic, and ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost
   when queued events are dropped (``drain``).
 """
 
@@ -44,7 +45,7 @@ from accept_mqtt.wire.messages import Eval, Event, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
-from .errors import BrokerLost, DeviceLost, StepTimeout
+from .errors import BrokerLost, DeviceLost, PlanRefused, StepTimeout
 from .record import RunState, StageTotals
 
 
@@ -73,7 +74,15 @@ class Disconnected:
     reason: str
 
 
-Queued = Event | Lost | Disconnected
+@dataclass(frozen=True)
+class Refused:
+    """Internal: a device reported an error on the plan topic (it will not load the plan)."""
+
+    device: str
+    reason: str
+
+
+Queued = Event | Lost | Disconnected | Refused
 
 
 class StepDriver:
@@ -114,6 +123,10 @@ class StepDriver:
         """A device's status says offline: a fault if the plan uses it and it stays so."""
         if self.plan is not None and device in self.plan.devices:
             self._events.put_nowait(Lost(device))
+
+    def plan_refused(self, device: str, reason: str) -> None:
+        """``device`` reported an error on the plan topic: fatal if the plan uses it."""
+        self._events.put_nowait(Refused(device, reason))
 
     def disconnected(self, reason: str) -> None:
         self._events.put_nowait(Disconnected(reason))
@@ -160,6 +173,10 @@ class StepDriver:
                         raise DeviceLost(dev)
                 case Disconnected(reason=reason):
                     raise BrokerLost(reason)
+                case Refused(device=dev, reason=reason):
+                    if self.plan is not None and dev in self.plan.devices:
+                        raise PlanRefused(f"device {dev} refused plan v{self.plan.version} "
+                                          f"of job {self.job}: {reason}")
                 case _:
                     return ev
 

@@ -57,6 +57,7 @@ class Plan:
     act_per_channel: bool = True  # k-bit feature maps get one scale per channel (codec)
     predicted_bottleneck_ms: float | None = None
     start_step: int = 0  # the optimizer step the stages start at (non-zero on resume)
+    batch_size: int | None = None  # mini-batch size: what an agent sizes its memory by
 
     def __post_init__(self) -> None:
         self.validate()
