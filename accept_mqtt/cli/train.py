@@ -22,9 +22,12 @@ from accept_mqtt.coordinator.config import ConfigError, TrainConfig, micro_batch
 
 # flag -> TrainConfig field (flags default to None so a config file can fill them)
 _FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "zoo model: cnn, mlp, vgg, mobilenet, har1d"),
-    ("--dataset", "dataset", str, "digits, cifar10, har, synthetic-cifar, synthetic-har"),
-    ("--data-path", "data_path", str, "directory of CIFAR-10 python batches or UCI HAR"),
+    ("--model", "model", str, "zoo model: cnn, mlp, fashion-cnn, vgg, mobilenet, har1d"),
+    ("--dataset", "dataset", str,
+     "digits, fashion-mnist, cifar10, har, synthetic-cifar, synthetic-har"),
+    ("--data-path", "data_path", str,
+     "directory of CIFAR-10 python batches, UCI HAR, or the Fashion-MNIST IDX files "
+     "(default for fashion-mnist: /usr/share/datasets/fashion-mnist)"),
     ("--width", "width", float, "channel width multiplier of the model"),
     ("--devices", "devices", int, "number of device agents (stages)"),
     ("--epochs", "epochs", int, "epochs to train"),
