@@ -112,3 +112,14 @@ def test_too_big_for_one_device_refused_there_and_trains_over_three(
     record = out["record"]
     assert record["steps"] == 4 and len(record["plan"]["stages"]) == 3
     assert record["final_accuracy"] is not None
+
+
+def test_baseline_splits_that_do_not_fit_are_refused_with_the_stage() -> None:
+    from accept_mqtt.coordinator.planner import PlanningError
+
+    cfg = _cfg(Path("."), 3)
+    descs = describe(build_model("cnn", seed=cfg.seed))
+    devs = [DeviceInfo(d, {"bench_gflops": 1.0, "memory_limit_mb": 0.9}) for d in DEVICES]
+    with pytest.raises(PlanningError, match=r"the equal split does not fit: stage 0 \(layers "
+                                            r"\[0, 5\)\) needs 1167232 bytes but mem-a has 943718"):
+        make_partition(descs, devs, cfg, method="equal")
