@@ -31,6 +31,9 @@ from typing import Any
 
 SNAPSHOT_COPIES = 2  # start of the current and of the previous step (device_agent.agent)
 MIB = float(2**20)
+# what a stage may use of a device by default: the rest is the runtime's own (OS, Python,
+# torch, the MQTT client); the agent's default limit and the planner's fallback both use it
+MEMORY_FRACTION, RESERVED_MB = 0.8, 300.0
 
 
 def optimizer_slots(cfg: Mapping[str, Any]) -> int:

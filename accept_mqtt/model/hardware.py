@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .footprint import MEMORY_FRACTION, RESERVED_MB
+
 
 def cpu_model() -> str:
     try:
@@ -54,9 +56,6 @@ def memory_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**20
-
-
-MEMORY_FRACTION, RESERVED_MB = 0.8, 300.0  # the runtime's own share (agent and planner)
 
 
 def default_memory_limit_mb() -> float:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from accept_mqtt.model.footprint import MEMORY_FRACTION, RESERVED_MB
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import Stage, cuts_to_stages
 
@@ -295,8 +296,8 @@ def problem_from_profiles(
     micro_batches: int = 4,
     schedule: str = "1f1b",
     optimizer_slots: int = 1,
-    memory_fraction: float = 0.8,
-    reserved_mb: float = 300.0,
+    memory_fraction: float = MEMORY_FRACTION,
+    reserved_mb: float = RESERVED_MB,
     codec: CodecCost = DEFAULT_CODEC,
     reference_gflops: float | None = None,
     **options: Any,
