@@ -664,9 +664,12 @@ class Agent:
             self._wake.set()
         job.fwd_done.pop(step, None)
         job.bwd_done.pop(step, None)
-        # the state at the start of the new step; the previous one is kept for a rewind
-        job.snapshots[step + 1] = await self._compute_call(job.runner.snapshot)
+        # the state at the start of the new step; the previous one is kept for a rewind, an
+        # older one is overwritten (no allocation per step)
+        older = [s for s in job.snapshots if s < step]
+        recycled = job.snapshots.pop(older[0]) if older else None
         job.snapshots = {s: v for s, v in job.snapshots.items() if s >= step}
+        job.snapshots[step + 1] = await self._compute_call(job.runner.snapshot, recycled)
         assert self._link is not None
         link = self._link
         result = job.results.pop(step, None) if job.last else None

@@ -7,6 +7,7 @@ import torch
 
 from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.microbatch import epoch_batches, split
+from accept_mqtt.model.stage import Snapshot, StageRunner
 from accept_mqtt.model.zoo import ZOO, UnknownModelError, build_model
 from accept_mqtt.wire.plan import Plan, PlanError, Stage
 from accept_mqtt.wire.topics import TopicError, Topics
@@ -174,3 +175,39 @@ def test_broker_url_doctests_and_no_password_in_repr() -> None:
 
     assert doctest.testmod(broker_url).failed == 0
     assert "secret" not in repr(broker_url.parse_broker_url("mqtt://pi:secret@h:1"))
+
+
+def test_stage_snapshot_reuses_an_older_one_and_restores_exactly() -> None:
+    m = build_model("cnn", seed=5)
+    runner = StageRunner(m.layers[:4], describe(m)[:4], m.input_shape, is_first=True,
+                         is_last=False, optimizer_cfg={"name": "sgd", "lr": 0.1})
+    inputs = [torch.randn(4, *m.input_shape, generator=torch.Generator().manual_seed(i))
+              for i in range(3)]
+
+    def train_step(step: int) -> None:
+        out = runner.forward((step, 0), inputs[step]).out
+        assert out is not None
+        runner.backward((step, 0), torch.ones_like(out))
+        runner.step()
+
+    def same(a: Snapshot, b: Snapshot) -> bool:
+        return all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k])
+                                                      for k in a[i]) for i in (0, 1))
+
+    fresh = runner.snapshot()  # before any step: no momentum yet
+    train_step(0)
+    # the layout changed (momentum appeared): a fresh copy, the old one is left alone
+    s1 = runner.snapshot(into=fresh)
+    assert s1 is not fresh and s1[1] and not fresh[1]
+    train_step(1)
+    s2 = runner.snapshot()
+    kept = runner.snapshot()
+    train_step(2)
+    s3 = runner.snapshot(into=s1)  # same layout: written into s1, nothing allocated
+    assert s3 is s1 and same(s3, runner.snapshot()) and not same(s3, s2)
+    assert same(s2, kept)  # recycling s1 did not touch the other snapshot
+    end = runner.snapshot()
+    runner.restore(s2)  # back to the start of step 2, then the same step again
+    assert same(runner.snapshot(), kept)
+    train_step(2)
+    assert same(runner.snapshot(), end)
