@@ -92,7 +92,8 @@ def _load_module(module: str, model_path: Sequence[str]) -> ModuleType:
         return importlib.import_module(module)
     except Exception as e:  # ModuleNotFoundError, or the module's own failure
         raise ModelSpecError(f"cannot import {module!r}: {type(e).__name__}: {e} (install it "
-                             "on this machine, or point --model-path at its directory)") from None
+                             "on this machine or put its directory on PYTHONPATH; a device "
+                             "agent can also be pointed at it with --model-path)") from None
 
 
 def load_factory(spec: str, model_path: Sequence[str] = ()) -> Callable[[], Any]:
