@@ -7,7 +7,10 @@ Guarantees:
   reference starts from identical parameters.
 * Each layer maps one tensor to one tensor; running ``layers[a:b]`` in order and feeding the
   result to ``layers[b:c]`` is the same as running ``layers[a:c]``. Composite blocks with a
-  skip connection (MobileNetV2's inverted residual) are one layer, so no cut splits a skip.
+  skip connection (MobileNetV2's inverted residual, ResNet's basic block) are one layer, so
+  no cut splits a skip.
+* A name ``MODULE:FACTORY`` is the user's own model, built by ``user.build_user_model`` with
+  the same seeding (``seeded``) and the same guarantees.
 * Shapes are per sample (no batch dimension) in ``input_shape``.
 """
 
