@@ -391,3 +391,36 @@ def test_plan_carries_the_fingerprint_and_checks_its_length() -> None:
     body["fingerprint"] = body["fingerprint"][:-1]
     with pytest.raises(PlanError, match="fingerprint has 8 digests for 9 layers"):
         Plan.from_json(json.dumps(body))
+
+
+def test_input_shape_from_config_and_reshaped_samples(tmp_path: Path) -> None:
+    from accept_mqtt.model.data import DatasetError, reshape_inputs
+
+    cfg = TrainConfig.from_dict({"model": f"{HERE}:skip_net", "dataset": "digits",
+                                 "input_shape": [64]})
+    assert cfg.input_shape == [64]
+    with pytest.raises(ConfigError, match="input_shape must be a list of positive ints"):
+        TrainConfig.from_dict({"dataset": "digits", "input_shape": [0, 8]})
+    data = load_dataset("digits", seed=0)
+    flat = reshape_inputs(data, (64,))
+    assert flat.input_shape == (64,) and torch.equal(flat.train_x[3], data.train_x[3].flatten())
+    with pytest.raises(DatasetError, match=r"input shape \[3, 8, 8\] holds 192 values but "
+                                           r"digits's samples are \[1, 8, 8\]"):
+        reshape_inputs(data, (3, 8, 8))
+
+
+def test_cli_refuses_a_bad_factory_and_the_agent_a_missing_model_path(
+        broker: MosquittoBroker, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "accept_mqtt.cli", "train", "--broker",
+                        broker.url, "--model", f"{HERE}:broken_factory", "--dataset", "digits",
+                        "--devices", "1", "--runs-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "broken_factory() raised RuntimeError: out of coffee" in p.stderr
+    assert "waited" not in p.stderr and "Traceback" not in p.stderr
+    a = subprocess.run([sys.executable, "-m", "device_agent", "--model-path",
+                        str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    assert a.returncode == 2 and "is not a directory" in a.stderr

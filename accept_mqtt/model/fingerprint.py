@@ -3,9 +3,10 @@
 Guarantees:
 
 * ``unit_fingerprints(layers)`` gives one short hex digest per unit from its architecture
-  (class name, ``repr``, and for a traced unit its generated code) and the name, shape and
-  dtype of every parameter and buffer; never from weight values, so it does not depend on the
-  seed, and the same code builds the same digests on every machine.
+  (each submodule's class and constructor arguments, a traced unit's operations in order) and
+  the name, shape and dtype of every parameter and buffer; never from weight values, so it
+  does not depend on the seed, and the same model code gives the same digests on every
+  machine.
 * ``check(expected, layers)`` returns quietly when they agree and otherwise raises
   ``FingerprintMismatch`` naming the first unit that differs (or the differing unit count).
 """
@@ -24,12 +25,25 @@ class FingerprintMismatch(ValueError):
     pass
 
 
+def _target_name(target: object) -> str:
+    return str(getattr(target, "__name__", target))
+
+
 def _describe_unit(unit: nn.Module) -> str:
-    parts = [type(unit).__name__, repr(unit)]
+    """The unit's architecture as canonical text: every submodule's class and constructor
+    arguments (``extra_repr``), a traced unit's operations with their arguments (nodes by
+    position, not by their generated names), and every parameter's and buffer's name, shape
+    and dtype. No ``repr`` or generated code, whose layout may change between torch versions
+    while the model does not."""
+    lines = [f"{name}:{type(m).__name__}({m.extra_repr()})" for name, m in unit.named_modules()]
     if isinstance(unit, fx.GraphModule):
-        parts.append(unit.code)
-    parts += [f"{k}:{tuple(t.shape)}:{t.dtype}" for k, t in unit.state_dict().items()]
-    return "\n".join(parts)
+        position: dict[fx.Node, int] = {}
+        for i, n in enumerate(unit.graph.nodes):
+            position[n] = i
+            args = fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{position[a]}")
+            lines.append(f"{n.op} {_target_name(n.target)} {args!r}")
+    lines += [f"{k}:{tuple(t.shape)}:{t.dtype}" for k, t in unit.state_dict().items()]
+    return "\n".join(lines)
 
 
 def unit_fingerprints(layers: Sequence[nn.Module]) -> tuple[str, ...]:
