@@ -47,10 +47,11 @@ def trace(module: nn.Module) -> fx.GraphModule:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Eval mode (BatchNorm keeps its running stats) for a probe; every flag restored."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
@@ -106,7 +107,7 @@ def cut_points(gm: fx.GraphModule, sample: torch.Tensor) -> list[tuple[int, fx.N
     """``(p, value)`` for every point after ``body[p]`` where ``module`` may be cut, with the
     one tensor that crosses there (see the module docstring for the rules)."""
     inp, result, body = _graph_io(gm)
-    with _eval_mode(gm), torch.no_grad():
+    with eval_mode(gm), torch.no_grad():
         ShapeProp(gm).propagate(sample)  # marks every node that yields a tensor
     pos = {n: i for i, n in enumerate(body)}
     pos[inp] = -1

@@ -144,11 +144,8 @@ def check_chain(units: Sequence[nn.Module], spec: str, input_shape: tuple[int, .
                 raise UnitsDontChainError(f"{spec}: units {j} and {i} ({type(u).__name__}) "
                                           "share a parameter or buffer; a stage cannot hold "
                                           "another stage's weights")
-    flags = [(m, m.training) for u in units for m in u.modules()]
     x = torch.zeros(1, *input_shape)
-    try:
-        for u in units:
-            u.eval()
+    with fxcut.eval_mode(*units):
         for i, u in enumerate(units):
             came = f"the input [1, {', '.join(map(str, input_shape))}]" if i == 0 else (
                 f"unit {i - 1}'s output {list(x.shape)}")
@@ -161,9 +158,6 @@ def check_chain(units: Sequence[nn.Module], spec: str, input_shape: tuple[int, .
                 raise UnitsDontChainError(f"{spec}: unit {i} ({type(u).__name__}) returns a "
                                           f"{type(y).__name__}, not one tensor")
             x = y
-    finally:
-        for m, t in flags:
-            m.train(t)
     if tuple(x.shape) != (1, num_classes):
         raise UnitsDontChainError(f"{spec}: the model's output per sample is "
                                   f"{list(x.shape[1:])}, but the data set has {num_classes} "
@@ -184,5 +178,5 @@ def build_user_model(spec: str, *, seed: int, input_shape: Sequence[int] | None,
         except Exception as e:
             raise FactoryError(f"{spec}() raised {type(e).__name__}: {e}") from None
         units = units_of(made, spec, torch.zeros(1, *shape))
-    check_chain(units, spec, shape, num_classes)
+        check_chain(units, spec, shape, num_classes)  # a forward may draw random numbers
     return ZooModel(spec, units, shape, num_classes)

@@ -144,18 +144,18 @@ def _vgg(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Modul
     return layers
 
 
+def _stem(cin: int, cout: int, act: nn.Module) -> list[nn.Module]:
+    """A 3x3 convolution without bias, BatchNorm and ``act``: three cuttable layers."""
+    return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), act]
+
+
 def _mobilenet_v2(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Module]:
     # (expand, channels, repeats, first stride) as in MobileNetV2, strides cut for 32x32 inputs.
     cfg = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
            (6, 160, 3, 2), (6, 320, 1, 1)]
     ch = lambda c: max(8, int(c * width))
-    stem = ch(32)
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_shape[0], stem, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(stem),
-        nn.ReLU6(),
-    ]
-    cin = stem
+    cin = ch(32)
+    layers = _stem(in_shape[0], cin, nn.ReLU6())
     for t, c, n, s in cfg:
         cout = ch(c)
         for i in range(n):
@@ -177,13 +177,8 @@ def _resnet(in_shape: tuple[int, ...], classes: int, width: float) -> list[nn.Mo
     # CIFAR ResNet-20 (He et al. 2016, section 4.2): a 3x3 stem, three groups of three basic
     # blocks at 16/32/64 channels (x width), the last two groups halving the resolution
     ch = lambda c: max(8, int(c * width))
-    stem = ch(16)
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_shape[0], stem, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(stem),
-        nn.ReLU(),
-    ]
-    cin = stem
+    cin = ch(16)
+    layers = _stem(in_shape[0], cin, nn.ReLU())
     for group, c in enumerate((16, 32, 64)):
         cout = ch(c)
         for i in range(3):
