@@ -105,6 +105,22 @@ def untraceable() -> nn.Module:
     return DataDependent()
 
 
+class TrainingBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if self.training:  # a trace would keep only this branch, in eval mode too
+            x = x + 0.1 * torch.randn_like(x)
+        return self.fc(x)
+
+
+def training_branch() -> nn.Module:
+    return TrainingBranch()
+
+
 def not_chaining() -> list[nn.Module]:
     return [nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(30, 10)]
 
@@ -319,6 +335,8 @@ async def _retained_plans(broker: MosquittoBroker, wait: float = 0.5) -> list[by
 @pytest.mark.parametrize("factory, error, says", [
     ("broken_factory", FactoryError, r"broken_factory\(\) raised RuntimeError: out of coffee"),
     ("untraceable", UntraceableModelError, "torch.fx cannot trace DataDependent"),
+    ("training_branch", UntraceableModelError,
+     "TrainingBranch.forward takes another path in eval mode"),
     ("not_chaining", UnitsDontChainError,
      r"unit 3 \(Linear\) does not take unit 2's output \[1, 20\]"),
 ])
@@ -373,6 +391,31 @@ def test_an_agent_whose_build_differs_refuses_the_plan_naming_the_unit(
     errors = [m for m in on_metrics if m.get("type") == "error"]
     assert errors and all(e["topic"] == "accept/jobs/mismatch/plan" for e in errors)
     assert all("differs from the plan's at unit 8" in e["reason"] for e in errors), errors
+
+
+def test_a_stage_of_traced_units_saves_and_restores_by_whole_model_names() -> None:
+    """Checkpoints, restores and weight migration name tensors "{unit}.{name in the unit}"."""
+    from accept_mqtt.model.descriptors import output_shapes
+    from accept_mqtt.model.stage import StageRunner
+
+    m = build_model(f"{HERE}:skip_net", seed=3, **DIGITS)
+    d, shapes = describe(m), output_shapes(m)
+    runner = StageRunner(m.layers[2:5], d[2:5], shapes[1], is_first=False, is_last=False,
+                         optimizer_cfg={"name": "sgd", "lr": 0.1})
+    x = torch.randn(4, *shapes[1])
+    runner.forward((0, 0), x)
+    runner.backward((0, 0), torch.ones(4, *shapes[4]))
+    runner.step()
+    state, optim = runner.state_dict(2), runner.optimizer_state(2)
+    assert "2.block1.conv1.weight" in state and "4.block2.bn2.running_mean" in state
+    assert "2.block1.conv1.weight::momentum_buffer" in optim
+    fresh = build_model(f"{HERE}:skip_net", seed=4, **DIGITS)
+    other = StageRunner(fresh.layers[2:5], d[2:5], shapes[1], is_first=False, is_last=False,
+                        optimizer_cfg={"name": "sgd", "lr": 0.1})
+    other.load_state_dict(state, 2)
+    other.load_optimizer_state(optim, 2)
+    assert all(torch.equal(v, other.state_dict(2)[k]) for k, v in state.items())
+    torch.testing.assert_close(other.infer(x), runner.infer(x), rtol=0, atol=0)
 
 
 def test_plan_carries_the_fingerprint_and_checks_its_length() -> None:

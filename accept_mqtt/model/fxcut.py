@@ -19,8 +19,9 @@ Guarantees of ``cut(module, sample)``:
   descriptor is the zoo's for that layer type; any other unit is a ``torch.fx.GraphModule``
   named after the deepest module that contains all its parts (e.g. ``BasicBlock``), whose
   parameter names are the module's own (``layer1.0.conv1.weight``).
-* A module fx cannot trace, or whose ``forward`` does not take one tensor and return one, is a
-  ``CutError`` saying which; the module's training flags are as they were.
+* A module fx cannot trace, whose ``forward`` does not take one tensor and return one, or
+  that traces differently in eval mode than in training (a ``self.training`` branch the trace
+  would freeze) is a ``CutError`` saying which; the module's training flags are as they were.
 """
 
 from __future__ import annotations
@@ -37,26 +38,37 @@ class CutError(ValueError):
     pass
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace``, its failure a ``CutError`` with fx's reason."""
-    try:
-        return fx.symbolic_trace(module)
-    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError...
-        raise CutError(f"torch.fx cannot trace {type(module).__name__}: {type(e).__name__}: "
-                       f"{e}") from None
-
-
 @contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm keeps its running stats) for a probe; every flag restored."""
+def eval_mode(*modules: nn.Module, training: bool = False) -> Iterator[None]:
+    """Eval mode (BatchNorm keeps its running stats) for a probe, or training mode with
+    ``training``; every module's flag restored afterwards."""
     flags = [(m, m.training) for module in modules for m in module.modules()]
     for module in modules:
-        module.eval()
+        module.train(training)
     try:
         yield
     finally:
         for m, t in flags:
             m.train(t)
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` in training mode, its failure a ``CutError`` with fx's
+    reason. A forward that reads ``self.training`` outside torch's own layers would have one
+    branch baked into the trace, so a module traced differently in eval mode is refused."""
+    try:
+        with eval_mode(module):
+            evaluating = fx.symbolic_trace(module).code
+        with eval_mode(module, training=True):
+            gm = fx.symbolic_trace(module)
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError...
+        raise CutError(f"torch.fx cannot trace {type(module).__name__}: {type(e).__name__}: "
+                       f"{e}") from None
+    if gm.code != evaluating:
+        raise CutError(f"{type(module).__name__}.forward takes another path in eval mode (it "
+                       "reads self.training); a trace holds one path only, so use torch's "
+                       "layers (nn.Dropout, nn.BatchNorm2d) for what differs in training")
+    return gm
 
 
 def _writes_in_place(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
