@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .zoo import InvertedResidual, ZooModel
+from .zoo import BasicBlock, InvertedResidual, ZooModel
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ _TYPE_NAMES = {
     nn.Flatten: "flatten",
     nn.Dropout: "dropout",
     InvertedResidual: "invres",
+    BasicBlock: "basicblock",
 }
 
 LAYER_TYPES: tuple[str, ...] = tuple(sorted(set(_TYPE_NAMES.values())))
@@ -106,7 +107,7 @@ def _conv_geometry(m: nn.Module) -> tuple[int, int, int, int]:
         dw = [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.groups > 1][0]
         return dw.kernel_size[0], m.stride, m.in_channels, m.out_channels
     convs = [c for c in m.modules() if isinstance(c, nn.Conv1d | nn.Conv2d)]
-    if type(m) not in _TYPE_NAMES and convs:
+    if convs and next(m.children(), None) is not None:
         # a composite block (ResNet's, a traced unit): its first convolution's kernel and
         # stride, the channels it takes in and the last one gives out
         return (convs[0].kernel_size[0], convs[0].stride[0], convs[0].in_channels,
