@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "{root}/jobs/{job}/trace/{device} (for timeline plots)")
     p.add_argument("--keepalive", type=int, default=10,
                    help="MQTT keepalive seconds; a dead agent is marked offline after 1.5x this")
+    p.add_argument("--model-path", action="append", default=[], metavar="DIR",
+                   help="directory a user's model (--model MODULE:FACTORY) is imported or "
+                        "its .py file found in; repeat for more (default: installed packages)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -70,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {args.threads})")
+        for d in args.model_path:
+            if not os.path.isdir(d):
+                raise ValueError(f"--model-path {d} is not a directory")
     except (BrokerUrlError, TopicError, ValueError) as e:
         print(f"device_agent: {e}", file=sys.stderr)
         return 2
     cfg = AgentConfig(broker=args.broker, device_id=args.device_id, root=args.root,
                       threads=args.threads, slowdown=args.slowdown, bandwidth_bps=bw,
                       keepalive=args.keepalive, pace=not args.no_pace,
-                      trace_steps=trace_steps)
+                      trace_steps=trace_steps,
+                      model_path=tuple(os.path.abspath(d) for d in args.model_path))
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))

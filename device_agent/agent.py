@@ -10,7 +10,9 @@ Lifecycle::
 * It watches ``{root}/jobs/+/plan``; a plan naming this device makes it build that stage
   (from the plan's model, seed and layer range: the same weights as a one-process run),
   subscribe to the stage's ``fwd``/``bwd`` topics and report ``busy``. An empty retained plan
-  ends the job.
+  ends the job. A plan whose model this agent cannot build, or builds differently (the
+  plan's per-unit fingerprint), is refused: logged and reported on the job's metrics topic
+  naming the first differing unit, and the agent stays idle.
 * Frames are validated before use; a bad frame is logged and reported on the job's metrics
   topic (``{"type": "error", ...}``, naming topic and reason) and dropped. Nothing else
   changes: the stage's stash, weights and step counter are untouched.
@@ -50,7 +52,7 @@ from typing import Any, Literal
 import aiomqtt
 import torch
 
-from accept_mqtt.model import checkpoint
+from accept_mqtt.model import checkpoint, fingerprint
 from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
@@ -103,6 +105,7 @@ class AgentConfig:
     trace_steps: tuple[int, ...] = ()  # steps whose spans go to trace/{device} (trace.py)
     compute_thread: bool = False  # compute in a worker thread even at full speed
     uplink_window: int = 16  # frames in flight on the uplink (Link)
+    model_path: tuple[str, ...] = ()  # directories a user's model (MODULE:FACTORY) is found in
 
 
 @dataclass
@@ -115,14 +118,17 @@ class _Work:
 class _Job:
     """Everything an agent holds for the stage it runs in one job."""
 
-    def __init__(self, plan: Plan, device: str, threads: int, slowdown: float) -> None:
+    def __init__(self, plan: Plan, device: str, threads: int, slowdown: float,
+                 model_path: tuple[str, ...] = ()) -> None:
         stage = plan.stage_of(device)
         assert stage is not None
         self.plan = plan
         self.stage = stage
         self.k = stage.index
         self.last = stage.index == len(plan.stages) - 1
-        model = build_model(plan.model, seed=plan.seed, **plan.model_args)
+        model = build_model(plan.model, seed=plan.seed, model_path=model_path, **plan.model_args)
+        if plan.fingerprint:  # refuse before allocating a stage that would not match
+            fingerprint.check(plan.fingerprint, model.layers, plan.model)
         descs = describe(model)
         in_shape = model.input_shape if stage.start == 0 else output_shapes(model)[stage.start - 1]
         self.runner = StageRunner(
@@ -405,7 +411,7 @@ class Agent:
         assert self._client is not None
         try:
             job = await asyncio.to_thread(_Job, plan, self.cfg.device_id, self.cfg.threads,
-                                          self.cfg.slowdown)
+                                          self.cfg.slowdown, self.cfg.model_path)
         except Exception as e:
             await self._report_error(self.topics.plan(plan.job), f"cannot build stage: {e}",
                                      job=plan.job)

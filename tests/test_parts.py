@@ -44,6 +44,31 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
         build_model("resnet9000", seed=0)
 
 
+def test_resnet_blocks_are_units_with_their_skip_and_scale_with_width() -> None:
+    from accept_mqtt.model.zoo import BasicBlock
+
+    m = build_model("resnet", seed=0)
+    blocks = [u for u in m.layers if isinstance(u, BasicBlock)]
+    assert len(m.layers) == 15 and len(blocks) == 9  # ResNet-20: stem, 3 x 3 blocks, head
+    d = describe(m)
+    first, down = d[3], d[6]  # 16 -> 16 at 32x32; the first block of the second group
+    conv = 2 * (16 * 32 * 32) * 16 * 9
+    # two 3x3 convs, two BatchNorms, two ReLUs and the skip sum (the identity shortcut is free)
+    assert first.type == "basicblock" and first.flops == 2 * conv + 5 * 16 * 32 * 32
+    assert (down.kernel, down.stride, down.in_channels, down.out_channels) == (3, 2, 16, 32)
+    assert down.out_elems == 32 * 16 * 16
+    assert blocks[3].shortcut[0].kernel_size == (1, 1), "a projection where the shape changes"
+    wide = build_model("resnet", seed=0, width=2.0)
+    assert describe(wide)[-1].in_channels == 128
+    # every unit boundary is a valid cut (the skip never crosses one): unit by unit is whole
+    x = torch.randn(2, *m.input_shape)
+    m.sequential().eval()
+    h = x
+    for i in range(len(m.layers)):
+        h = m.slice(i, i + 1)(h)
+    torch.testing.assert_close(h, m.sequential()(x))
+
+
 def test_conv_flops_by_hand() -> None:
     d = describe(build_model("cnn", seed=0))[0]  # Conv2d(1, 16, 3, padding=1) on 1x8x8
     assert (d.type, d.kernel, d.in_channels, d.out_channels) == ("conv2d", 3, 1, 16)
