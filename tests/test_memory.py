@@ -104,7 +104,7 @@ def test_too_big_for_one_device_refused_there_and_trains_over_three(
 
     out = asyncio.run(main())
     why = out["refused"]
-    assert "device mem-a refused plan v1" in why, why
+    assert "device mem-a refused the plan: stage 0 (layers [0, 14) of cnn)" in why, why
     assert "does not fit this device's memory limit of 1310720 bytes" in why, why
     assert "needs 1.470 MiB (1541592 bytes" in why and "the largest part is layer " in why, why
     assert [e["device"] for e in errors_seen] == ["mem-a"], errors_seen

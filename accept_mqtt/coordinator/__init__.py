@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from accept_mqtt.model.data import Dataset, load_dataset
+from accept_mqtt.model.data import Dataset, load_dataset, reshape_inputs
 from accept_mqtt.model.microbatch import epoch_batches
 from accept_mqtt.model.zoo import ZOO
 from accept_mqtt.wire.broker_url import parse_broker_url
@@ -195,7 +195,7 @@ class Coordinator:
         self.state.errors.append(body)
         log.warning("device %s rejected %s: %s", error.device, error.topic, error.reason)
         self.progress("error", body)
-        if error.topic == self.topics.plan(self.job):  # it will not load the plan
+        if error.topic == self.topics.plan(self.job):
             self.steps.plan_refused(error.device, error.reason)
 
     def on_control(self, command: ControlCommand | MessageError) -> None:
@@ -226,6 +226,10 @@ class Coordinator:
         dataset = cfg.dataset or ZOO[cfg.model].default_dataset
         data = load_dataset(dataset, path=cfg.data_path, seed=cfg.seed,
                             synthetic_size=cfg.synthetic_size)
+        if cfg.input_shape is not None:
+            data = reshape_inputs(data, tuple(cfg.input_shape))
+        # the model is built and checked here, before any device is touched
+        self.planner.use_model(data.input_shape, data.num_classes)
         self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset)
         resume = self.recovery.load_resume()
         self.planner.load_costs()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from accept_mqtt.model.schedule import LR_SCHEDULES, default_recipe
+from accept_mqtt.model.user import is_user_model
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
 
@@ -31,10 +32,19 @@ def micro_batch_count(text: str) -> int | Literal["auto"]:
 _WORDS: dict[str, tuple[str, ...]] = {"micro_batches": ("auto",)}
 
 
+def shape_list(text: str) -> list[int]:
+    """``--input-shape 3,32,32`` (or ``3x32x32``): per-sample dimensions."""
+    try:
+        return [int(d) for d in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--input-shape must be dimensions like 3,32,32, got {text!r}") from None
+
+
 @dataclass
 class TrainConfig:
-    model: str = "cnn"
+    model: str = "cnn"  # a zoo name, or MODULE:FACTORY (the user's own, model/user.py)
     dataset: str | None = None  # default: the model's own (zoo.ZOO[model].default_dataset)
+    input_shape: list[int] | None = None  # per sample; default: the data set's
     data_path: str | None = None
     width: float = 1.0
     epochs: int = 2
@@ -98,6 +108,15 @@ class TrainConfig:
         if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not (
                 isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)):
             raise ConfigError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if is_user_model(self.model) and self.dataset is None:
+            raise ConfigError(f"model {self.model!r} is your own: name its --dataset (the input "
+                              "shape and class count come from it)")
+        if self.input_shape is not None and not (
+                isinstance(self.input_shape, list) and self.input_shape and all(
+                    isinstance(d, int) and not isinstance(d, bool) and d > 0
+                    for d in self.input_shape)):
+            raise ConfigError(f"input_shape must be a list of positive ints, got "
+                              f"{self.input_shape!r}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self

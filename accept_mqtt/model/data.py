@@ -18,6 +18,7 @@ Guarantee: the same name, path and seed give the same tensors in the same order.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,17 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+
+def reshape_inputs(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
+    """The same samples viewed as ``shape`` per sample (``--input-shape``), e.g. 8x8 digits as
+    64 values; ``DatasetError`` if the element counts differ."""
+    have = ds.input_shape
+    if math.prod(shape) != math.prod(have):
+        raise DatasetError(f"input shape {list(shape)} holds {math.prod(shape)} values but "
+                           f"{ds.name}'s samples are {list(have)} ({math.prod(have)} values)")
+    return Dataset(ds.name, ds.train_x.reshape(len(ds.train_x), *shape), ds.train_y,
+                   ds.test_x.reshape(len(ds.test_x), *shape), ds.test_y, ds.num_classes)
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, classes: int, seed: int,
