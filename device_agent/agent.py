@@ -46,8 +46,9 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiomqtt
 import torch
@@ -56,7 +57,7 @@ from accept_mqtt.model import checkpoint, fingerprint, footprint
 from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
-from accept_mqtt.model.zoo import build_model
+from accept_mqtt.model.zoo import BUILD_LOCK, build_model
 from accept_mqtt.wire import codec
 from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
@@ -88,6 +89,7 @@ from device_agent import trace
 from device_agent.link import Link
 
 log = logging.getLogger("device_agent")
+T = TypeVar("T")
 
 
 @dataclass
@@ -412,8 +414,9 @@ class Agent:
         assert self._client is not None
         assert self.profile is not None
         try:
-            refusal = await asyncio.to_thread(memory_refusal, plan, self.cfg.device_id,
-                                              self.profile.memory_limit_mb, self.cfg.model_path)
+            refusal = await asyncio.to_thread(_building, memory_refusal, plan,
+                                              self.cfg.device_id, self.profile.memory_limit_mb,
+                                              self.cfg.model_path)
         except Exception as e:  # a model that cannot be sized on the meta device: building
             # it (below) reports what is wrong with it, if anything
             log.warning("cannot size the stage of plan v%d without allocating it (%s: %s); "
@@ -423,8 +426,9 @@ class Agent:
             await self._report_error(self.topics.plan(plan.job), refusal, job=plan.job)
             return
         try:
-            job = await asyncio.to_thread(_Job, plan, self.cfg.device_id, self.cfg.threads,
-                                          self.cfg.slowdown, self.cfg.model_path)
+            job = await asyncio.to_thread(_building, _Job, plan, self.cfg.device_id,
+                                          self.cfg.threads, self.cfg.slowdown,
+                                          self.cfg.model_path)
         except Exception as e:
             await self._report_error(self.topics.plan(plan.job), f"cannot build stage: {e}",
                                      job=plan.job)
@@ -793,6 +797,17 @@ def _is_training(work: _Work) -> bool:
         return bool(codec.from_bytes(work.payload, work.topic).extra.get("train", True))
     except codec.FrameError:
         return True  # it fails in _forward, where it is reported
+
+
+def _building(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a stage build, under the zoo's build lock. torch.fx patches
+    ``nn.Module.__call__`` for the whole process while it traces a user's model, so while one
+    agent traces, another agent of the same process (in-process agents, as in the tests) must
+    not run a module: sizing, describing and chain-checking a model all do (seen: three
+    in-process agents joining a job at once, one refused it with "module is not installed as
+    a submodule", twice in two full test runs)."""
+    with BUILD_LOCK:
+        return fn(*args)
 
 
 def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:

@@ -277,7 +277,9 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
-BUILD_LOCK = threading.Lock()
+# re-entrant: an agent holds it around its whole stage build (see ``device_agent``), which
+# builds the model under it again
+BUILD_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
