@@ -81,6 +81,9 @@ def test_slowdown_sleeps_its_share_of_each_stage_call(tmp_path: Path) -> None:
     ({"steps": 1}, "warm-up"),
     ({"micro_batches": 2, "cuts": [0, 4, 9, 14]}, "micro-batches >= stages"),
     ({"slowdowns": [1.0]}, "slowdowns"),
+    ({"uplinks_bps": [1e6]}, "uplinks_bps must be 2 rates"),
+    ({"uplinks_bps": [1e6, 0.0]}, "uplinks_bps must be 2 rates"),
+    ({"latency_s": -0.01}, "latency_s must be >= 0"),
 ])
 def test_bad_arguments_fail_before_any_process(change: dict[str, object], phrase: str) -> None:
     kw: dict[str, object] = dict(KW, cuts=[0, 7, 14], schedule="1f1b")
@@ -123,3 +126,59 @@ def test_bench_overhead_quick_prints_all_three(tmp_path: Path,
     assert all(v["median"] > 0 for v in res["samples_per_s"].values())
     # the same arithmetic three ways: the per-step losses agree
     assert all(d is not None and d < 1e-4 for d in res["max_loss_diff_vs_one_process"].values())
+
+
+# -- link emulation (bench e2e's torch peer) -------------------------------------------------
+class _FakeWork:
+    def wait(self) -> None:
+        pass
+
+
+def test_emulated_uplink_keeps_sends_in_flight_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timer thread issues each send ``latency`` after it was made (after pacing), in
+    order: 10 sends made at once go out together about ``latency`` later, not one latency
+    each; with a rate, one payload time apart."""
+    import time
+
+    import torch.distributed as dist
+
+    issued: list[tuple[int, float]] = []
+    monkeypatch.setattr(dist, "isend", lambda t, dst, group: (
+        issued.append((int(t[0]), time.perf_counter())), _FakeWork())[1])
+    up = torchpipe._Uplink(None, 0.1)
+    t0 = time.perf_counter()
+    for i in range(10):
+        up.send(torch.full((1000,), float(i)), 1, None)
+    up.close()
+    assert [i for i, _ in issued] == list(range(10))
+    late = [t - t0 for _, t in issued]
+    assert min(late) >= 0.1 - 1e-3 and max(late) < 0.1 + 0.08, late
+    assert up.sends == 10 and up.send_bytes == 40_000
+
+    issued.clear()
+    up = torchpipe._Uplink(8 * 4000 / 0.02, 0.05)  # one 4000-byte tensor takes 20 ms
+    t0 = time.perf_counter()
+    for i in range(5):
+        up.send(torch.full((1000,), float(i)), 1, None)
+    up.close()
+    late = [t - t0 for _, t in issued]
+    assert [i for i, _ in issued] == list(range(5))
+    for j, v in enumerate(late):  # paced one after another, then the latency
+        assert 0.05 + 0.02 * (j + 1) - 1e-3 <= v < 0.05 + 0.02 * (j + 1) + 0.05, late
+
+
+def test_latency_and_pacing_keep_the_arithmetic(tmp_path: Path) -> None:
+    """Sends through the emulated uplinks still match their receives: three stages train
+    exactly as one process does, and a step takes at least the round trips 1F1B needs."""
+    latency = 0.03
+    res = run_torch_pipeline("cnn", 0.5, [0, 5, 9, 14], schedule="1f1b", check=True,
+                             latency_s=latency, uplinks_bps=[50e6, 50e6, 50e6],
+                             workdir=tmp_path, **KW)
+    assert res["latency_s"] == latency and "link_emulation" in res
+    assert [s["sends"] for s in res["stages"]] == [2 * 4, 2 * 2 * 4, 2 * 4]
+    one = run_one_process("cnn", 0.5, check=True, **KW)
+    assert torchpipe.max_abs_diff(res["state_dict"], one["state_dict"]) < 1e-6
+    # micro-batch 0 crosses 2 links forward and 2 back before stage 0 may send micro-batch 3,
+    # which then crosses them again: at least 8 one-way latencies, far fewer than the
+    # 16 sends per step a serialising sleep would each have delayed
+    assert 8 * latency * 1e3 <= res["step_ms"][1] < 14 * latency * 1e3, res["step_ms"]
