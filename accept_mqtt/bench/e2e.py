@@ -425,7 +425,11 @@ def run(args: argparse.Namespace) -> int:
         user_latency = latency if latency_via == "delay-line" else 0.0
         extra = ("--trace-steps", str(trace_step)) + (
             ("--latency", f"{user_latency * 1e3:g}ms") if user_latency else ())
-        specs = [AgentSpec(f"e2e-{i}", s, bw, extra_args=extra) for i, (s, bw) in enumerate(devs)]
+        # keepalive 60 s: a held-out evaluation of VGG width 1 queues tens of MB on a 20 Mbit/s
+        # uplink, and the agent's PINGREQ waits behind them; at the default 10 s the broker
+        # declared the agent dead (Last Will after 15 s) in the middle of the evaluation
+        specs = [AgentSpec(f"e2e-{i}", s, bw, keepalive=60, extra_args=extra)
+                 for i, (s, bw) in enumerate(devs)]
         labels = {sp.device_id: f"{sp.device_id}\n1/{sp.slowdown:g} speed, {sp.bandwidth}"
                   for sp in specs}
         speed = sum(1.0 / s for s, _ in devs)
@@ -470,8 +474,10 @@ def run(args: argparse.Namespace) -> int:
                     traces[mname] = [dict(t, label=f"stage {t['stage']}: "
                                           f"{labels.get(t['device'], t['device'])}")
                                      for t in tr]  # the last repeat's (warm) trace is kept
+                    acc = rec["final_accuracy"]  # None: no held-out evaluation ran
                     print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} "
-                          f"{sps:8.1f} samples/s  acc {rec['final_accuracy']:.3f}  "
+                          f"{sps:8.1f} samples/s  acc "
+                          f"{'-' if acc is None else f'{acc:.3f}'}  "
                           f"({time.time() - t0:.0f}s)", flush=True)
         ideal = ideal_bounds(sc, speed, layer_ms, profiles) if profiles else None
         bound = ideal["samples_per_s"] if ideal else bound_configured
@@ -540,8 +546,9 @@ def _table(runs: dict[str, list[dict[str, Any]]], bound: float, layer_ms: list[f
         last = recs[-1]
         row.update({
             "record_samples_per_s": [x["samples_per_s"] for x in recs],
-            "accuracy_median": statistics.median(x["final_accuracy"] for x in recs),
-            "test_loss_median": statistics.median(x["epochs"][-1]["test_loss"] for x in recs),
+            "accuracy_median": _median_or_none([x["final_accuracy"] for x in recs]),
+            "test_loss_median": _median_or_none([x["epochs"][-1]["test_loss"]
+                                                 if x["epochs"] else None for x in recs]),
             "steps_done": last["steps"],
             # drift re-plans that moved the cuts, per repeat ("plan" is the last one's)
             "live_replans": [sum(bool(r["changed"]) for r in x["replans"]) for x in recs],
@@ -557,6 +564,12 @@ def _table(runs: dict[str, list[dict[str, Any]]], bound: float, layer_ms: list[f
         })
         table[mname] = row
     return table
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    """Median of the values there are (a run too short for a held-out evaluation has none)."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
 
 
 def _ratio(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str, Any] | None:
