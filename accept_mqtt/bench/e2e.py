@@ -648,8 +648,9 @@ def _latency_costs(results: dict[str, Any]) -> None:
               f"scenarios ran one after the other in this invocation): samples/s ratio, "
               f"median [min-max] over repeats")
         for mname, v in cost.items():
+            change = 100 * (1 - v["median"])
             print(f"{mname:16s} {v['median']:6.3f}x [{v['min']:.3f}-{v['max']:.3f}]  "
-                  f"({100 * (1 - v['median']):.1f} % slower)")
+                  f"({abs(change):.1f} % {'slower' if change >= 0 else 'faster'})")
 
 
 def _with_inflation(summary: dict[str, Any], stages: list[dict[str, Any]],
