@@ -64,6 +64,17 @@ def test_scenarios_pair_the_latency_twin_with_its_baseline() -> None:
     assert all(bw == "20mbit" for _, bw in base.devices)
 
 
+def test_a_latency_twin_and_its_baseline_alternate_repeat_by_repeat() -> None:
+    sc = {n: e2e.SCENARIOS[n] for n in ("4dev-one-much-slower",
+                                        "vgg1-3dev-speeds-1-1/2-1/4-20mbit-20ms-rtt",
+                                        "vgg1-3dev-speeds-1-1/2-1/4-20mbit")}
+    base, twin = "vgg1-3dev-speeds-1-1/2-1/4-20mbit", "vgg1-3dev-speeds-1-1/2-1/4-20mbit-20ms-rtt"
+    assert e2e.sessions(sc, 2) == [("4dev-one-much-slower", [0, 1]), (twin, [0]), (base, [0]),
+                                   (twin, [1]), (base, [1])]
+    alone = {twin: sc[twin]}  # its baseline not chosen: all repeats on one cluster
+    assert e2e.sessions(alone, 3) == [(twin, [0, 1, 2])]
+
+
 def test_ideal_bound_takes_the_best_micro_batch_count_that_fits_memory() -> None:
     sc = e2e.Scenario(((1.0, "10mbit"), (2.0, "10mbit")), model="cnn", batch_size=16)
 

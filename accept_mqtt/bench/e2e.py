@@ -17,8 +17,9 @@ A scenario may add a one-way link latency (``Scenario.latency``, ``--latency``),
   egress (``--shaping tc`` on a kernel with ``sch_netem``);
 * ``delay-line``: in user space, a delay line that keeps frames in flight
   (``wire.aio.DelayLine``): every frame and event an agent publishes (agent ``--latency``), the
-  coordinator's sends (``TrainConfig.emulate_latency_ms``) and every point-to-point send of
-  the torch peer (``bench/torchpipe.py``) leave that much later, in order, many at once;
+  coordinator's sends (``TrainConfig.emulate_latency_ms``) leave that much later, in order,
+  many at once; the torch peer's receives become usable that much after their data arrived
+  (``bench/torchpipe.py``);
 * ``auto`` (default): ``netem`` where the kernel has it, else ``delay-line``, saying why.
 
 Either way every hop of a step (coordinator -> stage 0, stage -> stage, events back) pays the
@@ -58,8 +59,9 @@ process, over the summed device speeds, links ignored, at the micro-batch count 
 the most samples/s among those the planner's ``--micro-batches auto`` tries whose stash fits
 every device's memory (checked with the planner's memory model on the devices' own profiles).
 A scenario with ``baseline`` (the same scenario without the latency) also reports, per method,
-its samples/s over the baseline's, repeat by repeat: what the latency costs. Scenarios run one
-after the other, so that ratio is across scenarios of one invocation, not interleaved.
+its samples/s over the baseline's, repeat by repeat: what the latency costs. When both are
+chosen they alternate repeat by repeat (``sessions``), each repeat on a fresh cluster, so that
+ratio is side by side too; every other scenario runs all its repeats on one cluster.
 
 Every agent traces one step (``--trace-step``, default the middle one) and the bench collects
 the spans with its own subscriber (``bench/timeline.py``): the JSON carries them with a
@@ -75,7 +77,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,8 +301,8 @@ LATENCY_EMULATION = {
     "netem": "one-way latency: tc netem delay on every agent's uplink and the coordinator's "
              "egress",
     "delay-line": "one-way latency: user-space delay line (frames in flight, order kept) on "
-                  "every agent's frames and events, the coordinator's sends and the torch "
-                  "peer's point-to-point sends",
+                  "every agent's frames and events and the coordinator's sends; the torch "
+                  "peer's receives usable that long after their data arrived",
 }
 
 
@@ -360,6 +362,120 @@ def run_torch_peer(rec: dict[str, Any], sc: Scenario, specs: list[AgentSpec],
     return res
 
 
+def sessions(scenarios: dict[str, Scenario], repeats: int) -> list[tuple[str, list[int]]]:
+    """The order the bench runs in: ``(scenario, repeats run on one cluster)``.
+
+    A scenario runs all its repeats on one cluster, except a scenario and its ``baseline``
+    when both are chosen: they alternate repeat by repeat, each repeat on a fresh cluster, so
+    that the latency's cost is measured side by side, as every other ratio here is."""
+    out: list[tuple[str, list[int]]] = []
+    done: set[str] = set()
+    for name, sc in scenarios.items():
+        if name in done:
+            continue
+        group = [name] + [n for n, o in scenarios.items() if n != name and n not in done
+                          and (o.baseline == name or sc.baseline == n)]
+        done.update(group)
+        if len(group) == 1:
+            out.append((name, list(range(repeats))))
+        else:
+            out += [(g, [r]) for r in range(repeats) for g in group]
+    return out
+
+
+@dataclass
+class _Prepared:
+    """One scenario's settings, measurements and runs so far."""
+
+    name: str
+    sc: Scenario
+    latency: float  # one-way, seconds
+    user_latency: float  # what the delay line emulates (0 under netem)
+    netem_ms: float | None
+    trace_step: int
+    mb: int
+    layer_ms: Callable[[int], list[float]]
+    speed: float
+    bound_configured: float
+    specs: list[AgentSpec]
+    labels: dict[str, str]
+    runs: dict[str, list[dict[str, Any]]]
+    traces: dict[str, list[timeline.Trace]] = field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _prepare(name: str, sc: Scenario, latency: float, latency_via: str, chosen: list[str],
+             args: argparse.Namespace) -> _Prepared:
+    trace_step = sc.steps // 2 if args.trace_step is None else args.trace_step
+    mb = max(1, sc.batch_size // args.micro_batches)
+    sizes: dict[int, list[float]] = {}
+
+    def layer_ms(size: int) -> list[float]:
+        if size not in sizes:
+            sizes[size] = measured_layer_ms(sc.model, size, width=sc.width)
+        return sizes[size]
+
+    # every size the ideal bound may need, measured before any cluster starts
+    for m in (c for c in MICRO_BATCH_CHOICES if c <= sc.batch_size):
+        for a, b in split(sc.batch_size, m):
+            layer_ms(b - a)
+    user_latency = latency if latency_via == "delay-line" else 0.0
+    extra = ("--trace-steps", str(trace_step)) + (
+        ("--latency", f"{user_latency * 1e3:g}ms") if user_latency else ())
+    # keepalive 60 s: a held-out evaluation of VGG width 1 queues tens of MB on a 20 Mbit/s
+    # uplink, and the agent's PINGREQ waits behind them; at the default 10 s the broker
+    # declared the agent dead (Last Will after 15 s) in the middle of the evaluation
+    specs = [AgentSpec(f"e2e-{i}", s, bw, keepalive=60, extra_args=extra)
+             for i, (s, bw) in enumerate(sc.devices)]
+    speed = sum(1.0 / s for s, _ in sc.devices)
+    return _Prepared(
+        name=name, sc=sc, latency=latency, user_latency=user_latency,
+        netem_ms=latency * 1e3 if latency_via == "netem" and latency else None,
+        trace_step=trace_step, mb=mb, layer_ms=layer_ms, speed=speed,
+        bound_configured=mb / (sum(layer_ms(mb)) / speed) * 1e3,  # as before: --micro-batches
+        specs=specs,
+        labels={sp.device_id: f"{sp.device_id}\n1/{sp.slowdown:g} speed, {sp.bandwidth}"
+                for sp in specs},
+        runs={m: [] for m in chosen})
+
+
+def _run_method(st: _Prepared, mname: str, r: int, repeats: int, cluster: LocalCluster,
+                shaping: str, meths: dict[str, dict[str, Any]], args: argparse.Namespace,
+                workdir: Path) -> None:
+    """Run ``mname``'s repeat ``r`` of scenario ``st`` on ``cluster``; append to its runs."""
+    sc, name, t0 = st.sc, st.name, time.time()
+    if mname in TORCH_METHODS:
+        src = st.runs[TORCH_METHODS[mname]][r]
+        res = run_torch_peer(src["record"], sc, st.specs, cluster, shaping, st.user_latency,
+                             sc.steps, args.seed, workdir)
+        st.runs[mname].append(res)
+        print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} "
+              f"{res['samples_per_s']:8.1f} samples/s  cuts {res['cuts']} on "
+              f"{res['devices']}  ({time.time() - t0:.0f}s)", flush=True)
+        return
+    cfg = TrainConfig(model=sc.model, width=sc.width, lr=sc.lr,
+                      epochs=sc.steps, max_steps=sc.steps,  # max_steps decides
+                      batch_size=sc.batch_size, micro_batches=args.micro_batches,
+                      seed=args.seed, devices=len(sc.devices), runs_dir="runs/bench-e2e",
+                      device_timeout=120, emulate_latency_ms=st.user_latency * 1e3,
+                      **meths[mname])
+    rec, tr, step_events = asyncio.run(_one(cluster.url, cfg, f"e2e-{r}-{mname}"))
+    st.profiles = st.profiles or dict(rec["devices"])
+    timed = timed_steps(step_events)
+    if timed is None:  # the progress events changed: say what was measured
+        sps, warm = rec["samples_per_s"], 0
+    else:
+        sps, warm = timed[1] / max(timed[0], 1e-9), 1
+    st.runs[mname].append({"record": rec, "samples_per_s": sps, "warmup_steps": warm})
+    st.traces[mname] = [dict(t, label=f"stage {t['stage']}: "
+                             f"{st.labels.get(t['device'], t['device'])}")
+                        for t in tr]  # the last repeat's (warm) trace is kept
+    acc = rec["final_accuracy"]  # None: no held-out evaluation ran
+    print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} {sps:8.1f} samples/s  acc "
+          f"{'-' if acc is None else f'{acc:.3f}'}  ({time.time() - t0:.0f}s)", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     names = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in names if s not in SCENARIOS]
@@ -404,98 +520,39 @@ def run(args: argparse.Namespace) -> int:
           f"per repeat: {', '.join(chosen)}", flush=True)
     t_bench = time.time()
     tmp = Path("runs/bench-e2e/torch")
-    for name, sc in scenarios.items():
-        devs = list(sc.devices)
-        steps = sc.steps
-        latency = lat_s[name]
-        trace_step = steps // 2 if args.trace_step is None else args.trace_step
-        mb = max(1, sc.batch_size // args.micro_batches)
-        sizes: dict[int, list[float]] = {}
-
-        def layer_ms(size: int, sc: Scenario = sc, sizes: dict[int, list[float]] = sizes
-                     ) -> list[float]:
-            if size not in sizes:
-                sizes[size] = measured_layer_ms(sc.model, size, width=sc.width)
-            return sizes[size]
-
-        # measured before the cluster starts, every size the ideal bound may need
-        for m in (c for c in MICRO_BATCH_CHOICES if c <= sc.batch_size):
-            for a, b in split(sc.batch_size, m):
-                layer_ms(b - a)
-        user_latency = latency if latency_via == "delay-line" else 0.0
-        extra = ("--trace-steps", str(trace_step)) + (
-            ("--latency", f"{user_latency * 1e3:g}ms") if user_latency else ())
-        # keepalive 60 s: a held-out evaluation of VGG width 1 queues tens of MB on a 20 Mbit/s
-        # uplink, and the agent's PINGREQ waits behind them; at the default 10 s the broker
-        # declared the agent dead (Last Will after 15 s) in the middle of the evaluation
-        specs = [AgentSpec(f"e2e-{i}", s, bw, keepalive=60, extra_args=extra)
-                 for i, (s, bw) in enumerate(devs)]
-        labels = {sp.device_id: f"{sp.device_id}\n1/{sp.slowdown:g} speed, {sp.bandwidth}"
-                  for sp in specs}
-        speed = sum(1.0 / s for s, _ in devs)
-        bound_configured = mb / (sum(layer_ms(mb)) / speed) * 1e3  # as before: --micro-batches
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in chosen}
-        traces: dict[str, list[timeline.Trace]] = {}
-        profiles: dict[str, dict[str, Any]] = {}
-        netem_ms = latency * 1e3 if latency_via == "netem" and latency else None
-        with _cluster(specs, shaping, netem_ms) as cluster:
+    preps = {name: _prepare(name, sc, lat_s[name], latency_via, chosen, args)
+             for name, sc in scenarios.items()}  # every layer measured before any cluster
+    for name, reps in sessions(scenarios, repeats):
+        st = preps[name]
+        with _cluster(st.specs, shaping, st.netem_ms) as cluster:
             hop = asyncio.run(timeline.mqtt_hop_ms(cluster.url))
+            st.hops.append(hop)
             print(f"[{name}] MQTT hop through the broker, idle, unshaped: {hop}", flush=True)
-            for r in range(repeats):
+            for r in reps:
                 for mname in chosen:  # interleaved
-                    t0 = time.time()
-                    if mname in TORCH_METHODS:
-                        src = runs[TORCH_METHODS[mname]][r]
-                        res = run_torch_peer(src["record"], sc, specs, cluster, shaping,
-                                             user_latency, steps, args.seed,
-                                             tmp / f"{r}-{mname}")
-                        runs[mname].append(res)
-                        print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} "
-                              f"{res['samples_per_s']:8.1f} samples/s  cuts {res['cuts']} on "
-                              f"{res['devices']}  ({time.time() - t0:.0f}s)", flush=True)
-                        continue
-                    cfg = TrainConfig(model=sc.model, width=sc.width, lr=sc.lr,
-                                      epochs=steps, max_steps=steps,  # max_steps decides
-                                      batch_size=sc.batch_size,
-                                      micro_batches=args.micro_batches, seed=args.seed,
-                                      devices=len(devs), runs_dir="runs/bench-e2e",
-                                      device_timeout=120, emulate_latency_ms=user_latency * 1e3,
-                                      **meths[mname])
-                    rec, tr, step_events = asyncio.run(_one(cluster.url, cfg,
-                                                            f"e2e-{r}-{mname}"))
-                    profiles = profiles or dict(rec["devices"])
-                    timed = timed_steps(step_events)
-                    if timed is None:  # the progress events changed: say what was measured
-                        sps, warm = rec["samples_per_s"], 0
-                    else:
-                        sps, warm = timed[1] / max(timed[0], 1e-9), 1
-                    runs[mname].append({"record": rec, "samples_per_s": sps,
-                                        "warmup_steps": warm})
-                    traces[mname] = [dict(t, label=f"stage {t['stage']}: "
-                                          f"{labels.get(t['device'], t['device'])}")
-                                     for t in tr]  # the last repeat's (warm) trace is kept
-                    acc = rec["final_accuracy"]  # None: no held-out evaluation ran
-                    print(f"[{name}] repeat {r + 1}/{repeats} {mname:15s} "
-                          f"{sps:8.1f} samples/s  acc "
-                          f"{'-' if acc is None else f'{acc:.3f}'}  "
-                          f"({time.time() - t0:.0f}s)", flush=True)
-        ideal = ideal_bounds(sc, speed, layer_ms, profiles) if profiles else None
-        bound = ideal["samples_per_s"] if ideal else bound_configured
-        table = _table(runs, bound, layer_ms(mb), devs, args.micro_batches, traces)
-        ratios = _ratios(runs)
+                    _run_method(st, mname, r, repeats, cluster, shaping, meths, args,
+                                tmp / f"{list(preps).index(name)}-{r}-{mname}")
+    for name, st in preps.items():
+        sc = st.sc
+        ideal = ideal_bounds(sc, st.speed, st.layer_ms, st.profiles) if st.profiles else None
+        bound = ideal["samples_per_s"] if ideal else st.bound_configured
+        table = _table(st.runs, bound, st.layer_ms(st.mb), list(sc.devices),
+                       args.micro_batches, st.traces)
+        ratios = _ratios(st.runs)
         results["scenarios"][name] = {
-            "devices": devs, "model": sc.model, "width": sc.width, "batch_size": sc.batch_size,
-            "steps": steps, "lr": sc.lr, "latency_one_way_ms": latency * 1e3,
-            "baseline": sc.baseline, "trace_step": trace_step,
-            "ideal_samples_per_s": bound, "ideal": ideal,
-            "ideal_samples_per_s_configured_micro_batches": bound_configured,
-            "mqtt_hop_idle": hop, "methods": table, "ratios": ratios,
+            "devices": list(sc.devices), "model": sc.model, "width": sc.width,
+            "batch_size": sc.batch_size, "steps": sc.steps, "lr": sc.lr,
+            "latency_one_way_ms": st.latency * 1e3, "baseline": sc.baseline,
+            "trace_step": st.trace_step, "ideal_samples_per_s": bound, "ideal": ideal,
+            "ideal_samples_per_s_configured_micro_batches": st.bound_configured,
+            "mqtt_hop_idle": st.hops[0], "mqtt_hop_idle_per_cluster": st.hops,
+            "clusters": len(st.hops), "methods": table, "ratios": ratios,
         }
-        if "equal-fp32" in traces or "accept" in traces:
-            panels += [(f"{name}\nequal-fp32 (baseline)", traces.get("equal-fp32", [])),
+        if "equal-fp32" in st.traces or "accept" in st.traces:
+            panels += [(f"{name}\nequal-fp32 (baseline)", st.traces.get("equal-fp32", [])),
                        (f"{name}\nAccEPT (predictor + {args.act_bits}/{args.grad_bits}-bit)",
-                        traces.get("accept", []))]
-        _print_scenario(name, sc, latency, shaping, latency_via, bound, ideal, table, ratios)
+                        st.traces.get("accept", []))]
+        _print_scenario(name, sc, st.latency, shaping, latency_via, bound, ideal, table, ratios)
     _latency_costs(results)
     results["bench_seconds"] = round(time.time() - t_bench, 1)
     print(f"\nbench took {results['bench_seconds']:.0f} s")
@@ -645,8 +702,8 @@ def _latency_costs(results: dict[str, Any]) -> None:
         sc["vs_baseline"] = cost
         print(f"\n{name} against {sc['baseline']} (one-way latency "
               f"{sc['latency_one_way_ms']:g} ms vs {base['latency_one_way_ms']:g} ms; the two "
-              f"scenarios ran one after the other in this invocation): samples/s ratio, "
-              f"median [min-max] over repeats")
+              f"alternated repeat by repeat, each repeat on a fresh cluster): samples/s "
+              f"ratio, median [min-max] of the same-repeat ratios")
         for mname, v in cost.items():
             change = 100 * (1 - v["median"])
             print(f"{mname:16s} {v['median']:6.3f}x [{v['min']:.3f}-{v['max']:.3f}]  "

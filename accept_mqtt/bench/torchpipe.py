@@ -48,16 +48,21 @@ of). Receives and sends are outside those calls, so waiting for a neighbour is n
 stretched. StageRunner sleeps after each layer, this after each stage call: the same total.
 
 What is emulated on the links (``uplinks_bps[i]``, ``latency_s``; both off by default, and
-then torch's own point-to-point sends run untouched): rank ``i``'s sends (activations
-forward, gradients backward) leave through an emulated uplink, as an agent's ``Link`` does:
-in the order they were made, each paced for ``8 * bytes / uplinks_bps[i]`` seconds after the
-previous one left (if a rate is given) and then issued as a gloo ``isend`` ``latency_s``
-later, from a timer thread, so several transfers are in flight at once and a send never
-waits for another's latency. The schedule sees such a send complete at once (as into a deep
-socket buffer): its waits on sends return immediately, its receives wait for the real data.
-So a transfer arrives ``latency_s`` (plus pacing) after torch asked for it, as through a
-link with that one-way latency. Under ``tc`` shaping the kernel adds the real bandwidth limit
-on top (pass no ``uplinks_bps`` then).
+then torch's own point-to-point operations run untouched):
+
+* ``latency_s``, a one-way latency, at the receiver: every receive of activations or
+  gradients becomes usable ``latency_s`` after its data arrived (a watcher thread waits on
+  the gloo receive and notes the arrival; the schedule's wait returns ``latency_s`` after
+  that). Receives are independent, so several transfers are in flight at once, and the
+  senders run torch's own sends, whose waits behave as they do without latency (under
+  ``tc``, they block while the shaped link drains the socket buffer, as torch's do).
+* ``uplinks_bps[i]``, only where no kernel shapes the link (``pace``): rank ``i``'s sends
+  leave through an emulated uplink, as an agent's paced ``Link``: in the order they were
+  made, each issued as a gloo ``isend`` from a timer thread ``8 * bytes / uplinks_bps[i]``
+  seconds after the previous one left; the schedule sees such a send complete at once.
+
+So a transfer is usable ``latency_s`` (plus pacing) after the data left, as over a link
+with that one-way latency.
 
 Teardown: workers are our own child processes; on any worker failure, on ``timeout`` and on
 any exception here (Ctrl-C included) every worker still running gets SIGTERM, then SIGKILL.
@@ -98,9 +103,10 @@ TIMING = ("samples / time inside optimizer steps 1..N-1; step 0 is an untimed wa
 EMULATION = ("slowdown s: each stage's forward_one_chunk and backward_one_chunk (one "
              "micro-batch) is followed by a sleep of (s-1) x its measured duration; loss "
              "forward, optimizer step and communication are not stretched")
-LINK_EMULATION = ("links: each rank's sends leave in order from a timer thread, paced at its "
-                  "uplink rate (if given) and issued as gloo isends one-way latency later; "
-                  "several in flight; the schedule's waits on sends return at once")
+LINK_EMULATION = ("links: one-way latency at the receiver (a receive is usable latency after "
+                  "its data arrived; transfers in flight at once; torch's sends untouched); "
+                  "uplink rate (pace only): sends issued in order from a timer thread, each "
+                  "after the previous one's serialisation time, seen by the schedule as done")
 
 
 class TorchPipeError(RuntimeError):
@@ -425,14 +431,13 @@ class _Emulation:
 
 
 class _Uplink:
-    """One rank's emulated uplink (module docstring): ``send`` returns at once; a timer thread
-    issues the gloo ``isend`` when the send's turn has come (pacing, then ``latency_s``)."""
+    """One rank's paced uplink (module docstring): ``send`` returns at once; a timer thread
+    issues the gloo ``isend`` once the sends before it have had their serialisation time."""
 
-    def __init__(self, bandwidth_bps: float | None, latency_s: float) -> None:
+    def __init__(self, bandwidth_bps: float) -> None:
         import threading
 
         self.bandwidth_bps = bandwidth_bps
-        self.latency_s = latency_s
         self._free_at = 0.0  # perf_counter when the paced link is free again
         self._queue: deque[tuple[float, torch.Tensor, int, Any]] = deque()
         self._cv = threading.Condition()
@@ -446,16 +451,14 @@ class _Uplink:
 
     def send(self, tensor: torch.Tensor, peer: int, group: Any) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        now = time.perf_counter()
-        start = max(now, self._free_at)
-        self._free_at = start + (nbytes * 8 / self.bandwidth_bps if self.bandwidth_bps else 0.0)
-        due = self._free_at + self.latency_s  # never earlier than the send before it
+        start = max(time.perf_counter(), self._free_at)
+        self._free_at = start + nbytes * 8 / self.bandwidth_bps  # due times never decrease
         self.sends += 1
         self.send_bytes += nbytes
         with self._cv:
             if self._error is not None:
                 raise TorchPipeError(f"emulated uplink failed: {self._error}")
-            self._queue.append((due, tensor, peer, group))
+            self._queue.append((self._free_at, tensor, peer, group))
             self._cv.notify()
 
     def _run(self) -> None:
@@ -493,6 +496,41 @@ class _Uplink:
         self._works.clear()
 
 
+class _LateRecv:
+    """A gloo receive whose data is usable ``latency_s`` after it arrived: a watcher thread
+    waits on the real receive and notes the time; ``wait`` returns ``latency_s`` after it."""
+
+    def __init__(self, work: Any, latency_s: float) -> None:
+        import threading
+
+        self._work = work
+        self.latency_s = latency_s
+        self._arrived = 0.0
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="recv-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            self._work.wait()  # torch releases the GIL while it waits
+        except BaseException as e:
+            self._error = e
+        self._arrived = time.perf_counter()
+        self._done.set()
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        rest = self._arrived + self.latency_s - time.perf_counter()
+        if rest > 0:
+            time.sleep(rest)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done.is_set() and time.perf_counter() >= self._arrived + self.latency_s
+
+
 def _example_io(layers: list[nn.Module], in_shape: tuple[int, ...], a: int, b: int,
                 mb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Example input and output of ``layers[a:b]`` for one micro-batch, computed in eval mode
@@ -518,13 +556,13 @@ def _example_io(layers: list[nn.Module], in_shape: tuple[int, ...], a: int, b: i
 
 
 def _make_stage(module: nn.Module, rank: int, k: int, emu: _Emulation,
-                example: tuple[torch.Tensor, torch.Tensor], uplink: _Uplink | None = None
-                ) -> Any:
+                example: tuple[torch.Tensor, torch.Tensor], uplink: _Uplink | None = None,
+                latency_s: float = 0.0) -> Any:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
 
     def through(ops: list[Any]) -> list[Any]:
-        """Hand the sends to the emulated uplink; the schedule gets nothing to wait for."""
+        """Hand the sends to the paced uplink; the schedule gets nothing to wait for."""
         if uplink is None:
             return ops
         for op in ops:
@@ -532,6 +570,21 @@ def _make_stage(module: nn.Module, rank: int, k: int, emu: _Emulation,
                 raise TorchPipeError(f"unexpected point-to-point op {op.op!r} in a send list")
             uplink.send(op.tensor, op.peer, op.group)
         return []
+
+    def late_irecv(tensor: torch.Tensor, **kwargs: Any) -> _LateRecv:
+        return _LateRecv(dist.irecv(tensor, **kwargs), latency_s)
+
+    def late(ops: list[Any]) -> list[Any]:
+        """Receive ops whose data is usable ``latency_s`` after it arrived. torch runs each
+        P2POp's ``op`` with the tensor, group, tag and peer (``_batch_p2p``,
+        ``batch_isend_irecv``); the op's own checks passed when it was made."""
+        if latency_s <= 0:
+            return ops
+        for op in ops:
+            if op.op is not dist.irecv:
+                raise TorchPipeError(f"unexpected point-to-point op {op.op!r} in a recv list")
+            op.op = late_irecv
+        return ops
 
     class EmulatedStage(PipelineStage):  # type: ignore[misc]
         """``PipelineStage`` whose per-micro-batch compute calls are stretched by ``emu``.
@@ -554,6 +607,12 @@ def _make_stage(module: nn.Module, rank: int, k: int, emu: _Emulation,
 
         def get_fwd_send_ops(self, *args: Any, **kwargs: Any) -> Any:
             return through(super().get_fwd_send_ops(*args, **kwargs))
+
+        def get_fwd_recv_ops(self, *args: Any, **kwargs: Any) -> Any:
+            return late(super().get_fwd_recv_ops(*args, **kwargs))
+
+        def get_bwd_recv_ops(self, *args: Any, **kwargs: Any) -> Any:
+            return late(super().get_bwd_recv_ops(*args, **kwargs))
 
         def get_bwd_send_ops(self, *args: Any, **kwargs: Any) -> Any:
             return through(super().get_bwd_send_ops(*args, **kwargs))
@@ -617,9 +676,9 @@ def _worker(job_path: str, rank: int) -> int:
         emu = _Emulation(job["slowdowns"][rank])
         bs = job["batch_size"]
         example = _example_io(model.layers, model.input_shape, a, b, bs // job["micro_batches"])
-        bw, lat = job["uplinks_bps"][rank], job["latency_s"]
-        uplink = _Uplink(bw, lat) if (bw or lat) else None
-        stage = _make_stage(module, rank, k, emu, example, uplink)
+        bw = job["uplinks_bps"][rank]
+        uplink = _Uplink(bw) if bw else None
+        stage = _make_stage(module, rank, k, emu, example, uplink, job["latency_s"])
         scale = 1.0 / bs
 
         def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
