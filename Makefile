@@ -6,12 +6,15 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch that Debian/x86 machines here carry; pyproject keeps a wide range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint setup mosquitto bench clean
+.PHONY: demo test lint setup mosquitto datasets bench clean
 
-setup: mosquitto $(STAMP)
+setup: mosquitto datasets $(STAMP)
 
 mosquitto:
 	@bash broker/ensure_mosquitto.sh
+
+datasets:
+	@bash broker/ensure_datasets.sh
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 
+from accept_mqtt.model.footprint import parse_bytes
 from accept_mqtt.model.hardware import pin_allocator
 from accept_mqtt.wire.broker_url import (
     BrokerUrlError,
@@ -53,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "{root}/jobs/{job}/trace/{device} (for timeline plots)")
     p.add_argument("--keepalive", type=int, default=10,
                    help="MQTT keepalive seconds; a dead agent is marked offline after 1.5x this")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory a stage may use, e.g. 512MB (K/M/G = 1024^n); advertised to "
+                        "the planner, and a stage that would not fit is refused before it is "
+                        "built. Default: the device's memory x 0.8 less 300 MB")
+    p.add_argument("--model-path", action="append", default=[], metavar="DIR",
+                   help="directory a user's model (--model MODULE:FACTORY) is imported or "
+                        "its .py file found in; repeat for more (default: installed packages)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -76,17 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         bw = parse_bandwidth(args.bandwidth)
         latency = parse_latency(args.latency)
         trace_steps = parse_steps(args.trace_steps)
+        limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
         if args.slowdown < 1.0:
             raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {args.threads})")
+        for d in args.model_path:
+            if not os.path.isdir(d):
+                raise ValueError(f"--model-path {d} is not a directory")
     except (BrokerUrlError, TopicError, ValueError) as e:
         print(f"device_agent: {e}", file=sys.stderr)
         return 2
     cfg = AgentConfig(broker=args.broker, device_id=args.device_id, root=args.root,
                       threads=args.threads, slowdown=args.slowdown, bandwidth_bps=bw,
                       keepalive=args.keepalive, pace=not args.no_pace,
-                      trace_steps=trace_steps, latency_s=latency)
+                      trace_steps=trace_steps, memory_limit=limit,
+                      model_path=tuple(os.path.abspath(d) for d in args.model_path),
+                      latency_s=latency)
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))

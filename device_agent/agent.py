@@ -10,7 +10,9 @@ Lifecycle::
 * It watches ``{root}/jobs/+/plan``; a plan naming this device makes it build that stage
   (from the plan's model, seed and layer range: the same weights as a one-process run),
   subscribe to the stage's ``fwd``/``bwd`` topics and report ``busy``. An empty retained plan
-  ends the job.
+  ends the job. A plan whose model this agent cannot build, or builds differently (the
+  plan's per-unit fingerprint), is refused: logged and reported on the job's metrics topic
+  naming the first differing unit, and the agent stays idle.
 * Frames are validated before use; a bad frame is logged and reported on the job's metrics
   topic (``{"type": "error", ...}``, naming topic and reason) and dropped. Nothing else
   changes: the stage's stash, weights and step counter are untouched.
@@ -51,7 +53,7 @@ from typing import Any, Literal
 import aiomqtt
 import torch
 
-from accept_mqtt.model import checkpoint
+from accept_mqtt.model import checkpoint, fingerprint, footprint
 from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
@@ -104,6 +106,8 @@ class AgentConfig:
     trace_steps: tuple[int, ...] = ()  # steps whose spans go to trace/{device} (trace.py)
     compute_thread: bool = False  # compute in a worker thread even at full speed
     uplink_window: int = 16  # frames in flight on the uplink (Link)
+    memory_limit: int | None = None  # bytes a stage may use; None: hardware's default
+    model_path: tuple[str, ...] = ()  # directories a user's model (MODULE:FACTORY) is found in
     latency_s: float = 0.0  # emulated one-way latency of frames and events (Link's delay line)
 
 
@@ -117,14 +121,17 @@ class _Work:
 class _Job:
     """Everything an agent holds for the stage it runs in one job."""
 
-    def __init__(self, plan: Plan, device: str, threads: int, slowdown: float) -> None:
+    def __init__(self, plan: Plan, device: str, threads: int, slowdown: float,
+                 model_path: tuple[str, ...] = ()) -> None:
         stage = plan.stage_of(device)
         assert stage is not None
         self.plan = plan
         self.stage = stage
         self.k = stage.index
         self.last = stage.index == len(plan.stages) - 1
-        model = build_model(plan.model, seed=plan.seed, **plan.model_args)
+        model = build_model(plan.model, seed=plan.seed, model_path=model_path, **plan.model_args)
+        if plan.fingerprint:  # refuse before allocating a stage that would not match
+            fingerprint.check(plan.fingerprint, model.layers, plan.model)
         descs = describe(model)
         in_shape = model.input_shape if stage.start == 0 else output_shapes(model)[stage.start - 1]
         self.runner = StageRunner(
@@ -208,7 +215,7 @@ class Agent:
         torch.set_num_threads(self.cfg.threads)
         self.profile = DeviceProfile(**device_profile(
             self.cfg.device_id, threads=self.cfg.threads, slowdown=self.cfg.slowdown,
-            bandwidth_bps=self.cfg.bandwidth_bps))
+            bandwidth_bps=self.cfg.bandwidth_bps, memory_limit_bytes=self.cfg.memory_limit))
         await self._connect()
         self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None,
                           window=self.cfg.uplink_window, delay_s=self.cfg.latency_s)
@@ -414,9 +421,21 @@ class Agent:
 
     async def _join_job(self, plan: Plan) -> None:
         assert self._client is not None
+        assert self.profile is not None
+        try:
+            refusal = await asyncio.to_thread(memory_refusal, plan, self.cfg.device_id,
+                                              self.profile.memory_limit_mb, self.cfg.model_path)
+        except Exception as e:  # a model that cannot be sized on the meta device: building
+            # it (below) reports what is wrong with it, if anything
+            log.warning("cannot size the stage of plan v%d without allocating it (%s: %s); "
+                        "its memory is not checked", plan.version, type(e).__name__, e)
+            refusal = None
+        if refusal is not None:  # before a single weight of the stage is allocated
+            await self._report_error(self.topics.plan(plan.job), refusal, job=plan.job)
+            return
         try:
             job = await asyncio.to_thread(_Job, plan, self.cfg.device_id, self.cfg.threads,
-                                          self.cfg.slowdown)
+                                          self.cfg.slowdown, self.cfg.model_path)
         except Exception as e:
             await self._report_error(self.topics.plan(plan.job), f"cannot build stage: {e}",
                                      job=plan.job)
@@ -667,7 +686,7 @@ class Agent:
             await self._finish_step(job, step)
 
     async def _finish_step(self, job: _Job, step: int) -> None:
-        await self._compute_call(job.runner.step)
+        await self._compute_call(job.runner.step, step)  # the lr schedule's clock
         job.step = step + 1
         if job.early:  # the next step's inputs that came early go first
             job.fwd_q.extendleft(reversed(job.early))
@@ -675,9 +694,12 @@ class Agent:
             self._wake.set()
         job.fwd_done.pop(step, None)
         job.bwd_done.pop(step, None)
-        # the state at the start of the new step; the previous one is kept for a rewind
-        job.snapshots[step + 1] = await self._compute_call(job.runner.snapshot)
+        # the state at the start of the new step; the previous one is kept for a rewind, an
+        # older one is overwritten (no allocation per step)
+        older = [s for s in job.snapshots if s < step]
+        recycled = job.snapshots.pop(older[0]) if older else None
         job.snapshots = {s: v for s, v in job.snapshots.items() if s >= step}
+        job.snapshots[step + 1] = await self._compute_call(job.runner.snapshot, recycled)
         assert self._link is not None
         link = self._link
         result = job.results.pop(step, None) if job.last else None
@@ -731,6 +753,37 @@ class Agent:
             return
         with contextlib.suppress(Exception):
             await self._publish_msg(self.topics.metrics(job_id), err)
+
+
+def memory_refusal(plan: Plan, device: str, limit_mb: float | None,
+                   model_path: tuple[str, ...] = ()) -> str | None:
+    """Why ``device`` cannot hold its stage of ``plan`` within ``limit_mb`` (None: it fits,
+    or the plan carries no batch size to size it by). The model is built on torch's meta
+    device: shapes only, no weight is allocated."""
+    stage = plan.stage_of(device)
+    if stage is None or limit_mb is None or plan.batch_size is None:
+        return None
+    with torch.device("meta"):
+        descs = describe(build_model(plan.model, seed=plan.seed, model_path=model_path,
+                                     **plan.model_args))
+    mb = -(-plan.batch_size // plan.micro_batches)  # the largest micro-batch
+    mine = descs[stage.start:stage.end]
+    last = stage.index == len(plan.stages) - 1
+    fp = footprint.stage_footprint(
+        [d.params for d in mine], mine[0].in_elems * mb, [d.out_elems * mb for d in mine],
+        in_flight=footprint.in_flight(plan.schedule, plan.micro_batches,
+                                      len(plan.stages) - 1 - stage.index),
+        micro_batches=plan.micro_batches, optimizer_slots=footprint.optimizer_slots(
+            plan.optimizer), first=stage.index == 0, last=last)
+    limit = limit_mb * 2**20
+    if fp.total <= limit:
+        return None
+    big = mine[fp.largest_layer()]
+    return (f"stage {stage.index} (layers [{stage.start}, {stage.end}) of {plan.model}) does "
+            f"not fit this device's memory limit of {limit:.0f} bytes ({limit_mb:.3f} MiB): "
+            f"training it needs {fp.text()}; the largest part is layer {big.index} "
+            f"({big.type}, {fp.per_layer[fp.largest_layer()]:.0f} bytes). Plan over more "
+            "devices, fewer micro-batches or a smaller batch, or raise --memory-limit")
 
 
 async def _let_io_run() -> None:

@@ -87,7 +87,7 @@ def test_ideal_bound_takes_the_best_micro_batch_count_that_fits_memory() -> None
     assert got["best_micro_batches"] == 4  # micro-batches of 4 samples: cheapest per sample
     assert got["samples_per_s"] == pytest.approx(16 / (4 * (0.5 + 0.4) / 1.5) * 1e3)
     assert got["samples_per_s"] == max(per_sample.values())
-    tiny = {d: dict(p, memory_mb=1e-6) for d, p in big.items()}
+    tiny = {d: dict(p, memory_limit_mb=1e-6) for d, p in big.items()}
     with pytest.raises(SystemExit, match="no micro-batch count fits"):
         e2e.ideal_bounds(sc, 1.5, layer_ms, tiny)
 

@@ -43,8 +43,9 @@ def _assert_same_as_reference(model_path: str, cfg: TrainConfig, steps: int) -> 
     got = torch.load(Path(model_path))
     data = load_dataset("digits", seed=cfg.seed)
     ref = train_reference(build_model("cnn", seed=cfg.seed), data, batch_size=cfg.batch_size,
-                          micro_batches=cfg.micro_batches, optimizer=cfg.optimizer_cfg(),
-                          seed=cfg.seed, max_steps=steps)
+                          micro_batches=cfg.micro_batches,
+                          optimizer=cfg.optimizer_cfg(steps, "digits"), seed=cfg.seed,
+                          max_steps=steps)
     assert set(got) == set(ref)
     for name, want in ref.items():
         torch.testing.assert_close(got[name].to(want.dtype), want, rtol=1e-5, atol=1e-6,
@@ -151,6 +152,9 @@ def test_coordinator_restart_resumes_from_its_checkpoint(broker: MosquittoBroker
 
     record = asyncio.run(main())
     assert record["steps"] == 24
+    # the lr decays along a cosine over the 24 steps: the resumed stages must pick it up at
+    # the checkpoint's step for the parameters to match the undisturbed reference below
+    assert record["plan"]["optimizer"]["lr_schedule"] == "cosine"
     assert record["recoveries"][0] == {"type": "resumed",
                                        "restored_step": seen["last_checkpoint"],
                                        "plan_version": 2}

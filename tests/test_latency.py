@@ -53,8 +53,8 @@ def test_every_hop_pays_the_latency_once_and_training_stays_exact(
     got = torch.load(Path(record["model_path"]))
     data = load_dataset("digits", seed=cfg.seed)
     ref = train_reference(build_model("cnn", seed=cfg.seed), data, batch_size=32,
-                          micro_batches=4, optimizer=cfg.optimizer_cfg(), seed=cfg.seed,
-                          max_steps=4)
+                          micro_batches=4, optimizer=cfg.optimizer_cfg(4, "digits"),
+                          seed=cfg.seed, max_steps=4)
     for name, want in ref.items():
         torch.testing.assert_close(got[name].to(want.dtype), want, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")

@@ -24,6 +24,7 @@ from accept_mqtt.planning.partition import (
     in_flight,
     partition,
     problem_from_profiles,
+    replace_problem,
     stage_memory_bytes,
 )
 from accept_mqtt.wire.plan import Plan
@@ -73,6 +74,7 @@ def problems(draw: st.DrawFn, max_layers: int = 8, max_devices: int = 3,
         codec=CodecCost.minmax(enc, enc / 2, enc / 8),
         micro_batches=draw(st.integers(1, 4)), schedule=draw(st.sampled_from(["1f1b", "gpipe"])),
         optimizer_slots=draw(st.integers(0, 2)), fixed_order=draw(st.booleans()),
+        snapshot_copies=draw(st.integers(0, 2)), codec_buffers=draw(st.booleans()),
         use_all_devices=use_all, frame_cpu_ms=draw(st.sampled_from([0.0, 0.05, 0.3])),
     )
 
@@ -189,6 +191,13 @@ def test_memory_model_numbers() -> None:
     # 1F1B, 2 stages after: 3 micro-batches in flight; input 7 + outputs 10 + 20 elems
     assert in_flight(p, 2) == 3 and in_flight(p, 9) == 4
     assert stage_memory_bytes(p, 0, 2, 2) == 4 * 3 * 100 + 3 * 4 * (7 + 10 + 20)
+    # what the planner uses: + 2 snapshots of weights and momentum, + the frames: 4 act
+    # frames in and out, one grad frame in (no grad out of the first stage)
+    full = replace_problem(p, snapshot_copies=2, codec_buffers=True)
+    assert stage_memory_bytes(full, 0, 2, 2) == (4 * (3 + 2 * 2) * 100 + 3 * 4 * (7 + 10 + 20)
+                                                 + 4 * (4 * 7 + 5 * 20))
+    # the last stage [2, 3): 4 act frames + 1 grad frame of its input, nothing out
+    assert stage_memory_bytes(full, 2, 3, 0) == 4 * 7 * 5 + 1 * 4 * (20 + 30) + 4 * 5 * 20
     gp = PartitionProblem(devices=p.devices, compute_ms=p.compute_ms, out_elems=p.out_elems,
                           schedule="gpipe", micro_batches=4)
     assert in_flight(gp, 0) == 4

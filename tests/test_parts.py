@@ -7,6 +7,7 @@ import torch
 
 from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.microbatch import epoch_batches, split
+from accept_mqtt.model.stage import Snapshot, StageRunner
 from accept_mqtt.model.zoo import ZOO, UnknownModelError, build_model
 from accept_mqtt.wire.plan import Plan, PlanError, Stage
 from accept_mqtt.wire.topics import TopicError, Topics
@@ -41,6 +42,31 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(UnknownModelError, match="the zoo has"):
         build_model("resnet9000", seed=0)
+
+
+def test_resnet_blocks_are_units_with_their_skip_and_scale_with_width() -> None:
+    from accept_mqtt.model.zoo import BasicBlock
+
+    m = build_model("resnet", seed=0)
+    blocks = [u for u in m.layers if isinstance(u, BasicBlock)]
+    assert len(m.layers) == 15 and len(blocks) == 9  # ResNet-20: stem, 3 x 3 blocks, head
+    d = describe(m)
+    first, down = d[3], d[6]  # 16 -> 16 at 32x32; the first block of the second group
+    conv = 2 * (16 * 32 * 32) * 16 * 9
+    # two 3x3 convs, two BatchNorms, two ReLUs and the skip sum (the identity shortcut is free)
+    assert first.type == "basicblock" and first.flops == 2 * conv + 5 * 16 * 32 * 32
+    assert (down.kernel, down.stride, down.in_channels, down.out_channels) == (3, 2, 16, 32)
+    assert down.out_elems == 32 * 16 * 16
+    assert blocks[3].shortcut[0].kernel_size == (1, 1), "a projection where the shape changes"
+    wide = build_model("resnet", seed=0, width=2.0)
+    assert describe(wide)[-1].in_channels == 128
+    # every unit boundary is a valid cut (the skip never crosses one): unit by unit is whole
+    x = torch.randn(2, *m.input_shape)
+    m.sequential().eval()
+    h = x
+    for i in range(len(m.layers)):
+        h = m.slice(i, i + 1)(h)
+    torch.testing.assert_close(h, m.sequential()(x))
 
 
 def test_conv_flops_by_hand() -> None:
@@ -97,7 +123,7 @@ def test_every_partition_method_gives_a_valid_plan(method: str) -> None:
             for i, g in enumerate([10.0, 5.0, 2.5])]
     res = make_partition(descs, devs, cfg, method=method)
     plan = build_plan("j", cfg, len(descs), [d for i in res.devices for d in devs if d.id == i],
-                      list(res.cuts), method=method)
+                      list(res.cuts), method=method, optimizer=cfg.optimizer_cfg(10))
     assert len(plan.stages) == 3 and plan.stages[-1].end == len(descs)
     if method == "dp":  # the fastest device gets the most work
         work = {s.device: sum(d.flops for d in descs[s.start:s.end]) for s in plan.stages}
@@ -192,3 +218,39 @@ def test_broker_url_doctests_and_no_password_in_repr() -> None:
 
     assert doctest.testmod(broker_url).failed == 0
     assert "secret" not in repr(broker_url.parse_broker_url("mqtt://pi:secret@h:1"))
+
+
+def test_stage_snapshot_reuses_an_older_one_and_restores_exactly() -> None:
+    m = build_model("cnn", seed=5)
+    runner = StageRunner(m.layers[:4], describe(m)[:4], m.input_shape, is_first=True,
+                         is_last=False, optimizer_cfg={"name": "sgd", "lr": 0.1})
+    inputs = [torch.randn(4, *m.input_shape, generator=torch.Generator().manual_seed(i))
+              for i in range(3)]
+
+    def train_step(step: int) -> None:
+        out = runner.forward((step, 0), inputs[step]).out
+        assert out is not None
+        runner.backward((step, 0), torch.ones_like(out))
+        runner.step()
+
+    def same(a: Snapshot, b: Snapshot) -> bool:
+        return all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k])
+                                                      for k in a[i]) for i in (0, 1))
+
+    fresh = runner.snapshot()  # before any step: no momentum yet
+    train_step(0)
+    # the layout changed (momentum appeared): a fresh copy, the old one is left alone
+    s1 = runner.snapshot(into=fresh)
+    assert s1 is not fresh and s1[1] and not fresh[1]
+    train_step(1)
+    s2 = runner.snapshot()
+    kept = runner.snapshot()
+    train_step(2)
+    s3 = runner.snapshot(into=s1)  # same layout: written into s1, nothing allocated
+    assert s3 is s1 and same(s3, runner.snapshot()) and not same(s3, s2)
+    assert same(s2, kept)  # recycling s1 did not touch the other snapshot
+    end = runner.snapshot()
+    runner.restore(s2)  # back to the start of step 2, then the same step again
+    assert same(runner.snapshot(), kept)
+    train_step(2)
+    assert same(runner.snapshot(), end)

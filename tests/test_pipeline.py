@@ -32,10 +32,14 @@ def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("schedule,lr_schedule,warmup", [("1f1b", "auto", None),
+                                                         ("gpipe", "step", 2)])
 def test_pipeline_matches_one_process_training(broker: MosquittoBroker, tmp_path: Path,
-                                               schedule: str) -> None:
-    cfg = _cfg(tmp_path, schedule=schedule)
+                                               schedule: str, lr_schedule: str,
+                                               warmup: int | None) -> None:
+    """Also with an lr schedule (the digits CNN's recipe: cosine; a step decay after a
+    2-step warm-up): every stage applies the reference's lr at every step."""
+    cfg = _cfg(tmp_path, schedule=schedule, lr_schedule=lr_schedule, warmup_steps=warmup)
 
     async def main() -> dict:
         async with running_agents(broker.url, DEVICES):
@@ -46,11 +50,14 @@ def test_pipeline_matches_one_process_training(broker: MosquittoBroker, tmp_path
     assert record["steps"] == 6
     assert [s["device"] for s in record["plan"]["stages"]] == DEVICES
     assert all(s["end"] > s["start"] for s in record["plan"]["stages"])
+    optimizer = cfg.optimizer_cfg(6, "digits")
+    assert record["plan"]["optimizer"] == optimizer
+    assert optimizer["lr_schedule"] == ("cosine" if lr_schedule == "auto" else lr_schedule)
     got = torch.load(Path(record["model_path"]))
 
     data = load_dataset("digits", seed=cfg.seed)
     ref = train_reference(build_model("cnn", seed=cfg.seed), data, batch_size=32,
-                          micro_batches=4, optimizer=cfg.optimizer_cfg(), seed=cfg.seed,
+                          micro_batches=4, optimizer=optimizer, seed=cfg.seed,
                           max_steps=6)
     init = build_model("cnn", seed=cfg.seed).sequential().state_dict()
     assert set(got) == set(ref)

@@ -10,16 +10,24 @@ alone (``--variants``). ``fp32`` is the same plumbing with raw 32-bit frames (ex
 Held-out accuracy is measured with the activations compressed the same way, as a deployed
 pipeline would infer.
 
-Guarantee: for one ``--seed`` every bit width starts from the same weights
+Guarantee: for one seed every bit width starts from the same weights
 (``build_model(seed=...)``), sees the same data in the same order and the same optimiser
-(SGD, momentum 0.9), so the accuracy difference is the codec's alone. One seed is one sample:
-differences under a point or so are within seed-to-seed noise, and the table says so.
+(SGD, momentum 0.9, the learning-rate schedule ``train`` would use for the model and data set:
+``model/schedule.py``), so the accuracy difference is the codec's alone. One seed is one
+sample: with ``--seeds`` the summary gives the median and the range over them.
+
+``--dataset fashion-mnist`` prints the published Fashion-MNIST accuracies the Debian package
+ships beside the measured ones (its README's benchmark table: its benchmark/baselines.json
+holds only the scikit-learn hyper-parameter grids, no accuracies).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="cnn,har1d", help="comma-separated zoo models")
     p.add_argument("--epochs", type=int, default=8, help="training epochs per run")
     p.add_argument("--seed", type=int, default=0, help="weights, data split and order")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (overrides --seed); the summary gives the "
+                        "median and range over them")
+    p.add_argument("--dataset", default=None,
+                   help="data set (default: each model's own, e.g. fashion-mnist for "
+                        "fashion-cnn)")
+    p.add_argument("--data-path", default=None, help="directory of the data set's files")
     p.add_argument("--bits", default=",".join(map(str, BITS)),
                    help="bit widths to compare; 32 is the fp32 baseline")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -134,13 +149,15 @@ class Pipeline(nn.Module):
 
 def train_one(name: str, bits: int, epochs: int, seed: int,
               compress: tuple[str, ...] = ("act", "grad"),
-              variant: str = "default") -> dict[str, Any]:
+              variant: str = "default", dataset: str | None = None,
+              data_path: str | None = None) -> dict[str, Any]:
     """Train ``name`` with its cuts at ``bits``; a diverged run reports the step, no accuracy."""
     from accept_mqtt.model.data import load_dataset
     from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.schedule import apply_lr, default_recipe
     from accept_mqtt.model.zoo import ZOO, build_model
 
-    ds = load_dataset(ZOO[name].default_dataset, seed=seed)
+    ds = load_dataset(dataset or ZOO[name].default_dataset, path=data_path, seed=seed)
     model = build_model(name, seed=seed, input_shape=ds.input_shape,
                         num_classes=ds.num_classes)
     a, b = balanced_cuts([d.flops for d in describe(model)])
@@ -148,13 +165,17 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
     net = Pipeline([model.slice(0, a), model.slice(a, b), model.slice(b, len(model.layers))],
                    links)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    total = epochs * -(-len(ds.train_x) // BATCH)
+    recipe = default_recipe(name, ds.name)
+    schedule = {"lr": LR, "lr_schedule": recipe.lr_schedule, "total_steps": total,
+                "warmup_steps": recipe.warmup_steps(total)}
     order = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     step, last_loss, diverged = 0, float("nan"), None
     for _ in range(epochs):
         net.train()
         perm = torch.randperm(len(ds.train_x), generator=order)
-        total, seen = 0.0, 0
+        loss_sum, seen = 0.0, 0
         for i in range(0, len(perm), BATCH):
             idx = perm[i : i + BATCH]
             for link in links:
@@ -170,13 +191,14 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
                     raise
                 diverged = step
                 break
+            apply_lr(opt, schedule, step)
             opt.step()
-            total += loss.item() * len(idx)
+            loss_sum += loss.item() * len(idx)
             seen += len(idx)
             step += 1
         if diverged is not None:
             break
-        last_loss = total / seen
+        last_loss = loss_sum / seen
     acc = None if diverged is not None else _accuracy(net, ds.test_x, ds.test_y)
     label = "fp32" if bits == 32 else f"{bits}-bit"
     if bits != 32 and compress != ("act", "grad"):
@@ -195,6 +217,8 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
         "cut_bytes_per_step": sum(sum(lk.bytes.values()) for lk in links) / max(step, 1),
         "elapsed_s": time.perf_counter() - t0,
         "cuts": [a, b],
+        "seed": seed,
+        "lr_schedule": schedule,
         "dataset": ds.name,
         "n_train": len(ds.train_x),
         "n_test": len(ds.test_x),
@@ -218,6 +242,51 @@ def _row(r: dict[str, Any]) -> str:
             f"{r['elapsed_s']:7.1f}")
 
 
+FASHION_README = Path("/usr/share/doc/dataset-fashion-mnist/README.md.gz")
+
+
+def published_baselines(readme: Path = FASHION_README) -> list[dict[str, Any]]:
+    """The small CNNs (2-3 conv layers, no augmentation) of the benchmark table in the
+    README that Debian's dataset-fashion-mnist ships; [] if the file is not there. Zalando
+    says of the table: "we haven't yet tested these results"."""
+    try:
+        text = gzip.decompress(readme.read_bytes()).decode("utf-8", "replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 5 or not re.match(r"[23] Conv", cells[0]):
+            continue
+        if cells[1] not in ("None", "Normalization"):
+            continue
+        try:
+            acc = float(cells[2])
+        except ValueError:
+            continue
+        who = re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", cells[4])
+        out.append({"classifier": cells[0], "preprocessing": cells[1], "accuracy": acc,
+                    "submitter": who})
+    return out
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per label: the median and range over seeds of the accuracy and of the change vs fp32."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        acc = [100 * r["test_acc"] for r in mine if r["test_acc"] is not None]
+        delta = [r["delta_pp"] for r in mine if r["delta_pp"] is not None]
+        out.append({"label": label, "seeds": [r["seed"] for r in mine],
+                    "diverged": len(mine) - len(acc),
+                    "acc_median": statistics.median(acc) if acc else None,
+                    "acc_min": min(acc, default=None), "acc_max": max(acc, default=None),
+                    "delta_median": statistics.median(delta) if delta else None,
+                    "delta_min": min(delta, default=None),
+                    "delta_max": max(delta, default=None)})
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # reproducible sums, and no thread stalls on a shared box
     epochs = 2 if args.quick else args.epochs
@@ -226,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         bits = [32] + [b for b in bits if b != 32]
     models = [m for m in args.models.split(",") if m]
     variants = [s for s in args.variants.split(",") if s]
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         print(f"accept-mqtt bench accuracy: unknown variants {unknown}; use "
@@ -239,12 +309,13 @@ def run(args: argparse.Namespace) -> int:
                 "stages; default = minmax0 gradients and per-channel feature-map scales, as "
                 "the pipeline sends them",
         "machine": machine_info(),
-        "seed": args.seed, "epochs": epochs, "batch": BATCH,
-        "optimizer": f"SGD lr={LR} momentum={MOMENTUM}",
-        "models": {},
+        "seeds": seeds, "epochs": epochs, "batch": BATCH, "dataset": args.dataset,
+        "optimizer": f"SGD lr={LR} momentum={MOMENTUM}, the model's lr schedule",
+        "models": {}, "summary": {},
     }
-    print(f"accuracy vs cut compression: {epochs} epochs, seed {args.seed}, batch {BATCH}, "
-          f"SGD lr {LR} momentum {MOMENTUM}, one thread on {record['machine']['cpu']}")
+    print(f"accuracy vs cut compression: {epochs} epochs, seeds {seeds}, batch {BATCH}, "
+          f"SGD lr {LR} momentum {MOMENTUM} (the model's lr schedule), one thread on "
+          f"{record['machine']['cpu']}")
     for name in models:
         both = ("act", "grad")
         plan: list[tuple[int, tuple[str, ...], str]] = [(32, both, variants[0])]
@@ -253,21 +324,47 @@ def run(args: argparse.Namespace) -> int:
             plan += [(b, (kind,), variants[0]) for b in bits if b != 32
                      for kind in ("act", "grad")]
         rows: list[dict[str, Any]] = []
-        for b, compress, variant in plan:
-            r = train_one(name, b, epochs, args.seed, compress, variant)
-            base = rows[0]["test_acc"] if rows else r["test_acc"]
-            r["delta_pp"] = None if r["test_acc"] is None else 100 * (r["test_acc"] - base)
-            rows.append(r)
-        first = rows[0]
-        print(f"\n{name} on {first['dataset']} ({first['n_train']} train / {first['n_test']} "
-              f"held out), cuts after layers {first['cuts'][0] - 1} and {first['cuts'][1] - 1}")
-        print(f"{'cuts at':>24} {'test acc':>9} {'vs fp32':>8} {'train loss':>11} "
-              f"{'cut KB/step':>12} {'time s':>7}")
-        for r in rows:
-            print(_row(r))
+        for seed in seeds:
+            mine: list[dict[str, Any]] = []
+            for b, compress, variant in plan:
+                r = train_one(name, b, epochs, seed, compress, variant, args.dataset,
+                              args.data_path)
+                base = mine[0]["test_acc"] if mine else r["test_acc"]
+                r["delta_pp"] = (None if r["test_acc"] is None or base is None
+                                 else 100 * (r["test_acc"] - base))
+                mine.append(r)
+            first = mine[0]
+            print(f"\n{name} on {first['dataset']} ({first['n_train']} train / "
+                  f"{first['n_test']} held out), seed {seed}, cuts after layers "
+                  f"{first['cuts'][0] - 1} and {first['cuts'][1] - 1}")
+            print(f"{'cuts at':>24} {'test acc':>9} {'vs fp32':>8} {'train loss':>11} "
+                  f"{'cut KB/step':>12} {'time s':>7}")
+            for r in mine:
+                print(_row(r))
+            rows += mine
         record["models"][name] = rows
+        summary = record["summary"][name] = summarise(rows)
+        if len(seeds) > 1:
+            print(f"\n{name}, {len(seeds)} seeds: held-out accuracy median [min-max], "
+                  "change vs fp32 of the same seed")
+            for t in summary:
+                if t["acc_median"] is None:
+                    print(f"{t['label']:>24}  diverged for every seed")
+                    continue
+                print(f"{t['label']:>24} {t['acc_median']:6.2f}% [{t['acc_min']:.2f}-"
+                      f"{t['acc_max']:.2f}] {t['delta_median']:+6.2f}p "
+                      f"[{t['delta_min']:+.2f} to {t['delta_max']:+.2f}]"
+                      + (f", diverged {t['diverged']}x" if t["diverged"] else ""))
+    if any(r["dataset"] == "fashion-mnist" for rows in record["models"].values()
+           for r in rows):
+        record["published"] = published_baselines()
+        print(f"\npublished Fashion-MNIST accuracies of small CNNs ({FASHION_README}, "
+              "untested by Zalando, other epochs and batch sizes):")
+        for b in record["published"]:
+            print(f"{100 * b['accuracy']:8.1f}%  {b['classifier']} ({b['preprocessing']}), "
+                  f"{b['submitter']}")
     record["elapsed_s"] = time.perf_counter() - t0
-    print(f"\none seed: differences within about a point are seed noise. "
+    print(f"\nwithin one seed, differences of about a point are seed noise. "
           f"total {record['elapsed_s']:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

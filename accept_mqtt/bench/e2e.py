@@ -191,7 +191,8 @@ def measured_layer_ms(model_name: str, batch: int, reps: int = 5,
     torch.set_num_threads(1)
     m = build_model(model_name, seed=0, width=width)
     descs = describe(m)
-    runner = StageRunner(m.layers, descs, m.input_shape, True, True, {"name": "sgd", "lr": 0.0})
+    # never stepped (forward and backward only); the optimizer refuses an lr of 0
+    runner = StageRunner(m.layers, descs, m.input_shape, True, True, {"name": "sgd", "lr": 0.05})
     x = torch.randn(batch, *m.input_shape)
     y = torch.zeros(batch, dtype=torch.long)
     per: list[list[float]] = [[] for _ in descs]

@@ -147,7 +147,8 @@ def run_accept(url: str, case: Case, steps: int, args: argparse.Namespace, job: 
                       micro_batches=args.micro_batches, schedule=args.schedule, seed=args.seed,
                       epochs=steps, max_steps=steps,  # max_steps decides
                       devices=STAGES, partition="equal", auto_replan=False,
-                      checkpoint_every=0, runs_dir=runs_dir, device_timeout=120)
+                      checkpoint_every=0, runs_dir=runs_dir, device_timeout=120,
+                      lr_schedule="constant")  # the constant lr the other two use
     rec, events = asyncio.run(_accept_once(url, cfg, job))
     timed = timed_steps(events)
     if timed is None:  # the coordinator's progress events changed: say what was measured

@@ -18,13 +18,24 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from accept_mqtt.coordinator.config import ConfigError, TrainConfig, micro_batch_count
+from accept_mqtt.coordinator.config import (
+    ConfigError,
+    TrainConfig,
+    micro_batch_count,
+    shape_list,
+)
 
 # flag -> TrainConfig field (flags default to None so a config file can fill them)
 _FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "zoo model: cnn, mlp, vgg, mobilenet, har1d"),
-    ("--dataset", "dataset", str, "digits, cifar10, har, synthetic-cifar, synthetic-har"),
-    ("--data-path", "data_path", str, "directory of CIFAR-10 python batches or UCI HAR"),
+    ("--model", "model", str, "zoo model (cnn, mlp, fashion-cnn, vgg, mobilenet, resnet, "
+     "har1d) or your own: MODULE:FACTORY, MODULE a module name or a .py file"),
+    ("--dataset", "dataset", str,
+     "digits, fashion-mnist, cifar10, har, synthetic-cifar, synthetic-har"),
+    ("--data-path", "data_path", str,
+     "directory of CIFAR-10 python batches, UCI HAR, or the Fashion-MNIST IDX files "
+     "(default for fashion-mnist: /usr/share/datasets/fashion-mnist)"),
+    ("--input-shape", "input_shape", shape_list,
+     "per-sample input shape, e.g. 3,32,32 (default: the data set's; samples are reshaped)"),
     ("--width", "width", float, "channel width multiplier of the model"),
     ("--devices", "devices", int, "number of device agents (stages)"),
     ("--epochs", "epochs", int, "epochs to train"),
@@ -35,6 +46,9 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--optimizer", "optimizer", str, "sgd or adam"),
     ("--lr", "lr", float, "learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
+    ("--lr-schedule", "lr_schedule", str,
+     "constant, cosine or step (after --warmup-steps); default auto: the model's recipe"),
+    ("--warmup-steps", "warmup_steps", int, "linear lr warm-up steps (default: the recipe's)"),
     ("--seed", "seed", int, "fixes data order, initial weights and rounding"),
     ("--act-bits", "act_bits", int, "bits of activations on every link: 1..8, 16, 32"),
     ("--grad-bits", "grad_bits", int, "bits of gradients on every link: 1..8, 16, 32"),

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from accept_mqtt.model.data import Dataset, load_dataset
+from accept_mqtt.model.data import Dataset, load_dataset, reshape_inputs
 from accept_mqtt.model.microbatch import epoch_batches
 from accept_mqtt.model.zoo import ZOO
 from accept_mqtt.wire.broker_url import parse_broker_url
@@ -64,7 +64,14 @@ from accept_mqtt.wire.topics import Topics, check_id
 
 from .config import TrainConfig
 from .control import Control
-from .errors import BrokerLost, CoordinatorError, DeviceLost, DevicesTimeout, StepTimeout
+from .errors import (
+    BrokerLost,
+    CoordinatorError,
+    DeviceLost,
+    DevicesTimeout,
+    PlanRefused,
+    StepTimeout,
+)
 from .fleet import Fleet
 from .planner import Planner
 from .record import RunState, as_metric, make_record, stage_counters, write_run
@@ -73,7 +80,7 @@ from .session import Session
 from .steps import StepDriver
 
 __all__ = ["BrokerLost", "Coordinator", "CoordinatorError", "DeviceLost", "DevicesTimeout",
-           "StepTimeout", "new_job_id"]
+           "PlanRefused", "StepTimeout", "new_job_id"]
 
 log = logging.getLogger("accept_mqtt.coordinator")
 
@@ -189,6 +196,8 @@ class Coordinator:
         self.state.errors.append(body)
         log.warning("device %s rejected %s: %s", error.device, error.topic, error.reason)
         self.progress("error", body)
+        if error.topic == self.topics.plan(self.job):
+            self.steps.plan_refused(error.device, error.reason)
 
     def on_control(self, command: ControlCommand | MessageError) -> None:
         self.control.on_command(command)
@@ -218,6 +227,11 @@ class Coordinator:
         dataset = cfg.dataset or ZOO[cfg.model].default_dataset
         data = load_dataset(dataset, path=cfg.data_path, seed=cfg.seed,
                             synthetic_size=cfg.synthetic_size)
+        if cfg.input_shape is not None:
+            data = reshape_inputs(data, tuple(cfg.input_shape))
+        # the model is built and checked here, before any device is touched
+        self.planner.use_model(data.input_shape, data.num_classes)
+        self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset)
         resume = self.recovery.load_resume()
         self.planner.load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from accept_mqtt.model.schedule import LR_SCHEDULES, default_recipe
+from accept_mqtt.model.user import is_user_model
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
 
@@ -30,10 +32,19 @@ def micro_batch_count(text: str) -> int | Literal["auto"]:
 _WORDS: dict[str, tuple[str, ...]] = {"micro_batches": ("auto",)}
 
 
+def shape_list(text: str) -> list[int]:
+    """``--input-shape 3,32,32`` (or ``3x32x32``): per-sample dimensions."""
+    try:
+        return [int(d) for d in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--input-shape must be dimensions like 3,32,32, got {text!r}") from None
+
+
 @dataclass
 class TrainConfig:
-    model: str = "cnn"
+    model: str = "cnn"  # a zoo name, or MODULE:FACTORY (the user's own, model/user.py)
     dataset: str | None = None  # default: the model's own (zoo.ZOO[model].default_dataset)
+    input_shape: list[int] | None = None  # per sample; default: the data set's
     data_path: str | None = None
     width: float = 1.0
     epochs: int = 2
@@ -44,6 +55,8 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "auto"  # constant | cosine | step; auto: model/schedule.py's recipe
+    warmup_steps: int | None = None  # None: the recipe's share of the run's steps
     seed: int = DEFAULT_SEED
     act_bits: int = 32
     grad_bits: int = 32
@@ -94,13 +107,37 @@ class TrainConfig:
                               f"{self.partition!r}")
         if not self.emulate_latency_ms >= 0.0:  # NaN too
             raise ConfigError(f"emulate_latency_ms must be >= 0, got {self.emulate_latency_ms}")
+        if self.lr_schedule not in ("auto", *LR_SCHEDULES):
+            raise ConfigError(f"lr_schedule must be auto, {', '.join(LR_SCHEDULES)}, got "
+                              f"{self.lr_schedule!r}")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not (
+                isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)):
+            raise ConfigError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if is_user_model(self.model) and self.dataset is None:
+            raise ConfigError(f"model {self.model!r} is your own: name its --dataset (the input "
+                              "shape and class count come from it)")
+        if self.input_shape is not None and not (
+                isinstance(self.input_shape, list) and self.input_shape and all(
+                    isinstance(d, int) and not isinstance(d, bool) and d > 0
+                    for d in self.input_shape)):
+            raise ConfigError(f"input_shape must be a list of positive ints, got "
+                              f"{self.input_shape!r}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self
 
-    def optimizer_cfg(self) -> dict[str, Any]:
+    def optimizer_cfg(self, total_steps: int, dataset: str | None = None) -> dict[str, Any]:
+        """The plan's ``optimizer`` dict for a run of ``total_steps`` optimizer steps on
+        ``dataset`` (default: the configured one): ``lr_schedule`` "auto" and an unset
+        ``warmup_steps`` take the (model, data set) recipe of ``model/schedule.py``."""
+        recipe = default_recipe(self.model, self.dataset or dataset)
+        kind = recipe.lr_schedule if self.lr_schedule == "auto" else self.lr_schedule
+        warm = self.warmup_steps
+        if warm is None:
+            warm = recipe.warmup_steps(total_steps) if kind != "constant" else 0
         return {"name": self.optimizer, "lr": self.lr, "momentum": self.momentum,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, "lr_schedule": kind,
+                "warmup_steps": warm, "total_steps": total_steps}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

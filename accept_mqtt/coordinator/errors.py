@@ -17,6 +17,15 @@ class DeviceLost(CoordinatorError):
         self.device = device
 
 
+class PlanRefused(CoordinatorError):
+    """A device of the plan could not build its stage (e.g. its build of the model differs,
+    or the stage would not fit its memory limit)."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"device {device} refused the plan: {reason}")
+        self.device = device
+
+
 class StepTimeout(CoordinatorError):
     pass
 

@@ -29,6 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from accept_mqtt.model.descriptors import LayerDescriptor, describe
+from accept_mqtt.model.fingerprint import unit_fingerprints
+from accept_mqtt.model.footprint import SNAPSHOT_COPIES, optimizer_slots
+from accept_mqtt.model.user import is_user_model
 from accept_mqtt.model.zoo import build_model
 from accept_mqtt.planning.partition import (
     PartitionResult,
@@ -113,14 +116,23 @@ def make_partition(
         act_bits=(cfg.act_bits,), grad_bits=(cfg.grad_bits,), min_act_bits=cfg.act_bits,
         min_grad_bits=cfg.grad_bits, micro_batches=m, schedule=cfg.schedule,
         use_all_devices=True, fixed_order=method != "dp", frame_cpu_ms=FRAME_CPU_MS,
+        optimizer_slots=optimizer_slots({"name": cfg.optimizer, "momentum": cfg.momentum}),
+        snapshot_copies=SNAPSHOT_COPIES, codec_buffers=True,  # what the agents hold
     )
     if len(order) > len(descs):
         raise PlanningError(f"{len(order)} stages need at least {len(order)} layers, "
                             f"the model has {len(descs)}")
-    if method == "equal":
-        return equal_split(problem, bits=cfg.act_bits)
-    if method == "flops":
-        return flops_split(problem, bits=cfg.act_bits)
+    if method in ("equal", "flops"):
+        split = equal_split if method == "equal" else flops_split
+        res = split(problem, bits=cfg.act_bits)
+        for i, (dev, need) in enumerate(zip(res.devices, res.memory_bytes, strict=True)):
+            limit = problem.devices[problem.index_of(dev)].memory_bytes
+            if limit is not None and need > limit:
+                raise PlanningError(
+                    f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
+                    f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f}; "
+                    "--partition auto places layers by memory")
+        return res
     return partition(problem, objective="minibatch")
 
 
@@ -164,20 +176,39 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
                micro_batches: int | None = None,
                act_bits: list[int] | None = None, grad_bits: list[int] | None = None,
                predicted_ms: list[float] | None = None, bottleneck_ms: float | None = None,
-               start_step: int = 0) -> Plan:
+               start_step: int = 0, model_args: dict[str, Any] | None = None,
+               fingerprint: tuple[str, ...] = (), optimizer: dict[str, Any]) -> Plan:
+    """``optimizer``: the plan's optimizer dict, lr schedule included (``cfg.optimizer_cfg``)."""
     k = len(order)
     return Plan(
         job=job, version=version, model=cfg.model, num_layers=num_layers,
         stages=cuts_to_stages(cuts, [d.id for d in order],
                               act_bits or [cfg.act_bits] * k, grad_bits or [cfg.grad_bits] * k,
                               predicted_ms),
-        seed=cfg.seed, model_args={"width": cfg.width} if cfg.width != 1.0 else {},
+        seed=cfg.seed, model_args=model_args_for(cfg) if model_args is None else model_args,
         micro_batches=micro_batches if micro_batches is not None else int(cfg.micro_batches),
-        schedule=cfg.schedule, optimizer=cfg.optimizer_cfg(),
+        schedule=cfg.schedule, optimizer=optimizer, batch_size=cfg.batch_size,
         method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
-        predicted_bottleneck_ms=bottleneck_ms, start_step=start_step,
+        predicted_bottleneck_ms=bottleneck_ms, start_step=start_step, fingerprint=fingerprint,
     )
+
+
+def model_args_for(cfg: TrainConfig, input_shape: tuple[int, ...] | None = None,
+                   num_classes: int | None = None) -> dict[str, Any]:
+    """What the plan tells agents to build the model with, besides its name and seed.
+
+    A zoo model keeps its own input shape and class count unless ``cfg.input_shape`` is set;
+    the user's own model takes them from the data set (it has no defaults)."""
+    args: dict[str, Any] = {"width": cfg.width} if cfg.width != 1.0 else {}
+    if cfg.input_shape is not None:
+        args["input_shape"] = list(cfg.input_shape)
+    if is_user_model(cfg.model):
+        if input_shape is not None:
+            args.setdefault("input_shape", list(input_shape))
+        if num_classes is not None:
+            args["num_classes"] = num_classes
+    return args
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -200,6 +231,7 @@ class Planner:
         self.emit = emit
         self.say = say
         self.costs: Any = None  # predictor.CostModel when planning by prediction
+        self.optimizer: dict[str, Any] | None = None  # the plans' optimizer dict (set_run)
         self.profiles: dict[str, dict[str, Any]] = {}  # devices planned with (the record's)
         self.timing_samples: list[dict[str, Any]] = []
         self._info: dict[str, DeviceInfo] = {}
@@ -210,6 +242,8 @@ class Planner:
             collections.deque())
         self._learn_wake = asyncio.Event()
         self._learner: asyncio.Task[None] | None = None
+        self.model_args = model_args_for(cfg)  # ``use_model`` adds the data set's shape
+        self._model_facts: tuple[list[LayerDescriptor], tuple[str, ...]] | None = None
 
     # -- devices -------------------------------------------------------------------------
     def start_with(self, devices: list[DeviceInfo]) -> None:
@@ -225,6 +259,10 @@ class Planner:
 
     def device_info(self, device: str) -> DeviceInfo:
         return self._info[device]
+
+    def set_run(self, total_steps: int, dataset: str) -> None:
+        """The run's length and data set: they fix the lr schedule every plan carries."""
+        self.optimizer = self.cfg.optimizer_cfg(total_steps, dataset)
 
     # -- cost model ----------------------------------------------------------------------
     def load_costs(self) -> None:
@@ -258,12 +296,31 @@ class Planner:
             return None
         return {d: self.costs.device_error(d) for d in devices}
 
+    # -- the model -----------------------------------------------------------------------
+    def use_model(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        """Build the job's model for data of this shape and class count, once, before any
+        device is touched: a model that cannot be built (``user.UserModelError``) fails here."""
+        self.model_args = model_args_for(self.cfg, input_shape, num_classes)
+        self._model_facts = None
+        self.model_facts()
+
+    def model_facts(self) -> tuple[list[LayerDescriptor], tuple[str, ...]]:
+        """Descriptors and unit fingerprints of the job's model. Built once: its name, seed
+        and arguments do not change during a job (``set`` changes only link widths)."""
+        if self._model_facts is None:
+            cfg = self.cfg
+            model = build_model(cfg.model, seed=cfg.seed, **self.model_args)
+            self._model_facts = describe(model), unit_fingerprints(model.layers)
+        return self._model_facts
+
     # -- plans ---------------------------------------------------------------------------
     def make_plan(self, devices: list[DeviceInfo], version: int = 1,
                   start_step: int = 0) -> Plan:
         cfg = self.cfg
-        model = build_model(cfg.model, seed=cfg.seed, width=cfg.width)
-        descs = describe(model)
+        if self.optimizer is None:
+            raise PlanningError("the run's length is not known yet (Planner.set_run): the lr "
+                                "schedule depends on it")
+        descs, fingerprint = self.model_facts()
         method = {"auto": "dp", "predictor": "dp"}.get(cfg.partition, cfg.partition)
         if cfg.micro_batches == "auto":
             res, m = choose_micro_batches(descs, devices, cfg, method=method,
@@ -276,7 +333,8 @@ class Planner:
                           list(res.cuts), method=name, version=version, micro_batches=m,
                           act_bits=list(res.act_bits), grad_bits=list(res.grad_bits),
                           predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
-                          start_step=start_step)
+                          start_step=start_step, model_args=self.model_args,
+                          fingerprint=fingerprint, optimizer=self.optimizer)
 
     def next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
         """The next plan version over ``devices`` (now known to the planner), made with every

@@ -23,9 +23,10 @@ Guarantees:
 * Events of an earlier plan version or rewind generation are dropped on arrival (frames and
   events carry both, docs/faults.md); events without them count as current.
 * ``next_event`` raises ``DeviceLost`` for a plan device that is offline *now* (a Last Will
-  followed by the device's return is not a loss), ``BrokerLost`` when the connection dropped
-  and ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost
-  when queued events are dropped (``drain``).
+  followed by the device's return is not a loss), ``PlanRefused`` when a plan device
+  reported that it cannot build its stage, ``BrokerLost`` when the connection dropped and
+  ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost when
+  queued events are dropped (``drain``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from accept_mqtt.wire.messages import Eval, Event, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
-from .errors import BrokerLost, DeviceLost, StepTimeout
+from .errors import BrokerLost, DeviceLost, PlanRefused, StepTimeout
 from .record import RunState, StageTotals
 
 
@@ -73,7 +74,15 @@ class Disconnected:
     reason: str
 
 
-Queued = Event | Lost | Disconnected
+@dataclass(frozen=True)
+class Refused:
+    """Internal: a device reported an error on the plan topic (it cannot build its stage)."""
+
+    device: str
+    reason: str
+
+
+Queued = Event | Lost | Disconnected | Refused
 
 
 class StepDriver:
@@ -118,6 +127,10 @@ class StepDriver:
     def disconnected(self, reason: str) -> None:
         self._events.put_nowait(Disconnected(reason))
 
+    def plan_refused(self, device: str, reason: str) -> None:
+        """A device says it cannot take the plan: a fault if the plan uses it."""
+        self._events.put_nowait(Refused(device, reason))
+
     def _stale(self, ev: Event) -> bool:
         """An event of an earlier plan version or rewind generation (absent keys: current)."""
         if self.plan is not None and ev.pv is not None and ev.pv != self.plan.version:
@@ -132,7 +145,7 @@ class StepDriver:
         keep = []
         while not self._events.empty():
             ev = self._events.get_nowait()
-            if isinstance(ev, Lost | Disconnected):  # faults are never dropped
+            if isinstance(ev, Lost | Disconnected | Refused):  # faults are never dropped
                 keep.append(ev)
         for ev in keep:
             self._events.put_nowait(ev)
@@ -160,6 +173,9 @@ class StepDriver:
                         raise DeviceLost(dev)
                 case Disconnected(reason=reason):
                     raise BrokerLost(reason)
+                case Refused(device=dev, reason=reason):
+                    if self.plan is not None and dev in self.plan.devices:
+                        raise PlanRefused(dev, reason)
                 case _:
                     return ev
 

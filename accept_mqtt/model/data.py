@@ -5,6 +5,10 @@
   (``data_batch_1..5`` and ``test_batch``); nothing is downloaded.
 * ``har``: the UCI HAR dataset read from its unpacked directory (``train/Inertial Signals``,
   ``test/...``, ``y_train.txt``...): 9 channels x 128 samples, 6 activities.
+* ``fashion-mnist``: Zalando's Fashion-MNIST, the four upstream IDX files (gzipped or not),
+  from ``FASHION_MNIST_DIR`` (where Debian's ``dataset-fashion-mnist`` puts them) or the
+  directory given; the upstream 60,000 / 10,000 train / test split, standardised with the
+  training split's mean and std. 28x28x1, 10 classes.
 * ``synthetic-cifar`` / ``synthetic-har`` / ``synthetic-digits``: class-dependent patterns plus
   noise with the real shapes, for quick runs and tests on machines without the data.
 
@@ -13,6 +17,8 @@ Guarantee: the same name, path and seed give the same tensors in the same order.
 
 from __future__ import annotations
 
+import gzip
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,17 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+
+def reshape_inputs(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
+    """The same samples viewed as ``shape`` per sample (``--input-shape``), e.g. 8x8 digits as
+    64 values; ``DatasetError`` if the element counts differ."""
+    have = ds.input_shape
+    if math.prod(shape) != math.prod(have):
+        raise DatasetError(f"input shape {list(shape)} holds {math.prod(shape)} values but "
+                           f"{ds.name}'s samples are {list(have)} ({math.prod(have)} values)")
+    return Dataset(ds.name, ds.train_x.reshape(len(ds.train_x), *shape), ds.train_y,
+                   ds.test_x.reshape(len(ds.test_x), *shape), ds.test_y, ds.num_classes)
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, classes: int, seed: int,
@@ -131,14 +148,77 @@ def har(path: str | Path, seed: int = 0) -> Dataset:
     return _standardise(ds)
 
 
-DATASETS = ("digits", "cifar10", "har", "synthetic-cifar", "synthetic-har", "synthetic-digits")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
+_IDX_FILES = {"train-images": 3, "train-labels": 1, "t10k-images": 3, "t10k-labels": 1}
+
+
+def read_idx(path: Path, dims: int) -> np.ndarray:
+    """One IDX file (unsigned bytes, ``dims`` dimensions), gzipped if its name ends in .gz.
+
+    ``DatasetError`` naming the file if it cannot be read, is not IDX with unsigned bytes
+    and ``dims`` dimensions, or holds fewer bytes than its header promises.
+    """
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    head = 4 + 4 * dims
+    if len(raw) < head or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != dims:
+        raise DatasetError(f"{path} is not an IDX file of unsigned bytes with {dims} "
+                           f"dimension(s) (header {raw[:4].hex() or 'empty'})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    n = int(np.prod(shape))
+    if len(raw) - head != n:
+        raise DatasetError(f"{path}: the header says {shape} ({n} bytes) but {len(raw) - head} "
+                           "bytes follow it")
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
+
+
+def fashion_mnist(path: str | Path | None = None) -> Dataset:
+    """Fashion-MNIST from ``path`` (default ``FASHION_MNIST_DIR``); see the module docstring."""
+    root = Path(path) if path is not None else FASHION_MNIST_DIR
+    found: dict[str, np.ndarray] = {}
+    for stem, dims in _IDX_FILES.items():
+        name = f"{stem}-idx{dims}-ubyte"
+        f = next((root / n for n in (name + ".gz", name) if (root / n).is_file()), None)
+        if f is None:
+            hint = "" if path is not None else (
+                " (install Debian's dataset-fashion-mnist, or give --data-path DIR)")
+            raise DatasetError(f"Fashion-MNIST file {name}[.gz] not found in {root}{hint}")
+        found[stem] = read_idx(f, dims)
+    for part in ("train", "t10k"):
+        x, y = found[f"{part}-images"], found[f"{part}-labels"]
+        if x.shape[1:] != (28, 28) or len(x) != len(y):
+            raise DatasetError(f"Fashion-MNIST {part} files in {root} disagree: images "
+                               f"{x.shape}, labels {y.shape} (want n x 28 x 28 and n)")
+        if len(y) and int(y.max()) > 9:
+            raise DatasetError(f"Fashion-MNIST {part} labels in {root} go up to "
+                               f"{int(y.max())}; want 0..9")
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0)
+
+    def labels(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.int64))
+
+    ds = Dataset("fashion-mnist", images(found["train-images"]), labels(found["train-labels"]),
+                 images(found["t10k-images"]), labels(found["t10k-labels"]), 10)
+    return _standardise(ds)
+
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "har", "synthetic-cifar", "synthetic-har",
+            "synthetic-digits")
 
 
 def load_dataset(name: str, *, path: str | Path | None = None, seed: int = 0,
                  synthetic_size: int = 2000) -> Dataset:
-    """Load dataset ``name``; ``path`` is required for ``cifar10`` and ``har``."""
+    """Load dataset ``name``; ``path`` is required for ``cifar10`` and ``har`` (optional for
+    ``fashion-mnist``). The fixed upstream splits (cifar10, har, fashion-mnist) ignore
+    ``seed``."""
     if name == "digits":
         return digits(seed)
+    if name == "fashion-mnist":
+        return fashion_mnist(path)
     if name in ("cifar10", "har"):
         if path is None:
             alt = "synthetic-cifar" if name == "cifar10" else "synthetic-har"

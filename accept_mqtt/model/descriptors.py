@@ -6,7 +6,10 @@ first one inside a composite block). The predictor turns these into features; th
 uses ``out_elems`` for the size of the tensor that crosses a cut.
 
 Guarantee: ``describe(model)`` runs one zero sample through the layers with forward hooks and
-counts multiply-adds of every leaf module, so a composite block costs the sum of its parts.
+counts multiply-adds of every leaf module, so a composite block costs the sum of its parts;
+a block's skip sum, and each functional operation of a traced unit (``fxcut``: ``x + y``,
+``F.relu``) that makes a new tensor, count one per output element, as a leaf's elementwise
+work does.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .zoo import InvertedResidual, ZooModel
+from .zoo import BasicBlock, InvertedResidual, ZooModel
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ _TYPE_NAMES = {
     nn.Flatten: "flatten",
     nn.Dropout: "dropout",
     InvertedResidual: "invres",
+    BasicBlock: "basicblock",
 }
 
 LAYER_TYPES: tuple[str, ...] = tuple(sorted(set(_TYPE_NAMES.values())))
@@ -76,9 +80,25 @@ def _leaf_flops(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
         ks = m.kernel_size
         dims = 2 if isinstance(m, nn.MaxPool2d) else 1
         return out.numel() * (ks**dims if isinstance(ks, int) else math.prod(ks))
-    if isinstance(m, nn.Flatten | nn.Dropout):
+    if isinstance(m, nn.Flatten | nn.Dropout | nn.Identity):
         return 0
     return inp.numel()  # elementwise: BN, activations, pooling to 1
+
+
+class _FunctionalFlops(fx.Interpreter):
+    """Runs a traced unit, counting its functional operations' new elements (submodule calls
+    go through the modules, so their forward hooks fire as usual)."""
+
+    def __init__(self, unit: fx.GraphModule) -> None:
+        super().__init__(unit)
+        self.flops = 0
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if (n.op in ("call_function", "call_method") and isinstance(out, torch.Tensor)
+                and not out._is_view()):  # a view (flatten, indexing) moves no data
+            self.flops += out.numel()
+        return out
 
 
 def _conv_geometry(m: nn.Module) -> tuple[int, int, int, int]:
@@ -86,6 +106,12 @@ def _conv_geometry(m: nn.Module) -> tuple[int, int, int, int]:
     if isinstance(m, InvertedResidual):
         dw = [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.groups > 1][0]
         return dw.kernel_size[0], m.stride, m.in_channels, m.out_channels
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv1d | nn.Conv2d)]
+    if convs and next(m.children(), None) is not None:
+        # a composite block (ResNet's, a traced unit): its first convolution's kernel and
+        # stride, the channels it takes in and the last one gives out
+        return (convs[0].kernel_size[0], convs[0].stride[0], convs[0].in_channels,
+                convs[-1].out_channels)
     if isinstance(m, nn.Conv1d | nn.Conv2d):
         return m.kernel_size[0], m.stride[0], m.in_channels, m.out_channels
     if isinstance(m, nn.Linear):
@@ -123,13 +149,14 @@ def describe(model: ZooModel) -> list[LayerDescriptor]:
 
             leaves = [m for m in layer.modules() if not list(m.children())] or [layer]
             handles = [m.register_forward_hook(hook) for m in leaves]
+            functional = _FunctionalFlops(layer) if isinstance(layer, fx.GraphModule) else None
             try:
-                y = layer(x)
+                y = functional.run(x) if functional is not None else layer(x)
             finally:
                 for h in handles:
                     h.remove()
-            flops = sum(counted)
-            if isinstance(layer, InvertedResidual) and layer.use_skip:
+            flops = sum(counted) + (functional.flops if functional is not None else 0)
+            if getattr(layer, "use_skip", False):  # InvertedResidual, BasicBlock: the sum
                 flops += y.numel()
             k, s, cin, cout = _conv_geometry(layer)
             out.append(

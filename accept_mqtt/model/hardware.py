@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .footprint import MEMORY_FRACTION, RESERVED_MB
+
 
 def cpu_model() -> str:
     try:
@@ -54,6 +56,12 @@ def memory_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**20
+
+
+def default_memory_limit_mb() -> float:
+    """What a stage may use when the agent is given no ``--memory-limit``: the device's
+    memory less a margin for the OS, Python and torch themselves."""
+    return max(0.0, memory_mb() * MEMORY_FRACTION - RESERVED_MB)
 
 
 def pin_allocator(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**30) -> bool:
@@ -109,12 +117,17 @@ def device_profile(
     slowdown: float = 1.0,
     bandwidth_bps: float | None = None,
     bench: bool = True,
+    memory_limit_bytes: int | None = None,
 ) -> dict[str, Any]:
+    """``memory_limit_bytes``: what a stage may use (default ``default_memory_limit_mb``)."""
+    limit = (default_memory_limit_mb() if memory_limit_bytes is None
+             else memory_limit_bytes / 2**20)
     return {
         "device": device_id,
         "cores": os.cpu_count() or 1,
         "threads": threads,
         "memory_mb": round(memory_mb(), 1),
+        "memory_limit_mb": limit,
         "cpu": cpu_model(),
         "clock_mhz": cpu_clock_mhz(),
         "arch": platform.machine(),

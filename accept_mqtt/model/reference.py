@@ -3,8 +3,9 @@
 Guarantee: for the same model, seed, batches, micro-batch count and optimizer config,
 ``train_reference`` performs the same floating-point work as the pipeline with compression
 off (same micro-batches in the same order, summed loss scaled by ``1/batch``, gradients
-accumulated, one optimizer step per mini-batch), so BatchNorm sees the same inputs and the
-parameters agree to float tolerance.
+accumulated, one optimizer step per mini-batch at the learning rate ``schedule.lr_at`` gives
+for that step), so BatchNorm sees the same inputs and the parameters agree to float
+tolerance.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .data import Dataset
 from .microbatch import epoch_batches, loss_scale, split
+from .schedule import apply_lr
 from .stage import make_optimizer
 from .zoo import ZooModel
 
@@ -44,6 +46,7 @@ def train_reference(
             for a, b in split(len(idx), micro_batches):
                 loss = F.cross_entropy(net(x[a:b]), y[a:b], reduction="sum") * scale
                 loss.backward()
+            apply_lr(opt, optimizer, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1

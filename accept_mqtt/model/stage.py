@@ -36,8 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .descriptors import LayerDescriptor
+from .schedule import apply_lr, check_schedule
 
 Key = tuple[int, int]  # (step, micro-batch)
+# weights and buffers, optimizer state: both named as in the stage (offset 0)
+Snapshot = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class StageError(ValueError):
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer of the plan's ``optimizer`` dict (its lr schedule: ``schedule.py``)."""
+    check_schedule(cfg)
     name = cfg.get("name", "sgd")
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.get("lr", 0.05), momentum=cfg.get("momentum", 0.9),
@@ -251,18 +256,24 @@ class StageRunner:
         self.stats.bwd_count += 1
         return stash.inp.grad if not self.is_first else None
 
-    def step(self) -> None:
-        """Apply the accumulated gradients once and zero them."""
+    def step(self, index: int | None = None) -> None:
+        """Apply the accumulated gradients once and zero them.
+
+        ``index``: the run's optimizer step this is (the clock of the lr schedule, so a
+        resumed or rewound stage applies the lr of that step); default: the number of steps
+        this runner has applied so far."""
         if not self._observers:
-            return self._step()
+            return self._step(index)
         t0 = time.time()
         try:
-            return self._step()
+            return self._step(index)
         finally:
             self._notify("opt", None, t0)
 
-    def _step(self) -> None:
+    def _step(self, index: int | None) -> None:
         if self.optimizer is not None:
+            apply_lr(self.optimizer, self.optimizer_cfg,
+                     self.stats.steps if index is None else index)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.stats.steps += 1
@@ -306,14 +317,18 @@ class StageRunner:
 
     def optimizer_state(self, offset: int) -> dict[str, torch.Tensor]:
         """Optimizer state as ``{layer}.{param}::{key}`` tensors (whole-model layer index)."""
-        out: dict[str, torch.Tensor] = {}
+        return {name: v.detach().clone() for name, v in self._optimizer_tensors(offset)}
+
+    def _optimizer_tensors(self, offset: int) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer's state tensors, named as ``optimizer_state`` names them (no copy)."""
+        out: list[tuple[str, torch.Tensor]] = []
         if self.optimizer is None:
             return out
         for name, p in self.module.named_parameters():
             i, rest = name.split(".", 1)
             for key, v in self.optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor):
-                    out[f"{int(i) + offset}.{rest}::{key}"] = v.detach().clone()
+                    out.append((f"{int(i) + offset}.{rest}::{key}", v))
         return out
 
     def load_optimizer_state(self, state: dict[str, torch.Tensor], offset: int) -> None:
@@ -330,11 +345,23 @@ class StageRunner:
                 raise StageError(f"optimizer state {name!r} names no parameter of this stage")
             self.optimizer.state[p][key] = v.clone()
 
-    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """A copy of weights, buffers and optimizer state (``restore`` puts it back)."""
+    def snapshot(self, into: Snapshot | None = None) -> Snapshot:
+        """A copy of weights, buffers and optimizer state (``restore`` puts it back).
+
+        ``into``: an older snapshot of this stage that is no longer needed; when it holds the
+        same tensors (names, shapes, dtypes) the copy is written into it and it is returned,
+        so a snapshot per step allocates nothing (a fresh copy of a large stage's weights and
+        momentum costs page faults on every step). Otherwise a fresh copy is made."""
+        state, optim = self.module.state_dict(), dict(self._optimizer_tensors(0))
+        if into is not None and _same_layout(into[0], state) and _same_layout(into[1], optim):
+            with torch.no_grad():
+                for dst, src in ((into[0], state), (into[1], optim)):
+                    for name, t in src.items():
+                        dst[name].copy_(t)
+            return into
         return self.state_dict(0), self.optimizer_state(0)
 
-    def restore(self, snap: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+    def restore(self, snap: Snapshot) -> None:
         """Back to ``snap``; drops every stashed micro-batch and accumulated gradient."""
         self.reset_partial()
         self.load_state_dict(snap[0], 0)
@@ -357,6 +384,12 @@ class StageRunner:
             if 0 <= j < len(self.layers):
                 local[f"{j}.{rest}"] = t
         self.module.load_state_dict(local)
+
+
+def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether ``a`` and ``b`` hold tensors of the same names, shapes and dtypes."""
+    return a.keys() == b.keys() and all(
+        a[k].shape == v.shape and a[k].dtype == v.dtype for k, v in b.items())
 
 
 def _stamp(reached: list[float | None], i: int) -> Any:

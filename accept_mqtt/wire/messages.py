@@ -89,6 +89,7 @@ class DeviceProfile(_Msg, kw_only=True):
     cores: int
     threads: int
     memory_mb: float
+    memory_limit_mb: float | None = None  # what a stage may use (--memory-limit); planned by
     cpu: str
     clock_mhz: float | None = None
     arch: str

@@ -3,7 +3,8 @@
 A ``Plan`` is what the coordinator publishes (retained, JSON) on ``{root}/jobs/{job}/plan``
 and what every agent builds its stage from. It carries everything an agent needs to rebuild
 its slice with the same initial weights as a one-process run (model name, arguments, seed),
-so no weights travel at job start.
+so no weights travel at job start, and a fingerprint of every unit so an agent whose build
+of the model differs can tell, and refuse the plan.
 
 Guarantee: ``Plan.from_json(p.to_json()) == p``, and ``from_json`` rejects a plan whose
 stages do not tile ``[0, num_layers)`` in order, with a message that says which stage.
@@ -57,6 +58,10 @@ class Plan:
     act_per_channel: bool = True  # k-bit feature maps get one scale per channel (codec)
     predicted_bottleneck_ms: float | None = None
     start_step: int = 0  # the optimizer step the stages start at (non-zero on resume)
+    batch_size: int | None = None  # mini-batch size: what an agent sizes its memory by
+    # one digest per unit of the model the coordinator built (model/fingerprint.py): an agent
+    # whose own build differs refuses the plan; empty: not checked
+    fingerprint: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +96,9 @@ class Plan:
             expect = s.end
         if expect != self.num_layers:
             raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
+        if self.fingerprint and len(self.fingerprint) != self.num_layers:
+            raise PlanError(f"fingerprint has {len(self.fingerprint)} digests for "
+                            f"{self.num_layers} layers")
 
     def layout(self, bits: bool = True) -> list[tuple[Any, ...]]:
         """Who holds which layers (with the link widths when ``bits``): what two plans are

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .cost import Choice, choices, device_tables, evaluate, memory_mask, stage_cost_array
-from .memory import fits, in_flight, stage_memory_bytes
+from .memory import fits, in_flight, stage_footprint, stage_memory_bytes
 from .problem import InfeasiblePlanError, PartitionProblem, PartitionResult
 
 EXACT_MAX_DEVICES = 10
@@ -198,13 +198,15 @@ def _diagnose(p: PartitionProblem, suffix_ok: np.ndarray) -> InfeasiblePlanError
                   else p.devices[d].memory_bytes)
     cap = p.devices[biggest].memory_bytes
     for layer in range(L):
-        need = stage_memory_bytes(p, layer, layer + 1, 0)
+        # what any stage holding this layer needs for it (its own share, a lower bound)
+        need = stage_footprint(p, layer, layer + 1, 0).per_layer[0]
         if not any(fits(p, d, need) for d in range(len(p.devices))):
             return InfeasiblePlanError(
-                f"{p.layer_name(layer)} cannot be placed: alone it needs {need / mib:.1f} MiB "
-                f"(weights, gradients, optimizer state, {in_flight(p, 0)} stashed "
-                f"micro-batch(es)) but the largest device memory is "
-                f"{(cap or 0) / mib:.1f} MiB ({p.devices[biggest].id})", layer=layer)
+                f"{p.layer_name(layer)} cannot be placed: it alone needs {need / mib:.3f} MiB "
+                f"({need:.0f} bytes: weights, gradients, optimizer state, snapshots, "
+                f"{in_flight(p, 0)} stashed micro-batch(es) of its output) but the largest "
+                f"device memory is {(cap or 0) / mib:.3f} MiB ({cap or 0:.0f} bytes, "
+                f"{p.devices[biggest].id})", layer=layer)
     fit_from = [a for a in range(1, L + 1) if suffix_ok[a]]
     first = min(fit_from) if fit_from else L
     layer = first - 1
@@ -212,7 +214,8 @@ def _diagnose(p: PartitionProblem, suffix_ok: np.ndarray) -> InfeasiblePlanError
     return InfeasiblePlanError(
         f"{p.layer_name(layer)} cannot be placed{extra}: layers {first}..{L - 1} fit on the "
         f"devices but no device has memory left for layer {layer} and the layers before it "
-        f"(total memory {sum(d.memory_bytes or 0 for d in p.devices) / mib:.1f} MiB)",
+        f"(the whole model needs {stage_memory_bytes(p, 0, L, 0):.0f} bytes on one device; "
+        f"total memory {sum(d.memory_bytes or 0 for d in p.devices) / mib:.3f} MiB)",
         layer=layer)
 
 

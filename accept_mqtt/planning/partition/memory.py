@@ -1,31 +1,30 @@
-"""Memory a stage needs on its device: weights, gradients, optimizer state and stashed activations.
+"""Memory a stage needs on its device: the model of ``accept_mqtt.model.footprint``, as tables.
 
-Model (float32 everywhere, bytes):
-
-* weights + gradients + optimizer state: ``4 * params * (2 + optimizer_slots)``;
-* stash: the stage keeps, per micro-batch in flight, its input and every layer's output until
-  that micro-batch's backward (``accept_mqtt.stage`` stashes exactly these), times
-  ``activation_overhead`` for what autograd keeps beyond them. Micro-batches in flight: GPipe
-  holds all ``M``; 1F1B holds ``min(K - k, M)`` at stage ``k`` of ``K``, i.e. ``min(r + 1, M)``
-  where ``r = K - 1 - k`` is the number of stages after it.
+Parameters, gradients, optimizer state (``optimizer_slots``), the agent's snapshots
+(``snapshot_copies``), the activations stashed for the schedule and micro-batch count
+(GPipe holds all ``M``; 1F1B holds ``min(r + 1, M)`` at a stage with ``r`` stages after it,
+times ``activation_overhead``) and, with ``codec_buffers``, the frames it may hold at once.
+A bare ``PartitionProblem`` counts no snapshots and no frames; ``problem_from_profiles`` (what
+the coordinator plans with) counts both, as the agent's own check does.
 
 Guarantee: ``stage_memory_bytes(p, a, b, r)`` equals ``memory_table(p, r)[a, b]`` bit for bit
-for every ``0 <= a < b <= L`` (counts are integers, so prefix sums are exact below 2**53);
-the table costs O(L^2) numpy work.
+for every ``0 <= a < b <= L`` (counts are integers, so prefix sums are exact below 2**53), and
+both equal ``model.footprint.stage_footprint(...).total`` for that stage; the table costs
+O(L^2) numpy work.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from accept_mqtt.model import footprint
+
 from .problem import PartitionProblem
 
 
 def in_flight(p: PartitionProblem, stages_after: int) -> int:
     """Micro-batches whose activations a stage with ``stages_after`` later stages stashes."""
-    if p.schedule == "gpipe":
-        return p.micro_batches
-    return min(stages_after + 1, p.micro_batches)
+    return footprint.in_flight(p.schedule, p.micro_batches, stages_after)
 
 
 def _input_elems(p: PartitionProblem) -> np.ndarray:
@@ -37,23 +36,47 @@ def memory_parts(p: PartitionProblem) -> tuple[np.ndarray, np.ndarray]:
     """``(static[a, b], per_microbatch[a, b])`` in bytes, (L+1) x (L+1), valid for a < b."""
     pp = np.concatenate([[0.0], np.cumsum(p.params)])
     po = np.concatenate([[0.0], np.cumsum(p.out_elems)])
-    static = 4.0 * (2 + p.optimizer_slots) * (pp[None, :] - pp[:, None])
+    k = footprint.static_factor(p.optimizer_slots, p.snapshot_copies)
+    static = k * (pp[None, :] - pp[:, None])
     inp = np.concatenate([_input_elems(p), [0.0]])
     act = 4.0 * p.activation_overhead * (inp[:, None] + po[None, :] - po[:, None])
     return static, act
 
 
+def codec_table(p: PartitionProblem) -> np.ndarray:
+    """Bytes of one step's frames through a stage ``[a, b)``, (L+1) x (L+1); 0 without
+    ``codec_buffers``."""
+    n = p.num_layers
+    if not p.codec_buffers:
+        return np.zeros((n + 1, n + 1))
+    inp = np.concatenate([_input_elems(p), [0.0]])
+    out = np.concatenate([[0.0], p.out_elems])  # out[b]: the tensor after layer b - 1
+    m = p.micro_batches
+    first = np.arange(n + 1) == 0
+    last = np.arange(n + 1) == n
+    return 4.0 * ((inp * (m + ~first))[:, None] + (out * ((m + 1) * ~last))[None, :])
+
+
 def memory_table(p: PartitionProblem, stages_after: int) -> np.ndarray:
     static, act = memory_parts(p)
-    return static + in_flight(p, stages_after) * act
+    return static + in_flight(p, stages_after) * act + codec_table(p)
+
+
+def stage_footprint(p: PartitionProblem, start: int, end: int,
+                    stages_after: int) -> footprint.StageFootprint:
+    """The stage's footprint, by part (``model.footprint``)."""
+    inp = float(p.input_elems) if start == 0 else float(p.out_elems[start - 1])
+    return footprint.stage_footprint(
+        [float(x) for x in p.params[start:end]], inp,
+        [float(x) for x in p.out_elems[start:end]], in_flight=in_flight(p, stages_after),
+        micro_batches=p.micro_batches, optimizer_slots=p.optimizer_slots, first=start == 0,
+        last=end == p.num_layers, snapshot_copies=p.snapshot_copies,
+        activation_overhead=p.activation_overhead, codec=p.codec_buffers)
 
 
 def stage_memory_bytes(p: PartitionProblem, start: int, end: int, stages_after: int) -> float:
     """Bytes a stage holding layers ``[start, end)`` needs with ``stages_after`` stages after."""
-    params = float(p.params[start:end].sum())
-    inp = float(p.input_elems) if start == 0 else float(p.out_elems[start - 1])
-    act = 4.0 * p.activation_overhead * (inp + float(p.out_elems[start:end].sum()))
-    return 4.0 * (2 + p.optimizer_slots) * params + in_flight(p, stages_after) * act
+    return stage_footprint(p, start, end, stages_after).total
 
 
 def fits(p: PartitionProblem, device: int, need_bytes: float) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from accept_mqtt.model.footprint import MEMORY_FRACTION, RESERVED_MB
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import Stage, cuts_to_stages
 
@@ -133,6 +134,8 @@ class PartitionProblem:
     schedule: str = "1f1b"
     optimizer_slots: int = 1
     activation_overhead: float = 1.0
+    snapshot_copies: int = 0  # copies of weights + optimizer state kept for rewinds
+    codec_buffers: bool = False  # count one step's frames in and out (model/footprint.py)
     frame_overhead_bytes: int = 64
     # CPU ms to send or to receive one frame, whatever its size (serialising, the MQTT
     # client, system calls): what makes many small micro-batches dear. 0: not modelled.
@@ -182,8 +185,9 @@ class PartitionProblem:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.optimizer_slots < 0 or self.activation_overhead < 0:
-            raise ValueError("optimizer_slots and activation_overhead must be >= 0")
+        if self.optimizer_slots < 0 or self.activation_overhead < 0 or self.snapshot_copies < 0:
+            raise ValueError("optimizer_slots, activation_overhead and snapshot_copies must "
+                             "be >= 0")
 
     @property
     def num_layers(self) -> int:
@@ -292,8 +296,8 @@ def problem_from_profiles(
     micro_batches: int = 4,
     schedule: str = "1f1b",
     optimizer_slots: int = 1,
-    memory_fraction: float = 0.8,
-    reserved_mb: float = 300.0,
+    memory_fraction: float = MEMORY_FRACTION,
+    reserved_mb: float = RESERVED_MB,
     codec: CodecCost = DEFAULT_CODEC,
     reference_gflops: float | None = None,
     **options: Any,
@@ -302,9 +306,11 @@ def problem_from_profiles(
 
     ``fwd_ms[d][l]``/``bwd_ms[d][l]``: predicted ms per micro-batch of layer ``l`` on device
     ``device_ids[d]``; ``descriptors``: per-sample layer descriptors (``describe(model)``);
-    ``profiles[id]``: the device profile (``memory_mb``, ``bandwidth_bps``, ``bench_gflops``).
-    Memory for a stage = ``memory_mb * memory_fraction - reserved_mb`` (the runtime's own
-    share). The codec scale of a device is ``reference_gflops / bench_gflops`` when both are
+    ``profiles[id]``: the device profile (``memory_mb``, ``memory_limit_mb``,
+    ``bandwidth_bps``, ``bench_gflops``). Memory for a stage: the agent's advertised
+    ``memory_limit_mb`` (``--memory-limit``, or what it has less a margin); from a profile
+    without one, ``memory_mb * memory_fraction - reserved_mb`` (the runtime's own share).
+    The codec scale of a device is ``reference_gflops / bench_gflops`` when both are
     known (else 1). ``options`` go to ``PartitionProblem`` (e.g. ``fixed_order=True``).
     """
     if micro_batch_size < 1:
@@ -312,8 +318,10 @@ def problem_from_profiles(
     devs = []
     for i in device_ids:
         prof = profiles.get(i, {})
-        mem = prof.get("memory_mb")
+        mem, limit = prof.get("memory_mb"), prof.get("memory_limit_mb")
         mem_b = None if mem is None else max(0.0, (mem * memory_fraction - reserved_mb) * 2**20)
+        if limit is not None:
+            mem_b = float(limit) * 2**20
         bw = prof.get("bandwidth_bps") or None
         g = prof.get("bench_gflops")
         scale = reference_gflops / g if reference_gflops and g else 1.0
