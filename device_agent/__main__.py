@@ -13,7 +13,12 @@ import sys
 
 from accept_mqtt.model.footprint import parse_bytes
 from accept_mqtt.model.hardware import pin_allocator
-from accept_mqtt.wire.broker_url import BrokerUrlError, parse_bandwidth, parse_broker_url
+from accept_mqtt.wire.broker_url import (
+    BrokerUrlError,
+    parse_bandwidth,
+    parse_broker_url,
+    parse_latency,
+)
 from accept_mqtt.wire.topics import TopicError, check_id
 from device_agent.agent import Agent, AgentConfig
 from device_agent.trace import parse_steps
@@ -40,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pace", action="store_true",
                    help="advertise --bandwidth in the profile but do not pace: the link is "
                         "shaped elsewhere (tc in a network namespace, or a real slow link)")
+    p.add_argument("--latency", default=None, metavar="10ms",
+                   help="emulate this one-way latency on every frame and event the agent "
+                        "publishes (a delay line: frames stay in flight, order kept); for "
+                        "links without it, e.g. where the kernel has no netem")
     p.add_argument("--trace-steps", default=None, metavar="N[,N...]",
                    help="publish compute/send spans of these optimizer steps of every job on "
                         "{root}/jobs/{job}/trace/{device} (for timeline plots)")
@@ -73,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_broker_url(args.broker)
         check_id("device", args.device_id)
         bw = parse_bandwidth(args.bandwidth)
+        latency = parse_latency(args.latency)
         trace_steps = parse_steps(args.trace_steps)
         limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
         if args.slowdown < 1.0:
@@ -89,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                       threads=args.threads, slowdown=args.slowdown, bandwidth_bps=bw,
                       keepalive=args.keepalive, pace=not args.no_pace,
                       trace_steps=trace_steps, memory_limit=limit,
-                      model_path=tuple(os.path.abspath(d) for d in args.model_path))
+                      model_path=tuple(os.path.abspath(d) for d in args.model_path),
+                      latency_s=latency)
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))

@@ -19,8 +19,9 @@ Lifecycle::
 * Compute runs on the event loop's own thread, one work item at a time, between which the
   loop services the connection: measured, a worker thread that competes with the loop for
   the GIL stretched 2 ms convolutions to 5-11 ms. Only where the loop must keep time while
-  the stage computes -- ``--slowdown`` (its emulating sleep) and a paced uplink (its
-  serialisation delay overlaps compute, as a real NIC overlaps a CPU) -- or when asked
+  the stage computes -- ``--slowdown`` (its emulating sleep), a paced uplink (its
+  serialisation delay overlaps compute, as a real NIC overlaps a CPU) and ``--latency`` (its
+  delay line) -- or when asked
   (``compute_thread``, e.g. agents sharing one process in tests) does compute go to a worker
   thread (``asyncio.to_thread``).
 * Under 1F1B, stage 0 keeps at most as many micro-batches of a step in flight (forwarded, not
@@ -109,6 +110,7 @@ class AgentConfig:
     uplink_window: int = 16  # frames in flight on the uplink (Link)
     memory_limit: int | None = None  # bytes a stage may use; None: hardware's default
     model_path: tuple[str, ...] = ()  # directories a user's model (MODULE:FACTORY) is found in
+    latency_s: float = 0.0  # emulated one-way latency of frames and events (Link's delay line)
 
 
 @dataclass
@@ -198,7 +200,8 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._compute = asyncio.Lock()  # one compute or state change of the stage at a time
         self._in_thread = bool(config.compute_thread or config.slowdown > 1.0
-                               or (config.bandwidth_bps and config.pace))
+                               or (config.bandwidth_bps and config.pace)
+                               or config.latency_s > 0)  # the delay line keeps time too
         self._bg: set[asyncio.Task[None]] = set()  # publishes nobody waits for
         self.profile: DeviceProfile | None = None
         self.errors: list[Error] = []
@@ -217,7 +220,7 @@ class Agent:
             bandwidth_bps=self.cfg.bandwidth_bps, memory_limit_bytes=self.cfg.memory_limit))
         await self._connect()
         self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None,
-                          window=self.cfg.uplink_window)
+                          window=self.cfg.uplink_window, delay_s=self.cfg.latency_s)
         self._link.start()
         log.info("agent %s online at %s (threads=%d slowdown=%g bandwidth=%s)",
                  self.cfg.device_id, self.url, self.cfg.threads, self.cfg.slowdown,
@@ -300,8 +303,9 @@ class Agent:
     def _publish_soon(self, topic: str, message: Any, qos: int = 1) -> None:
         """``_publish_msg`` without waiting for the broker's acknowledgement.
 
-        The client takes the packet before this returns, so messages published this way
-        leave in call order; a failure is logged (a lost connection makes the coordinator
+        The client takes the packet before this returns (with ``latency_s``, that much
+        later, through the uplink's delay line), so messages published this way leave in call
+        order; a failure is logged (a lost connection makes the coordinator
         rewind the step, docs/faults.md)."""
         async def send() -> None:
             try:
@@ -309,9 +313,16 @@ class Agent:
             except aiomqtt.MqttError as e:
                 log.warning("publish to %s failed: %s", topic, e)
 
-        task = asyncio.get_running_loop().create_task(send())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        def start() -> None:
+            task = asyncio.get_running_loop().create_task(send())
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+        # with an emulated latency, events share the frames' delay line (order kept)
+        if self._link is not None:
+            self._link.delay.call(start)
+        else:
+            start()
 
     async def _compute_call(self, fn: Any, *args: Any) -> Any:
         """Run one piece of stage compute: inline, or in a worker thread (module docstring)."""

@@ -10,6 +10,11 @@ Guarantees:
 * With ``bandwidth_bps`` set, a payload of ``n`` bytes occupies the link for ``8n/bandwidth``
   seconds before it is published (serialisation delay), measured with ``asyncio.sleep`` so a
   slow link costs no CPU. The compute loop never waits for the link unless it must.
+* With ``delay_s`` set (an emulated one-way latency), a frame is published ``delay_s`` after
+  it left the (paced) link, through a delay line (``wire.aio.DelayLine``): frames in flight
+  keep their order and overlap, so ``n`` frames queued at once arrive about ``delay_s`` later,
+  not ``n * delay_s``. A frame in the delay line holds its window slot, as a frame crossing a
+  real link does until its PUBACK is back; ``busy_ms`` and the observers' spans include it.
 * ``bytes_sent``, ``busy_ms`` (the time the link was pacing or had a publish outstanding)
   and per-topic-kind byte counters say what crossed the link.
 * Observers (``add_observer``) are called, in the event loop and in registration order,
@@ -23,11 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from accept_mqtt.wire.aio import DelayLine
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +45,13 @@ Observer = Callable[[str, Any, int, float, float], None]  # kind, tag, bytes, t0
 
 class Link:
     def __init__(self, publish: Publish, bandwidth_bps: float | None = None,
-                 window: int = 16) -> None:
+                 window: int = 16, delay_s: float = 0.0) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self._publish = publish
         self.bandwidth_bps = bandwidth_bps
         self.window = window
+        self.delay = DelayLine(delay_s)  # refuses a negative delay; the agent's events use it too
         self._queue: asyncio.Queue[tuple[str, bytes, str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(window)
@@ -69,6 +78,7 @@ class Link:
             self._task = asyncio.create_task(self._run(), name="link")
 
     async def close(self) -> None:
+        self.delay.cancel()
         tasks = [t for t in (self._task, *self._inflight) if t is not None]
         for t in tasks:
             t.cancel()
@@ -110,11 +120,14 @@ class Link:
                 self._slots.release()
                 self._queue.task_done()
                 raise
-            task = asyncio.create_task(self._send_one(item, w0))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self.delay.call(functools.partial(self._start, item, w0))
             # let the task hand its publish to the client before the next one is started
             await asyncio.sleep(0)
+
+    def _start(self, item: tuple[str, bytes, str, Any], w0: float) -> None:
+        task = asyncio.create_task(self._send_one(item, w0))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _send_one(self, item: tuple[str, bytes, str, Any], w0: float) -> None:
         topic, payload, kind, tag = item

@@ -1,11 +1,16 @@
-"""The agent's uplink: order kept, several frames in flight, bounded by the window."""
+"""The agent's uplink: order kept, several frames in flight, bounded by the window; its
+delay line (emulated latency) keeps frames in flight too."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import aiomqtt
 import pytest
 
+from accept_mqtt.wire.aio import DelayLine
+from broker import MosquittoBroker
 from device_agent.link import Link
 
 
@@ -71,3 +76,73 @@ def test_a_failed_publish_is_counted_and_the_rest_still_go() -> None:
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window must be >= 1"):
         Link(SlowBroker().publish, window=0)
+
+
+# -- the delay line (emulated one-way latency) -----------------------------------------------
+def test_delay_line_runs_every_call_after_the_delay_in_call_order() -> None:
+    async def main() -> tuple[list[int], list[float]]:
+        line = DelayLine(0.05)
+        loop = asyncio.get_running_loop()
+        order: list[int] = []
+        late: list[float] = []
+        for i in range(20):
+            t0 = loop.time()
+            line.call(lambda i=i, t0=t0: (order.append(i), late.append(loop.time() - t0)))
+        assert len(line) == 20
+        await asyncio.sleep(0.2)
+        assert len(line) == 0
+        return order, late
+
+    order, late = asyncio.run(main())
+    assert order == list(range(20))
+    assert min(late) >= 0.05 - 1e-3  # never early
+    assert max(late) < 0.05 + 0.1  # all together, not 20 x 50 ms
+
+
+def test_delay_line_refuses_a_negative_delay() -> None:
+    with pytest.raises(ValueError, match="must be >= 0"):
+        DelayLine(-0.001)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Link(SlowBroker().publish, delay_s=float("nan"))
+
+
+def test_delayed_frames_stay_in_flight_through_mosquitto(broker: MosquittoBroker) -> None:
+    """N frames queued at once on a link with a 100 ms one-way delay arrive, through a real
+    broker, in order and all about 100 ms after they were queued: not one delay per frame."""
+    n, delay = 12, 0.1
+
+    async def main() -> tuple[list[int], list[float], float]:
+        got: list[tuple[int, float]] = []
+        ready = asyncio.Event()
+        async with aiomqtt.Client(broker.host, broker.port) as sub, \
+                aiomqtt.Client(broker.host, broker.port) as pub:
+            await sub.subscribe("delay/t", qos=1)
+
+            async def read() -> None:
+                ready.set()
+                async for msg in sub.messages:
+                    got.append((int(bytes(msg.payload or b"-1")), time.perf_counter()))
+                    if len(got) == n:
+                        return
+
+            reader = asyncio.create_task(read())
+            await ready.wait()
+
+            async def publish(topic: str, payload: bytes) -> None:
+                await pub.publish(topic, payload, qos=1)
+
+            link = Link(publish, delay_s=delay)
+            link.start()
+            t0 = time.perf_counter()
+            for i in range(n):
+                link.send("delay/t", str(i).encode(), "act")
+            await asyncio.wait_for(reader, 10)
+            await link.close()
+        return [i for i, _ in got], [t - t0 for _, t in got], link.busy_ms
+
+    order, arrived, busy_ms = asyncio.run(main())
+    assert order == list(range(n))
+    assert min(arrived) >= delay - 1e-3  # nothing leaves before its delay
+    # all within the delay plus broker time; one delay per frame would be n * delay = 1.2 s
+    assert max(arrived) < delay + 0.15, arrived
+    assert busy_ms >= delay * 1e3 * 0.9

@@ -94,3 +94,33 @@ def test_interrupt_cleans_up() -> None:
         with netem.ShapedNetwork([("a", None)]) as net:
             raise KeyboardInterrupt
     assert net.leftovers() == []
+
+
+def test_delay_is_netem_where_the_kernel_has_it_and_refused_where_not() -> None:
+    if not _ok.delay:  # this project's CI machine: tc works, sch_netem does not
+        net = netem.ShapedNetwork([("a", 8e6)], delay_ms=5)
+        with pytest.raises(netem.NetemError, match="sch_netem"):
+            net.__enter__()
+        assert net.leftovers() == []
+        return
+    with netem.ShapedNetwork([("a", 8e6), ("b", None)], delay_ms=5) as net:
+        q = net.qdiscs()
+        assert "netem" in q["a"] and "tbf" in q["a"] and "netem" in q["b"]
+
+
+def test_torch_peer_runs_in_the_agents_namespaces(tmp_path) -> None:
+    """bench e2e's torch peer under ``--shaping tc``: one rank per agent namespace, gloo bound
+    to the namespace's uplink, the rendezvous on rank 0's address, user-space latency on
+    top; it trains exactly as one process does."""
+    from accept_mqtt.bench.torchpipe import max_abs_diff, run_one_process, run_torch_pipeline
+
+    kw = {"batch_size": 16, "micro_batches": 4, "steps": 2, "seed": 1234, "lr": 0.05}
+    with netem.ShapedNetwork([("r0", 50e6), ("r1", 50e6)]) as net:
+        res = run_torch_pipeline(
+            "cnn", 0.5, [0, 7, 14], check=True, latency_s=0.01, workdir=tmp_path,
+            command_prefixes=[net.exec_prefix("r0"), net.exec_prefix("r1")],
+            master_addr=net.endpoints["r0"].address,
+            worker_env=[{"GLOO_SOCKET_IFNAME": "up0"}] * 2, **kw)
+    one = run_one_process("cnn", 0.5, check=True, **kw)
+    assert max_abs_diff(res["state_dict"], one["state_dict"]) < 1e-6
+    assert net.leftovers() == []

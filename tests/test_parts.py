@@ -171,6 +171,24 @@ def test_auto_micro_batches_is_the_predicted_fastest_count_that_fits(
         TrainConfig.from_dict({"micro_batches": "many"})
 
 
+def test_latency_settings_are_checked() -> None:
+    from accept_mqtt.coordinator.config import ConfigError, TrainConfig
+    from accept_mqtt.wire.broker_url import parse_latency
+
+    assert parse_latency("10ms") == pytest.approx(0.01)
+    assert parse_latency("500us") == pytest.approx(0.0005)
+    assert parse_latency("0.02s") == pytest.approx(0.02)
+    assert parse_latency("20") == pytest.approx(0.02)  # a plain number is milliseconds
+    assert parse_latency(None) == 0.0
+    for bad in ("-3ms", "10 parsecs", "fast"):
+        with pytest.raises(ValueError, match="latency"):
+            parse_latency(bad)
+    assert TrainConfig.from_dict({"emulate_latency_ms": 10}).emulate_latency_ms == 10.0
+    for bad_ms in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="emulate_latency_ms must be >= 0"):
+            TrainConfig(emulate_latency_ms=bad_ms).validate()
+
+
 def test_broker_config_and_missing_binary(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     text = render_config("listener 1883 0.0.0.0\nallow_anonymous true\n", 4242, "127.0.0.1",
                          tmp_path, persistence=False)

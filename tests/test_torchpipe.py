@@ -81,6 +81,9 @@ def test_slowdown_sleeps_its_share_of_each_stage_call(tmp_path: Path) -> None:
     ({"steps": 1}, "warm-up"),
     ({"micro_batches": 2, "cuts": [0, 4, 9, 14]}, "micro-batches >= stages"),
     ({"slowdowns": [1.0]}, "slowdowns"),
+    ({"uplinks_bps": [1e6]}, "uplinks_bps must be 2 rates"),
+    ({"uplinks_bps": [1e6, 0.0]}, "uplinks_bps must be 2 rates"),
+    ({"latency_s": -0.01}, "latency_s must be >= 0"),
 ])
 def test_bad_arguments_fail_before_any_process(change: dict[str, object], phrase: str) -> None:
     kw: dict[str, object] = dict(KW, cuts=[0, 7, 14], schedule="1f1b")
@@ -123,3 +126,81 @@ def test_bench_overhead_quick_prints_all_three(tmp_path: Path,
     assert all(v["median"] > 0 for v in res["samples_per_s"].values())
     # the same arithmetic three ways: the per-step losses agree
     assert all(d is not None and d < 1e-4 for d in res["max_loss_diff_vs_one_process"].values())
+
+
+# -- link emulation (bench e2e's torch peer) -------------------------------------------------
+class _FakeWork:
+    def wait(self) -> None:
+        pass
+
+
+def test_paced_uplink_sends_in_order_one_serialisation_time_apart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timer thread issues each send once the sends before it had their serialisation
+    time, in order; ``send`` itself returns at once."""
+    import time
+
+    import torch.distributed as dist
+
+    issued: list[tuple[int, float]] = []
+    monkeypatch.setattr(dist, "isend", lambda t, dst, group: (
+        issued.append((int(t[0]), time.perf_counter())), _FakeWork())[1])
+    up = torchpipe._Uplink(8 * 4000 / 0.02)  # one 4000-byte tensor takes 20 ms
+    t0 = time.perf_counter()
+    for i in range(5):
+        up.send(torch.full((1000,), float(i)), 1, None)
+    assert time.perf_counter() - t0 < 0.01
+    up.close()
+    late = [t - t0 for _, t in issued]
+    assert [i for i, _ in issued] == list(range(5))
+    assert up.sends == 5 and up.send_bytes == 20_000
+    for j, v in enumerate(late):
+        assert 0.02 * (j + 1) - 1e-3 <= v < 0.02 * (j + 1) + 0.05, late
+
+
+class _ArrivesAt:
+    """A receive whose data arrives at ``t`` (perf_counter)."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def wait(self) -> bool:
+        import time
+
+        time.sleep(max(0.0, self.t - time.perf_counter()))
+        return True
+
+
+def test_late_receives_are_usable_latency_after_arrival_and_overlap() -> None:
+    """Each receive is usable ``latency`` after its own data arrived: ten receives whose
+    data arrive 10 ms apart are all usable within ``latency`` + 100 ms, not 10 latencies."""
+    import time
+
+    t0 = time.perf_counter()
+    recvs = [torchpipe._LateRecv(_ArrivesAt(t0 + 0.01 * i), 0.1) for i in range(10)]
+    assert not recvs[0].is_completed()
+    done = []
+    for r in recvs:
+        r.wait()
+        done.append(time.perf_counter() - t0)
+    for i, v in enumerate(done):
+        assert v >= 0.01 * i + 0.1 - 1e-3, done
+    assert done[-1] < 0.09 + 0.1 + 0.05, done
+    assert recvs[-1].is_completed()
+
+
+def test_latency_and_pacing_keep_the_arithmetic(tmp_path: Path) -> None:
+    """Sends through the emulated uplinks still match their receives: three stages train
+    exactly as one process does, and a step takes at least the round trips 1F1B needs."""
+    latency = 0.03
+    res = run_torch_pipeline("cnn", 0.5, [0, 5, 9, 14], schedule="1f1b", check=True,
+                             latency_s=latency, uplinks_bps=[50e6, 50e6, 50e6],
+                             workdir=tmp_path, **KW)
+    assert res["latency_s"] == latency and "link_emulation" in res
+    assert [s["sends"] for s in res["stages"]] == [2 * 4, 2 * 2 * 4, 2 * 4]  # paced sends
+    one = run_one_process("cnn", 0.5, check=True, **KW)
+    assert torchpipe.max_abs_diff(res["state_dict"], one["state_dict"]) < 1e-6
+    # micro-batch 0 crosses 2 links forward and 2 back before stage 0 may send micro-batch 3,
+    # which then crosses them again: at least 8 one-way latencies; each transfer pays its
+    # latency once (16 transfers per step, all delayed, would be 16 if they queued)
+    assert 8 * latency * 1e3 <= res["step_ms"][1] < 14 * latency * 1e3, res["step_ms"]

@@ -118,7 +118,7 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "platform": platform.platform()}
 
 
-def _timed_steps(steps: list[dict[str, Any]]) -> tuple[float, int] | None:
+def timed_steps(steps: list[dict[str, Any]]) -> tuple[float, int] | None:
     """(seconds, samples) of steps 1..N-1 from the coordinator's "step" progress events."""
     timed = steps[1:]
     if not timed or not all("step_ms" in s and "samples_per_s" in s for s in timed):
@@ -150,7 +150,7 @@ def run_accept(url: str, case: Case, steps: int, args: argparse.Namespace, job: 
                       checkpoint_every=0, runs_dir=runs_dir, device_timeout=120,
                       lr_schedule="constant")  # the constant lr the other two use
     rec, events = asyncio.run(_accept_once(url, cfg, job))
-    timed = _timed_steps(events)
+    timed = timed_steps(events)
     if timed is None:  # the coordinator's progress events changed: say what was measured
         sps, secs, samples, warm = rec["samples_per_s"], rec["train_seconds"], rec["samples"], 0
     else:
@@ -171,7 +171,8 @@ def _loss_diff(a: list[Any], b: list[float], n: int) -> float | None:
     return max(abs(float(x) - y) for x, y in pairs) if pairs else None
 
 
-def _row(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
+    """``{"median", "min", "max"}`` of ``values``."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -276,9 +277,9 @@ def _summarize(name: str, case: Case, cuts: list[int], runs: dict[str, list[dict
     loss_diff = {m: _loss_diff(runs[m][-1]["losses"], ref, n) for m in METHODS[:2]}
     out = {
         "model": case.model, "width": case.width, "batch_size": case.batch_size, "lr": case.lr,
-        "cuts": cuts, "samples_per_s": {m: _row(v) for m, v in sps.items()},
+        "cuts": cuts, "samples_per_s": {m: spread(v) for m, v in sps.items()},
         "samples_per_s_per_repeat": sps,
-        "ratios": {k: _row(v) for k, v in ratios.items()}, "ratios_per_repeat": ratios,
+        "ratios": {k: spread(v) for k, v in ratios.items()}, "ratios_per_repeat": ratios,
         "max_loss_diff_vs_one_process": loss_diff,
         "accept_warmup_excluded": all(x["warmup_steps"] == 1 for x in runs["accept-mqtt"]),
         "accept_record_samples_per_s": [x["record_samples_per_s"] for x in runs["accept-mqtt"]],

@@ -47,6 +47,23 @@ optimizer step either; it does stretch each layer's forward, which the loss is n
 of). Receives and sends are outside those calls, so waiting for a neighbour is never
 stretched. StageRunner sleeps after each layer, this after each stage call: the same total.
 
+What is emulated on the links (``uplinks_bps[i]``, ``latency_s``; both off by default, and
+then torch's own point-to-point operations run untouched):
+
+* ``latency_s``, a one-way latency, at the receiver: every receive of activations or
+  gradients becomes usable ``latency_s`` after its data arrived (a watcher thread waits on
+  the gloo receive and notes the arrival; the schedule's wait returns ``latency_s`` after
+  that). Receives are independent, so several transfers are in flight at once, and the
+  senders run torch's own sends, whose waits behave as they do without latency (under
+  ``tc``, they block while the shaped link drains the socket buffer, as torch's do).
+* ``uplinks_bps[i]``, only where no kernel shapes the link (``pace``): rank ``i``'s sends
+  leave through an emulated uplink, as an agent's paced ``Link``: in the order they were
+  made, each issued as a gloo ``isend`` from a timer thread ``8 * bytes / uplinks_bps[i]``
+  seconds after the previous one left; the schedule sees such a send complete at once.
+
+So a transfer is usable ``latency_s`` (plus pacing) after the data left, as over a link
+with that one-way latency.
+
 Teardown: workers are our own child processes; on any worker failure, on ``timeout`` and on
 any exception here (Ctrl-C included) every worker still running gets SIGTERM, then SIGKILL.
 A worker that cannot bring up gloo says so and ``TorchPipeError`` carries its message and
@@ -64,6 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +103,10 @@ TIMING = ("samples / time inside optimizer steps 1..N-1; step 0 is an untimed wa
 EMULATION = ("slowdown s: each stage's forward_one_chunk and backward_one_chunk (one "
              "micro-batch) is followed by a sleep of (s-1) x its measured duration; loss "
              "forward, optimizer step and communication are not stretched")
+LINK_EMULATION = ("links: one-way latency at the receiver (a receive is usable latency after "
+                  "its data arrived; transfers in flight at once; torch's sends untouched); "
+                  "uplink rate (pace only): sends issued in order from a timer thread, each "
+                  "after the previous one's serialisation time, seen by the schedule as done")
 
 
 class TorchPipeError(RuntimeError):
@@ -127,7 +149,9 @@ def _optimizer(params: list[nn.Parameter], lr: float, momentum: float,
 
 def _check_args(model_name: str, width: float, cuts: Sequence[int], batch_size: int,
                 micro_batches: int, schedule: str, steps: int,
-                slowdowns: Sequence[float] | None) -> int:
+                slowdowns: Sequence[float] | None,
+                uplinks_bps: Sequence[float | None] | None = None,
+                latency_s: float = 0.0) -> int:
     """Stage count; raises ``TorchPipeError`` for what would otherwise fail in a worker."""
     if model_name not in ZOO:
         raise TorchPipeError(f"unknown model {model_name!r}; the zoo has {sorted(ZOO)}")
@@ -151,6 +175,12 @@ def _check_args(model_name: str, width: float, cuts: Sequence[int], batch_size: 
                              f"({micro_batches} < {k})")
     if slowdowns is not None and (len(slowdowns) != k or any(s < 1.0 for s in slowdowns)):
         raise TorchPipeError(f"slowdowns must be {k} values >= 1, got {list(slowdowns)}")
+    if uplinks_bps is not None and (len(uplinks_bps) != k or any(
+            b is not None and not b > 0 for b in uplinks_bps)):
+        raise TorchPipeError(f"uplinks_bps must be {k} rates > 0 (or None), got "
+                             f"{list(uplinks_bps)}")
+    if not latency_s >= 0.0:
+        raise TorchPipeError(f"latency_s must be >= 0, got {latency_s}")
     return k
 
 
@@ -176,6 +206,8 @@ def run_torch_pipeline(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     slowdowns: Sequence[float] | None = None,
+    uplinks_bps: Sequence[float | None] | None = None,
+    latency_s: float = 0.0,
     threads: int = 1,
     dataset: str | None = None,
     data_path: str | None = None,
@@ -194,16 +226,21 @@ def run_torch_pipeline(
     Returns a JSON-able dict: ``samples_per_s`` (see the module docstring for what is timed),
     ``train_seconds``, ``samples``, ``timed_steps``, ``step_ms`` (rank 0, per step, warm-up
     first), ``losses`` (mean loss of each mini-batch), ``stages`` (per rank: layers,
-    slowdown, compute and emulated-sleep ms and calls, over all steps, warm-up included)
-    and the settings; with ``check=True`` also ``state_dict``: every parameter and buffer
-    named as in the whole model (tensors, so that key is not JSON-able).
+    slowdown, compute and emulated-sleep ms and calls, over all steps, warm-up included;
+    with link emulation also ``sends`` and ``send_bytes``) and the settings; with
+    ``check=True`` also ``state_dict``: every parameter and buffer named as in the whole
+    model (tensors, so that key is not JSON-able).
 
     ``command_prefixes[i]`` runs rank ``i`` behind a prefix (``["ip", "netns", "exec",
     NS]``); then ``master_addr`` must be rank 0's address as the others reach it, and
     ``worker_env[i]`` can set ``GLOO_SOCKET_IFNAME`` for that rank's interface. By default
     every rank runs here with ``GLOO_SOCKET_IFNAME=lo``.
+
+    ``uplinks_bps[i]`` (bits/s) and ``latency_s`` (one-way) emulate rank ``i``'s uplink (see
+    the module docstring).
     """
-    k = _check_args(model_name, width, cuts, batch_size, micro_batches, schedule, steps, slowdowns)
+    k = _check_args(model_name, width, cuts, batch_size, micro_batches, schedule, steps, slowdowns,
+                    uplinks_bps, latency_s)
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         raise TorchPipeError("this torch build has no torch.distributed gloo backend")
     if command_prefixes is not None and len(command_prefixes) != k:
@@ -219,6 +256,8 @@ def run_torch_pipeline(
         "steps": steps, "seed": seed, "lr": lr, "momentum": momentum,
         "weight_decay": weight_decay,
         "slowdowns": [float(s) for s in (slowdowns or [1.0] * k)], "threads": threads,
+        "uplinks_bps": list(uplinks_bps) if uplinks_bps is not None else [None] * k,
+        "latency_s": float(latency_s),
         "dataset": dataset, "data_path": data_path, "synthetic_size": synthetic_size,
         "check": check, "timeout": timeout, "master_addr": master_addr,
         # with command prefixes rank 0 may live in another network namespace, where this
@@ -355,11 +394,15 @@ def _collect(job: dict[str, Any], wd: Path, k: int) -> dict[str, Any]:
         "samples_per_s": samples / max(secs, 1e-9),
         "step_ms": r0["step_ms"], "losses": last["losses"],
         "threads": job["threads"], "timing": TIMING, "emulation": EMULATION,
+        "uplinks_bps": job["uplinks_bps"], "latency_s": job["latency_s"],
         "torch": torch.__version__,
         "stages": [{k_: r[k_] for k_ in ("rank", "layers", "slowdown", "fwd_ms", "bwd_ms",
-                                        "sleep_ms", "fwd_calls", "bwd_calls")}
+                                        "sleep_ms", "fwd_calls", "bwd_calls", "sends",
+                                        "send_bytes")}
                    for r in ranks],
     }
+    if job["latency_s"] or any(job["uplinks_bps"]):
+        out["link_emulation"] = LINK_EMULATION
     if job["check"]:
         state: dict[str, torch.Tensor] = {}
         for r in range(k):
@@ -387,6 +430,107 @@ class _Emulation:
             self.ms["sleep"] += pause * 1e3
 
 
+class _Uplink:
+    """One rank's paced uplink (module docstring): ``send`` returns at once; a timer thread
+    issues the gloo ``isend`` once the sends before it have had their serialisation time."""
+
+    def __init__(self, bandwidth_bps: float) -> None:
+        import threading
+
+        self.bandwidth_bps = bandwidth_bps
+        self._free_at = 0.0  # perf_counter when the paced link is free again
+        self._queue: deque[tuple[float, torch.Tensor, int, Any]] = deque()
+        self._cv = threading.Condition()
+        self._works: list[Any] = []
+        self._error: BaseException | None = None
+        self._closed = False
+        self.sends = 0
+        self.send_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread.start()
+
+    def send(self, tensor: torch.Tensor, peer: int, group: Any) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        start = max(time.perf_counter(), self._free_at)
+        self._free_at = start + nbytes * 8 / self.bandwidth_bps  # due times never decrease
+        self.sends += 1
+        self.send_bytes += nbytes
+        with self._cv:
+            if self._error is not None:
+                raise TorchPipeError(f"emulated uplink failed: {self._error}")
+            self._queue.append((self._free_at, tensor, peer, group))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        import torch.distributed as dist
+
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                due = self._queue[0][0]
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    self._cv.wait(wait)  # a send appended meanwhile is due later: re-check
+                    continue
+                _, tensor, peer, group = self._queue.popleft()
+            try:
+                self._works.append(dist.isend(tensor, dst=peer, group=group))
+            except BaseException as e:  # surfaced by the next send or by close
+                with self._cv:
+                    self._error = e
+                return
+
+    def close(self) -> None:
+        """Issue what is queued, wait for every send to complete, stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise TorchPipeError(f"emulated uplink failed: {self._error}")
+        for w in self._works:
+            w.wait()
+        self._works.clear()
+
+
+class _LateRecv:
+    """A gloo receive whose data is usable ``latency_s`` after it arrived: a watcher thread
+    waits on the real receive and notes the time; ``wait`` returns ``latency_s`` after it."""
+
+    def __init__(self, work: Any, latency_s: float) -> None:
+        import threading
+
+        self._work = work
+        self.latency_s = latency_s
+        self._arrived = 0.0
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="recv-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            self._work.wait()  # torch releases the GIL while it waits
+        except BaseException as e:
+            self._error = e
+        self._arrived = time.perf_counter()
+        self._done.set()
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        rest = self._arrived + self.latency_s - time.perf_counter()
+        if rest > 0:
+            time.sleep(rest)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done.is_set() and time.perf_counter() >= self._arrived + self.latency_s
+
+
 def _example_io(layers: list[nn.Module], in_shape: tuple[int, ...], a: int, b: int,
                 mb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Example input and output of ``layers[a:b]`` for one micro-batch, computed in eval mode
@@ -412,8 +556,35 @@ def _example_io(layers: list[nn.Module], in_shape: tuple[int, ...], a: int, b: i
 
 
 def _make_stage(module: nn.Module, rank: int, k: int, emu: _Emulation,
-                example: tuple[torch.Tensor, torch.Tensor]) -> Any:
+                example: tuple[torch.Tensor, torch.Tensor], uplink: _Uplink | None = None,
+                latency_s: float = 0.0) -> Any:
+    import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
+
+    def through(ops: list[Any]) -> list[Any]:
+        """Hand the sends to the paced uplink; the schedule gets nothing to wait for."""
+        if uplink is None:
+            return ops
+        for op in ops:
+            if op.op is not dist.isend:  # torch's send ops are isends: anything else is new
+                raise TorchPipeError(f"unexpected point-to-point op {op.op!r} in a send list")
+            uplink.send(op.tensor, op.peer, op.group)
+        return []
+
+    def late_irecv(tensor: torch.Tensor, **kwargs: Any) -> _LateRecv:
+        return _LateRecv(dist.irecv(tensor, **kwargs), latency_s)
+
+    def late(ops: list[Any]) -> list[Any]:
+        """Receive ops whose data is usable ``latency_s`` after it arrived. torch runs each
+        P2POp's ``op`` with the tensor, group, tag and peer (``_batch_p2p``,
+        ``batch_isend_irecv``); the op's own checks passed when it was made."""
+        if latency_s <= 0:
+            return ops
+        for op in ops:
+            if op.op is not dist.irecv:
+                raise TorchPipeError(f"unexpected point-to-point op {op.op!r} in a recv list")
+            op.op = late_irecv
+        return ops
 
     class EmulatedStage(PipelineStage):  # type: ignore[misc]
         """``PipelineStage`` whose per-micro-batch compute calls are stretched by ``emu``.
@@ -433,6 +604,18 @@ def _make_stage(module: nn.Module, rank: int, k: int, emu: _Emulation,
                 return super().backward_one_chunk(*args, **kwargs)
             finally:
                 emu.after("bwd", t0)
+
+        def get_fwd_send_ops(self, *args: Any, **kwargs: Any) -> Any:
+            return through(super().get_fwd_send_ops(*args, **kwargs))
+
+        def get_fwd_recv_ops(self, *args: Any, **kwargs: Any) -> Any:
+            return late(super().get_fwd_recv_ops(*args, **kwargs))
+
+        def get_bwd_recv_ops(self, *args: Any, **kwargs: Any) -> Any:
+            return late(super().get_bwd_recv_ops(*args, **kwargs))
+
+        def get_bwd_send_ops(self, *args: Any, **kwargs: Any) -> Any:
+            return through(super().get_bwd_send_ops(*args, **kwargs))
 
     return EmulatedStage(module, rank, k, torch.device("cpu"), input_args=example[0],
                          output_args=example[1])
@@ -493,7 +676,9 @@ def _worker(job_path: str, rank: int) -> int:
         emu = _Emulation(job["slowdowns"][rank])
         bs = job["batch_size"]
         example = _example_io(model.layers, model.input_shape, a, b, bs // job["micro_batches"])
-        stage = _make_stage(module, rank, k, emu, example)
+        bw = job["uplinks_bps"][rank]
+        uplink = _Uplink(bw) if bw else None
+        stage = _make_stage(module, rank, k, emu, example, uplink, job["latency_s"])
         scale = 1.0 / bs
 
         def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -534,6 +719,8 @@ def _worker(job_path: str, rank: int) -> int:
             step_ms.append((time.perf_counter() - t0) * 1e3)
             if last:
                 losses.append(float(sum(float(v) for v in mb_losses)))
+        if uplink is not None:
+            uplink.close()  # every send issued and complete (its receiver has long had it)
         dist.barrier()
         timed_s = time.perf_counter() - t_start
         if job["check"]:
@@ -546,6 +733,8 @@ def _worker(job_path: str, rank: int) -> int:
             "fwd_ms": round(emu.ms["fwd"], 3), "bwd_ms": round(emu.ms["bwd"], 3),
             "sleep_ms": round(emu.ms["sleep"], 3), "fwd_calls": emu.calls["fwd"],
             "bwd_calls": emu.calls["bwd"],
+            "sends": uplink.sends if uplink else None,
+            "send_bytes": uplink.send_bytes if uplink else None,
         }))
         return 0
     except Exception as e:

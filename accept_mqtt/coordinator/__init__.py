@@ -113,7 +113,8 @@ class Coordinator:
         self.state = RunState()
         self.session = Session(self.url, self.topics, self.job, self,
                                reconnect_timeout=cfg.reconnect_timeout,
-                               say=lambda msg: say("status", {"msg": msg}))
+                               say=lambda msg: say("status", {"msg": msg}),
+                               delay_s=cfg.emulate_latency_ms / 1e3)
         self.fleet = Fleet(self.job, str(self.url), say)
         self.steps = StepDriver(self.job, self.topics, self.state, self.session, self.fleet,
                                 step_timeout=cfg.step_timeout, eval_batch=cfg.eval_batch,

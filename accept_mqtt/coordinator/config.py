@@ -78,6 +78,9 @@ class TrainConfig:
     replan_min_steps: int = 10  # at least this many steps between two drift re-plans
     reconnect_timeout: float = 120.0  # seconds to retry a lost broker before giving up
     rejoin_grace: float = 15.0  # seconds a device that went offline has to come back
+    # emulated one-way latency of the coordinator's own sends (a delay line, wire.aio), so
+    # that with agents run with ``--latency`` every hop of a step pays it (bench e2e)
+    emulate_latency_ms: float = 0.0
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
@@ -102,6 +105,8 @@ class TrainConfig:
         if self.partition not in ("auto", "predictor", "flops", "equal"):
             raise ConfigError(f"partition must be auto, predictor, flops or equal, got "
                               f"{self.partition!r}")
+        if not self.emulate_latency_ms >= 0.0:  # NaN too
+            raise ConfigError(f"emulate_latency_ms must be >= 0, got {self.emulate_latency_ms}")
         if self.lr_schedule not in ("auto", *LR_SCHEDULES):
             raise ConfigError(f"lr_schedule must be auto, {', '.join(LR_SCHEDULES)}, got "
                               f"{self.lr_schedule!r}")

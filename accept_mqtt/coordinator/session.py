@@ -14,6 +14,8 @@ Guarantees:
 * ``publish`` raises ``BrokerLost`` when the connection is gone; ``soon``/``emit`` publish in
   the background, where a broker hiccup is not an error. A lost connection is reported once,
   as ``Inbox.on_disconnected``.
+* With ``delay_s`` (an emulated one-way latency), every ``publish`` leaves that much later
+  through a delay line: concurrent publishes stay in flight and keep their order.
 * ``close`` (on normal exit, error or cancel) clears the retained plan, so agents go back to
   idle, and then disconnects.
 """
@@ -30,7 +32,7 @@ from typing import Any, Protocol
 import aiomqtt
 import msgspec
 
-from accept_mqtt.wire.aio import cancel_and_wait, retry
+from accept_mqtt.wire.aio import DelayLine, cancel_and_wait, retry
 from accept_mqtt.wire.broker_url import BrokerUrl
 from accept_mqtt.wire.messages import (
     ControlCommand,
@@ -83,7 +85,7 @@ class Session:
 
     def __init__(self, url: BrokerUrl, topics: Topics, job: str, inbox: Inbox, *,
                  reconnect_timeout: float,
-                 say: Callable[[str], None] = lambda msg: None) -> None:
+                 say: Callable[[str], None] = lambda msg: None, delay_s: float = 0.0) -> None:
         self.url = url
         self.topics = topics
         self.job = job
@@ -94,6 +96,7 @@ class Session:
         self._reader: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._distrusted = False
+        self._delay = DelayLine(delay_s)
 
     # -- connection ----------------------------------------------------------------------
     async def connect(self) -> None:
@@ -158,6 +161,7 @@ class Session:
     # -- outgoing ------------------------------------------------------------------------
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1,
                       retain: bool = False) -> None:
+        await self._delay.wait()
         if self._client is None:
             raise BrokerLost("not connected to the broker")
         try:

@@ -8,9 +8,16 @@ One run gets its own little network::
                                      └──────────────────────── p1 ═══ up0  tbf rate = uplink
 
 Each agent's *egress* (its uplink, ``up0`` inside its namespace) is shaped by a ``tbf`` qdisc
-at its bandwidth (plus a ``netem`` delay where the kernel has ``sch_netem``); the broker's and
-the coordinator's links are not shaped. Mosquitto runs in the broker namespace and each agent
-via ``ip netns exec``, so every frame an agent publishes really crosses its shaped link.
+at its bandwidth; the broker's and the coordinator's links are not shaped. With ``delay_ms``
+(a one-way latency; needs the kernel's ``sch_netem``, which ``available().delay`` probes) a
+``netem`` delay sits on every agent's uplink (above its ``tbf``) and on the coordinator's
+egress, so every hop of a step (coordinator -> stage 0, stage -> stage through the broker,
+events back) pays it once. Where the kernel has no ``sch_netem``, ``delay_ms`` is refused
+(``NetemError``) and latency is emulated in user space instead (``wire.aio.DelayLine``, used
+by the agents' ``--latency`` and ``bench e2e``).
+
+Mosquitto runs in the broker namespace and each agent via ``ip netns exec``, so every frame
+an agent publishes really crosses its shaped link.
 
 Guarantees:
 
@@ -258,8 +265,11 @@ class ShapedNetwork:
         ok = available()
         if not ok:
             raise NetemError(f"tc shaping unavailable: {ok.reason}")
+        if self.delay_ms is not None and not self.delay_ms >= 0:
+            raise NetemError(f"delay_ms must be >= 0, got {self.delay_ms}")
         if self.delay_ms and not ok.delay:
-            raise NetemError("delay_ms needs the sch_netem kernel module, absent here")
+            raise NetemError(f"delay_ms needs the sch_netem kernel module, absent here "
+                             f"({ok.reason}); emulate latency in user space instead")
         with _setup_lock():
             remove_stale()
             remove_prefix(self.prefix)
@@ -292,6 +302,9 @@ class ShapedNetwork:
         _run("ip", "-n", b, "link", "set", "pc", "master", "br0", "up")
         _run("ip", "addr", "add", f"{self.coordinator_ip}/{mask}", "dev", self.root_if)
         _run("ip", "link", "set", self.root_if, "up")
+        if self.delay_ms:  # the coordinator's sends pay the one-way latency too
+            _run("tc", "qdisc", "add", "dev", self.root_if, "root", "netem", "delay",
+                 f"{self.delay_ms}ms")
         for i, (name, rate) in enumerate(self._wanted):
             ns = f"{self.prefix}-a{i}"
             addr = str(hosts[9 + i])
@@ -302,24 +315,24 @@ class ShapedNetwork:
             _run("ip", "-n", b, "link", "set", f"p{i}", "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{addr}/{mask}", "dev", "up0")
             _run("ip", "-n", ns, "link", "set", "up0", "up")
-            if rate:
+            if rate or self.delay_ms:
                 self._shape(ns, "up0", rate)
             self.endpoints[name] = Endpoint(name, ns, addr, rate)
 
-    def _shape(self, ns: str, dev: str, rate_bps: float) -> None:
-        """``tbf`` at ``rate_bps`` on ``dev``'s egress (under a ``netem`` delay if asked)."""
+    def _shape(self, ns: str, dev: str, rate_bps: float | None) -> None:
+        """``tbf`` at ``rate_bps`` on ``dev``'s egress, under a ``netem`` delay if asked."""
+        tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
+        if self.delay_ms:
+            _run(*tc, "root", "handle", "1:", "netem", "delay", f"{self.delay_ms}ms")
+        if not rate_bps:
+            return
         rate = f"{int(rate_bps)}bit"
         # 1 ms of tokens (>= 3 full frames): a frame of tens of kB is never let through in
         # one burst faster than the rate
         burst = max(int(rate_bps / 8 * 0.001), 3 * 1514)
         limit = max(int(rate_bps / 8 * 0.5), 256 * 1024)  # deep: local TCP is never dropped
-        tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
-        if self.delay_ms:
-            _run(*tc, "root", "handle", "1:", "netem", "delay", f"{self.delay_ms}ms")
-            _run(*tc, "parent", "1:1", "handle", "10:", "tbf", "rate", rate, "burst",
-                 str(burst), "limit", str(limit))
-        else:
-            _run(*tc, "root", "tbf", "rate", rate, "burst", str(burst), "limit", str(limit))
+        where = ["parent", "1:1", "handle", "10:"] if self.delay_ms else ["root"]
+        _run(*tc, *where, "tbf", "rate", rate, "burst", str(burst), "limit", str(limit))
 
     def qdiscs(self) -> dict[str, str]:
         """``tc qdisc show`` of every endpoint's uplink (what the kernel really applies)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 
@@ -65,3 +66,64 @@ def widen_socket_buffers(sock: socket.socket | None, nbytes: int = FRAME_SOCKET_
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, nbytes)
+
+
+class DelayLine:
+    """A one-way link latency that keeps everything in flight: a delay line, not a sleep.
+
+    ``call(fn)`` runs ``fn()`` ``delay_s`` after the call, on the running event loop, and
+    calls run in the order they were made, however many are waiting: ``n`` calls made at
+    once all run about ``delay_s`` later, not ``n * delay_s``. ``wait()`` is the awaitable
+    form (returns ``delay_s`` after it was called, in call order). ``delay_s == 0`` runs
+    ``fn`` at once.
+
+    Order under equal deadlines: each call schedules one loop timer, and whichever timer
+    fires runs the *oldest* waiting callable. Deadlines never decrease (the loop's monotonic
+    clock), so the ``i``-th timer to fire fires no earlier than the ``i``-th oldest deadline:
+    nothing runs early and nothing overtakes, even if the loop orders equal timers its own way.
+    """
+
+    def __init__(self, delay_s: float) -> None:
+        if not delay_s >= 0.0:  # also refuses NaN
+            raise ValueError(f"a link delay must be >= 0 seconds, got {delay_s}")
+        self.delay_s = float(delay_s)
+        self._fifo: deque[Callable[[], object]] = deque()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def __len__(self) -> int:
+        """Calls still waiting for their deadline."""
+        return len(self._fifo)
+
+    def call(self, fn: Callable[[], object]) -> None:
+        if self.delay_s == 0.0:
+            fn()
+            return
+        loop = asyncio.get_running_loop()
+        self._fifo.append(fn)
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._fifo.popleft()()
+
+        handle = loop.call_at(loop.time() + self.delay_s, fire)
+        self._timers.add(handle)
+
+    async def wait(self) -> None:
+        if self.delay_s == 0.0:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.call(done)
+        await fut
+
+    def cancel(self) -> None:
+        """Drop everything still waiting (on shutdown)."""
+        for h in self._timers:
+            h.cancel()
+        self._timers.clear()
+        self._fifo.clear()

@@ -119,3 +119,21 @@ def parse_bandwidth(text: str | None) -> float | None:
     if value <= 0:
         raise ValueError(f"bandwidth {text!r} must be positive")
     return value
+
+
+_LATENCY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)?\s*$", re.I)
+
+
+def parse_latency(text: str | None) -> float:
+    """Seconds from ``10ms``, ``500us``, ``0.01s`` or a plain number of milliseconds; 0 for none.
+
+    >>> parse_latency("10ms")
+    0.01
+    """
+    if text is None or str(text).strip().lower() in ("", "none", "0"):
+        return 0.0
+    m = _LATENCY.match(str(text))
+    if not m:
+        raise ValueError(f"latency {text!r}: use e.g. 10ms, 500us or 0.01s")
+    unit = (m.group(2) or "ms").lower()
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
