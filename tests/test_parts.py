@@ -254,3 +254,26 @@ def test_stage_snapshot_reuses_an_older_one_and_restores_exactly() -> None:
     assert same(runner.snapshot(), kept)
     train_step(2)
     assert same(runner.snapshot(), end)
+
+
+def test_slowdown_lasts_s_times_the_cpu_time_and_reports_what_it_lasted() -> None:
+    import doctest
+    import time
+
+    from accept_mqtt.model import stage as stage_mod
+
+    # the pure rule, including a call another process stretched (doctest)
+    assert doctest.testmod(stage_mod).failed == 0
+    assert stage_mod.emulated_pause(3.0, wall=0.05, cpu=0.01) == 0.0  # already long enough
+    m = build_model("cnn", seed=1)
+    runner = StageRunner(m.layers[:4], describe(m)[:4], m.input_shape, is_first=True,
+                         is_last=False, slowdown=3.0)
+    x = torch.randn(64, *m.input_shape)
+    runner.forward((0, 0), x)  # warm-up
+    runner.timings.clear()
+    c0, t0 = time.thread_time(), time.perf_counter()
+    runner.forward((0, 1), x)
+    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    reported = sum(ms for _, _, _, ms in runner.timings) / 1e3
+    assert elapsed == pytest.approx(3.0 * cpu, rel=0.2)
+    assert reported == pytest.approx(elapsed, rel=0.2)  # what the emulated device took

@@ -40,8 +40,10 @@ first micro-batch to every stage's "stepped"); the overhead bench drops its firs
 What is emulated (``slowdowns[i] = s``, as ``model.stage.StageRunner.slowdown`` does on an
 agent): every call of the stage's ``forward_one_chunk`` (one micro-batch's forward through
 the whole stage) and ``backward_one_chunk`` (its backward, input and weight gradients, the
-loss's backward on the last stage) is timed with ``perf_counter`` and followed by a sleep of
-``(s - 1)`` times that duration; the sleep takes no CPU from other processes. Not emulated:
+loss's backward on the last stage) is timed and followed by a sleep until it has lasted
+``s`` times the CPU time it used (``model.stage.emulated_pause``: sharing this machine's
+cores with the other stages does not get multiplied by ``s``); the sleep takes no CPU from
+other processes. Not emulated:
 the loss forward on the last stage and the optimizer step (the agent does not stretch its
 optimizer step either; it does stretch each layer's forward, which the loss is not part
 of). Receives and sends are outside those calls, so waiting for a neighbour is never
@@ -92,7 +94,7 @@ from torch import nn
 
 from accept_mqtt.model.data import Dataset, load_dataset
 from accept_mqtt.model.microbatch import epoch_batches, split
-from accept_mqtt.model.stage import make_optimizer
+from accept_mqtt.model.stage import emulated_pause, make_optimizer
 from accept_mqtt.model.zoo import ZOO, build_model
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -101,7 +103,8 @@ TIMING = ("samples / time inside optimizer steps 1..N-1; step 0 is an untimed wa
           "pipeline: rank 0's interval between a barrier after step 0 and one after the "
           "last step")
 EMULATION = ("slowdown s: each stage's forward_one_chunk and backward_one_chunk (one "
-             "micro-batch) is followed by a sleep of (s-1) x its measured duration; loss "
+             "micro-batch) is followed by a sleep until it has lasted s x the CPU time it "
+             "used (one torch thread; else s x its duration); loss "
              "forward, optimizer step and communication are not stretched")
 LINK_EMULATION = ("links: one-way latency at the receiver (a receive is usable latency after "
                   "its data arrived; transfers in flight at once; torch's sends untouched); "
@@ -397,7 +400,7 @@ def _collect(job: dict[str, Any], wd: Path, k: int) -> dict[str, Any]:
         "uplinks_bps": job["uplinks_bps"], "latency_s": job["latency_s"],
         "torch": torch.__version__,
         "stages": [{k_: r[k_] for k_ in ("rank", "layers", "slowdown", "fwd_ms", "bwd_ms",
-                                        "sleep_ms", "fwd_calls", "bwd_calls", "sends",
+                                        "sleep_ms", "cpu_ms", "fwd_calls", "bwd_calls", "sends",
                                         "send_bytes")}
                    for r in ranks],
     }
@@ -413,19 +416,25 @@ def _collect(job: dict[str, Any], wd: Path, k: int) -> dict[str, Any]:
 
 # -- the pipeline, worker side ---------------------------------------------------------------
 class _Emulation:
-    """Per-stage compute clock: measures a call and sleeps ``(slowdown - 1)`` times it."""
+    """Per-stage compute clock: measures a call and sleeps until it has lasted ``slowdown``
+    times its CPU time (``model.stage.emulated_pause``, as the agents do)."""
 
-    def __init__(self, slowdown: float) -> None:
+    def __init__(self, slowdown: float, threads: int) -> None:
         self.slowdown = slowdown
-        self.ms = {"fwd": 0.0, "bwd": 0.0, "sleep": 0.0}
+        self.threads = threads
+        self.ms = {"fwd": 0.0, "bwd": 0.0, "sleep": 0.0, "cpu": 0.0}
         self.calls = {"fwd": 0, "bwd": 0}
 
-    def after(self, kind: str, t0: float) -> None:
+    def after(self, kind: str, t0: float, c0: float) -> None:
+        """After a call that began at ``perf_counter`` ``t0`` and ``thread_time`` ``c0``."""
         dt = time.perf_counter() - t0
         self.ms[kind] += dt * 1e3
         self.calls[kind] += 1
-        if self.slowdown > 1.0:
-            pause = dt * (self.slowdown - 1.0)
+        # the CPU time of this thread is the call's only with one torch thread
+        cpu = time.thread_time() - c0 if self.threads == 1 else dt
+        self.ms["cpu"] += cpu * 1e3
+        pause = emulated_pause(self.slowdown, dt, cpu)
+        if pause > 0.0:
             time.sleep(pause)
             self.ms["sleep"] += pause * 1e3
 
@@ -592,18 +601,18 @@ def _make_stage(module: nn.Module, rank: int, k: int, emu: _Emulation,
         Arguments pass through untouched so a change of torch's signatures cannot break it."""
 
         def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return super().forward_one_chunk(*args, **kwargs)
             finally:
-                emu.after("fwd", t0)
+                emu.after("fwd", t0, c0)
 
         def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return super().backward_one_chunk(*args, **kwargs)
             finally:
-                emu.after("bwd", t0)
+                emu.after("bwd", t0, c0)
 
         def get_fwd_send_ops(self, *args: Any, **kwargs: Any) -> Any:
             return through(super().get_fwd_send_ops(*args, **kwargs))
@@ -673,7 +682,7 @@ def _worker(job_path: str, rank: int) -> int:
         module.train()
         opt = _optimizer([p for p in module.parameters() if p.requires_grad], job["lr"],
                          job["momentum"], job["weight_decay"])
-        emu = _Emulation(job["slowdowns"][rank])
+        emu = _Emulation(job["slowdowns"][rank], job["threads"])
         bs = job["batch_size"]
         example = _example_io(model.layers, model.input_shape, a, b, bs // job["micro_batches"])
         bw = job["uplinks_bps"][rank]
@@ -731,7 +740,8 @@ def _worker(job_path: str, rank: int) -> int:
             "rank": rank, "layers": [a, b], "slowdown": emu.slowdown, "timed_s": timed_s,
             "step_ms": [round(v, 3) for v in step_ms], "losses": losses,
             "fwd_ms": round(emu.ms["fwd"], 3), "bwd_ms": round(emu.ms["bwd"], 3),
-            "sleep_ms": round(emu.ms["sleep"], 3), "fwd_calls": emu.calls["fwd"],
+            "sleep_ms": round(emu.ms["sleep"], 3), "cpu_ms": round(emu.ms["cpu"], 3),
+            "fwd_calls": emu.calls["fwd"],
             "bwd_calls": emu.calls["bwd"],
             "sends": uplink.sends if uplink else None,
             "send_bytes": uplink.send_bytes if uplink else None,

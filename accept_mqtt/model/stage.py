@@ -13,9 +13,10 @@ Guarantees:
 * Activations of a training micro-batch are stashed under its ``(step, mb)`` key until its
   backward arrives; ``backward`` frees them. Parameter gradients accumulate across
   micro-batches until ``step()``, which applies the optimizer once and zeroes them.
-* With ``slowdown = s`` every forward and backward is followed by a sleep of ``(s - 1)`` times
-  its duration, emulating a device ``s`` times slower without taking CPU from other
-  processes; reported per-layer times are the measured ones times ``s``.
+* With ``slowdown = s`` every forward and backward is followed by a sleep until it has lasted
+  ``s`` times the CPU time it used (``emulated_pause``; its duration with more than one
+  torch thread), emulating a device ``s`` times slower without taking CPU from other
+  processes; reported per-layer times are the measured ones stretched by the same factor.
 * Observers (``add_observer``, e.g. ``device_agent.trace``) get one ``on_compute`` call per
   ``forward`` ("fwd"), ``backward`` ("bwd") and ``step`` ("opt", key None), with the
   ``time.time()`` span of the call, after it returns or raises. They are called in the thread
@@ -134,12 +135,13 @@ class StageRunner:
                 log.warning("stage observer %r failed on %s %s", obs, kind, key, exc_info=True)
 
     # -- helpers -------------------------------------------------------------------------
-    def _dilate(self, seconds: float) -> float:
-        """Emulate a slower device after ``seconds`` of real compute; the factor to apply."""
-        if self.slowdown > 1.0:
-            time.sleep(seconds * (self.slowdown - 1.0))
-            return self.slowdown
-        return 1.0
+    def _dilate(self, wall: float, cpu: float) -> float:
+        """Emulate a slower device after a compute call of ``wall`` seconds that used ``cpu``
+        seconds of this thread; the factor by which the call's measured times stretch."""
+        pause = emulated_pause(self.slowdown, wall, cpu if self.threads == 1 else wall)
+        if pause > 0.0:
+            time.sleep(pause)
+        return (wall + pause) / wall if wall > 0.0 else self.slowdown
 
     def _record(self, direction: str, batch: int, seconds: list[float], factor: float) -> None:
         # plain tuples here, dicts only when drained: this runs for every layer of every
@@ -182,6 +184,7 @@ class StageRunner:
         seconds: list[float] = []
         h = inp
         with torch.enable_grad():
+            c_start = time.thread_time()
             t0 = t_start = time.perf_counter()
             for layer in self.layers:
                 h = layer(h)
@@ -194,7 +197,7 @@ class StageRunner:
                 assert labels is not None
                 stash.loss = F.cross_entropy(h, labels, reduction="sum") * loss_scale
                 seconds[-1] += time.perf_counter() - t0
-            factor = self._dilate(time.perf_counter() - t_start)
+            factor = self._dilate(time.perf_counter() - t_start, time.thread_time() - c_start)
         self._record("fwd", n, seconds, factor)
         self.stats.fwd_count += 1
         res = ForwardResult(None if self.is_last else h.detach(), n=n)
@@ -238,7 +241,7 @@ class StageRunner:
         for i, o in enumerate(stash.outputs[:-1]):
             if o.requires_grad:
                 handles.append(o.register_hook(_stamp(reached, i)))
-        t_start = time.perf_counter()
+        c_start, t_start = time.thread_time(), time.perf_counter()
         try:
             if stash.loss is not None:
                 stash.loss.backward()
@@ -248,7 +251,7 @@ class StageRunner:
             for h in handles:
                 h.remove()
         t_end = time.perf_counter()
-        factor = self._dilate(t_end - t_start)
+        factor = self._dilate(t_end - t_start, time.thread_time() - c_start)
         reached[nl - 1] = t_start
         bounds = [t_end if t is None else t for t in reached]
         seconds = [(bounds[i - 1] if i > 0 else t_end) - bounds[i] for i in range(nl)]
@@ -384,6 +387,27 @@ class StageRunner:
             if 0 <= j < len(self.layers):
                 local[f"{j}.{rest}"] = t
         self.module.load_state_dict(local)
+
+
+def emulated_pause(slowdown: float, wall: float, cpu: float) -> float:
+    """Seconds to sleep after a compute call so that it lasts ``slowdown`` times the CPU time it
+    used: a device ``slowdown`` times slower than one core here, however much other processes
+    sharing the core stretched the call. Nothing at full speed, or when the call already took
+    that long.
+
+    Why CPU time and not the call's duration: several emulated devices share this machine's
+    cores, and a call stretched by that sharing would have its stretch multiplied by the
+    slowdown (measured in ``bench e2e``: stages computing at the same time ran at 1.2-1.3x
+    their isolated times, and the planner's predictions missed by as much).
+
+    >>> emulated_pause(4.0, wall=0.013, cpu=0.010)  # stretched 1.3x: 40 ms in all, not 52
+    0.027
+    >>> emulated_pause(1.0, wall=0.013, cpu=0.010)
+    0.0
+    """
+    if slowdown <= 1.0:
+        return 0.0
+    return round(max(0.0, slowdown * cpu - wall), 9)
 
 
 def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
