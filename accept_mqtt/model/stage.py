@@ -396,9 +396,9 @@ def emulated_pause(slowdown: float, wall: float, cpu: float) -> float:
     that long.
 
     Why CPU time and not the call's duration: several emulated devices share this machine's
-    cores, and a call stretched by that sharing would have its stretch multiplied by the
-    slowdown (measured in ``bench e2e``: stages computing at the same time ran at 1.2-1.3x
-    their isolated times, and the planner's predictions missed by as much).
+    cores, and a call stretched by waiting for a core would have its stretch multiplied by the
+    slowdown. (What this cannot remove: on this 2-vCPU machine the CPU time of a call itself
+    grows 1.1-1.6x while other stages compute, ``bench e2e`` measured, docs/benchmarks.md.)
 
     >>> emulated_pause(4.0, wall=0.013, cpu=0.010)  # stretched 1.3x: 40 ms in all, not 52
     0.027
