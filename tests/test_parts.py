@@ -264,7 +264,8 @@ def test_slowdown_lasts_s_times_the_cpu_time_and_reports_what_it_lasted() -> Non
 
     # the pure rule, including a call another process stretched (doctest)
     assert doctest.testmod(stage_mod).failed == 0
-    assert stage_mod.emulated_pause(3.0, wall=0.05, cpu=0.01) == 0.0  # already long enough
+    # a call that mostly waited: the wait is kept once, only its CPU work is stretched
+    assert stage_mod.emulated_pause(3.0, wall=0.05, cpu=0.01) == 0.02
     m = build_model("cnn", seed=1)
     runner = StageRunner(m.layers[:4], describe(m)[:4], m.input_shape, is_first=True,
                          is_last=False, slowdown=3.0)
@@ -275,5 +276,6 @@ def test_slowdown_lasts_s_times_the_cpu_time_and_reports_what_it_lasted() -> Non
     runner.forward((0, 1), x)
     elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
     reported = sum(ms for _, _, _, ms in runner.timings) / 1e3
-    assert elapsed == pytest.approx(3.0 * cpu, rel=0.2)
+    assert elapsed >= 0.95 * 3.0 * cpu  # its own time (at least its CPU time) + 2x CPU
+    assert elapsed == pytest.approx(3.0 * cpu, rel=0.2)  # nothing else running: ~3x CPU
     assert reported == pytest.approx(elapsed, rel=0.2)  # what the emulated device took

@@ -292,11 +292,11 @@ def choose_latency(wanted: str, shaping: str) -> tuple[str, str]:
 
 
 EMULATION = {
-    "tc": "compute: after each compute the agent sleeps until it has lasted slowdown x its "
+    "tc": "compute: after each compute the agent sleeps (slowdown-1) x its "
           "CPU time; links: each agent in its own "
           "network namespace, uplink veth shaped by a tc tbf qdisc at its bandwidth (counts "
           "TCP/IP headers), broker in its own namespace, coordinator unshaped",
-    "pace": "compute: after each compute the agent sleeps until it has lasted slowdown x its "
+    "pace": "compute: after each compute the agent sleeps (slowdown-1) x its "
             "CPU time; links: agent-side send pacing "
             "at the given bandwidth (payload bytes only; no tc)",
 }

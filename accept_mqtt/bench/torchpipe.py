@@ -40,10 +40,10 @@ first micro-batch to every stage's "stepped"); the overhead bench drops its firs
 What is emulated (``slowdowns[i] = s``, as ``model.stage.StageRunner.slowdown`` does on an
 agent): every call of the stage's ``forward_one_chunk`` (one micro-batch's forward through
 the whole stage) and ``backward_one_chunk`` (its backward, input and weight gradients, the
-loss's backward on the last stage) is timed and followed by a sleep until it has lasted
-``s`` times the CPU time it used (``model.stage.emulated_pause``: sharing this machine's
-cores with the other stages does not get multiplied by ``s``); the sleep takes no CPU from
-other processes. Not emulated:
+loss's backward on the last stage) is timed and followed by a sleep of ``(s - 1)`` times
+the CPU time it used (``model.stage.emulated_pause``: sharing this machine's cores with the
+other stages does not get multiplied by ``s``); the sleep takes no CPU from other
+processes. Not emulated:
 the loss forward on the last stage and the optimizer step (the agent does not stretch its
 optimizer step either; it does stretch each layer's forward, which the loss is not part
 of). Receives and sends are outside those calls, so waiting for a neighbour is never
@@ -103,8 +103,8 @@ TIMING = ("samples / time inside optimizer steps 1..N-1; step 0 is an untimed wa
           "pipeline: rank 0's interval between a barrier after step 0 and one after the "
           "last step")
 EMULATION = ("slowdown s: each stage's forward_one_chunk and backward_one_chunk (one "
-             "micro-batch) is followed by a sleep until it has lasted s x the CPU time it "
-             "used (one torch thread; else s x its duration); loss "
+             "micro-batch) is followed by a sleep of (s-1) x the CPU time it used (one "
+             "torch thread; else (s-1) x its duration); loss "
              "forward, optimizer step and communication are not stretched")
 LINK_EMULATION = ("links: one-way latency at the receiver (a receive is usable latency after "
                   "its data arrived; transfers in flight at once; torch's sends untouched); "
@@ -416,8 +416,8 @@ def _collect(job: dict[str, Any], wd: Path, k: int) -> dict[str, Any]:
 
 # -- the pipeline, worker side ---------------------------------------------------------------
 class _Emulation:
-    """Per-stage compute clock: measures a call and sleeps until it has lasted ``slowdown``
-    times its CPU time (``model.stage.emulated_pause``, as the agents do)."""
+    """Per-stage compute clock: measures a call and sleeps ``(slowdown - 1)`` times its CPU
+    time (``model.stage.emulated_pause``, as the agents do)."""
 
     def __init__(self, slowdown: float, threads: int) -> None:
         self.slowdown = slowdown

@@ -13,10 +13,10 @@ Guarantees:
 * Activations of a training micro-batch are stashed under its ``(step, mb)`` key until its
   backward arrives; ``backward`` frees them. Parameter gradients accumulate across
   micro-batches until ``step()``, which applies the optimizer once and zeroes them.
-* With ``slowdown = s`` every forward and backward is followed by a sleep until it has lasted
-  ``s`` times the CPU time it used (``emulated_pause``; its duration with more than one
-  torch thread), emulating a device ``s`` times slower without taking CPU from other
-  processes; reported per-layer times are the measured ones stretched by the same factor.
+* With ``slowdown = s`` every forward and backward is followed by a sleep of ``(s - 1)``
+  times the CPU time it used (``emulated_pause``; its duration with more than one torch
+  thread), emulating a device ``s`` times slower without taking CPU from other processes;
+  reported per-layer times are the measured ones stretched by the same factor.
 * Observers (``add_observer``, e.g. ``device_agent.trace``) get one ``on_compute`` call per
   ``forward`` ("fwd"), ``backward`` ("bwd") and ``step`` ("opt", key None), with the
   ``time.time()`` span of the call, after it returns or raises. They are called in the thread
@@ -390,24 +390,24 @@ class StageRunner:
 
 
 def emulated_pause(slowdown: float, wall: float, cpu: float) -> float:
-    """Seconds to sleep after a compute call so that it lasts ``slowdown`` times the CPU time it
-    used: a device ``slowdown`` times slower than one core here, however much other processes
-    sharing the core stretched the call. Nothing at full speed, or when the call already took
-    that long.
+    """Seconds to sleep after a compute call that took ``wall`` seconds and used ``cpu`` of
+    them: ``(slowdown - 1)`` times the CPU time, the extra work of a device ``slowdown`` times
+    slower than one core here. Nothing at full speed.
 
     Why CPU time and not the call's duration: several emulated devices share this machine's
-    cores, and a call stretched by waiting for a core would have its stretch multiplied by the
-    slowdown. (What this cannot remove: on this 2-vCPU machine the CPU time of a call itself
-    grows 1.1-1.6x while other stages compute, ``bench e2e`` measured, docs/benchmarks.md.)
+    cores, and a call stretched by waiting for a core (or, in one process, for the GIL) would
+    have its stretch multiplied by the slowdown; the wait itself is kept once, as it was.
+    (What this cannot remove: on this 2-vCPU machine the CPU time of a call itself grows
+    1.1-1.6x while other stages compute, ``bench e2e`` measured, docs/benchmarks.md.)
 
-    >>> emulated_pause(4.0, wall=0.013, cpu=0.010)  # stretched 1.3x: 40 ms in all, not 52
-    0.027
+    >>> emulated_pause(4.0, wall=0.013, cpu=0.010)  # stretched 1.3x: 43 ms in all, not 52
+    0.03
     >>> emulated_pause(1.0, wall=0.013, cpu=0.010)
     0.0
     """
     if slowdown <= 1.0:
         return 0.0
-    return round(max(0.0, slowdown * cpu - wall), 9)
+    return round((slowdown - 1.0) * cpu, 9)
 
 
 def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
