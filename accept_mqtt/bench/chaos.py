@@ -14,9 +14,10 @@ random fraction of a second (all drawn from ``--seed``):
   (from scratch if it died before its first checkpoint);
 * ``device-hang``: SIGSTOP a device of the plan for ``--hang-seconds``, then SIGCONT (it stays
   connected until 1.5x its keepalive passes, then the broker fires its Will);
-* ``garbage``: ``--garbage-count`` malformed messages on the job's topics (random bytes,
-  truncated msgpack, frames of the wrong shape for the step in flight, bad JSON commands,
-  plans, sync ops and events; ``harness.chaos.garbage``).
+* ``garbage``: on the job's topics, 10 malformed JSON messages (commands, a plan, sync ops, an
+  event, timing samples: every burst has each) and ``--garbage-count`` random binary ones
+  (random bytes, truncated msgpack, frames of the wrong shape for the step in flight), in a
+  random order (``harness.chaos.garbage``).
 
 Each fault is judged from outside, by what the job's metrics topic shows (a subscriber of the
 bench's own) and by the processes: **survived** when, after the fault ended, the job got at
@@ -198,6 +199,7 @@ class Chaos:
     t_fault: float = 0.0  # when the current fault began ...
     t_end: float = 0.0  # ... and ended (the process back, the burst sent)
     garbage_topics: set[str] = field(default_factory=set)  # of the last garbage burst
+    log_at: int = 0  # the coordinator log's size when the fault began
     given_broker: MosquittoBroker | None = None  # a started one to use (tests); else our own
 
     def __post_init__(self) -> None:
@@ -327,6 +329,7 @@ class Chaos:
     def _inject(self, job: str, row: Row) -> None:
         assert self.coord is not None
         row.at_step = self.monitor.last_step(job)
+        self.log_at = self.coord.log_size()
         self.t_fault = time.monotonic()
         row.t_s = round(self.t_fault - self.t_job, 1)
         self.say(f"fault {row.n}: {row.kind} at step {row.at_step}")
@@ -426,6 +429,10 @@ class Chaos:
                 and b["step"] > row.at_step]
         row.back_after_s = round(back[0] - self.t_end, 1) if back else None
         how = [f"{b.get('action')} ({b.get('reason')})" for b in recs]
+        if not recs:  # published while the broker or our connection was down: its own log
+            how += [ln.split("] ", 1)[-1] for ln in self.coord.log_since(self.log_at)
+                    .splitlines() if ln.startswith("[accept-mqtt] re-plan:")
+                    and ("redone" in ln or "back to step" in ln)][:2]
         if row.kind == "coordinator-kill" and first_back is not None:
             how.append(f"resumed at step {first_back}")
         if row.errors_reported:
@@ -448,7 +455,8 @@ class Chaos:
             how.insert(0, outcome if outcome != "timeout" else
                        f"no progress past step {row.at_step} in {self.args.recover_timeout:g} s "
                        f"(at step {self.monitor.last_step(job)})")
-        row.how = "; ".join(how) or ("no recovery needed" if row.survived else "")
+        row.how = "; ".join(how) or ("training went on, no recovery seen" if row.survived
+                                     else "")
 
     def _rescue(self, job: str) -> tuple[bool, str]:
         """Bring the job back by hand: what a person on call would do. (ok, what was done)"""
@@ -610,7 +618,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a hung device stays stopped (default 20: past 1.5x the "
                         "agents' 10 s keepalive, so the broker fires its Will)")
     p.add_argument("--garbage-count", type=int, default=20,
-                   help="malformed messages per garbage burst (default 20)")
+                   help="random binary messages per garbage burst, beside its 10 malformed "
+                        "JSON ones (default 20)")
     p.add_argument("--recover-timeout", type=float, default=180.0,
                    help="seconds a fault may take before it counts as not survived "
                         "(default 180: past the 120 s step timeout)")
@@ -629,8 +638,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--kinds: unknown {bad or 'none given'}; choose from {', '.join(KINDS)}"
     if args.steps < 5:
         return f"--steps must be >= 5, got {args.steps}"
-    if args.faults < 0 or args.devices < 1 or args.garbage_count < 1:
-        return "--faults must be >= 0, --devices and --garbage-count >= 1"
+    if args.faults < 0 or args.devices < 1 or args.garbage_count < 0:
+        return "--faults and --garbage-count must be >= 0, --devices >= 1"
     if not (args.hang_seconds > 0 and args.recover_timeout > 0):
         return "--hang-seconds and --recover-timeout must be > 0"
     if args.checkpoint_every is not None and args.checkpoint_every < 0:

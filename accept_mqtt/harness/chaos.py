@@ -16,11 +16,11 @@ Guarantees:
   ``/proc/PID/status``; None once it is gone), and ``MemorySampler`` polls a set of processes
   from a thread, keeping each role's peak across its incarnations: a process killed with
   SIGKILL keeps the peak read before it died.
-* ``garbage`` returns a burst of malformed payloads for a job's topics, drawn from a
-  ``random.Random`` (so a seed fixes them): random bytes, truncated msgpack, well-formed
-  frames of the wrong shape for the step in flight, JSON that is not a valid command, plan,
-  sync op or event. It never returns a valid message (a valid ``sync`` op or command would be
-  an instruction, not garbage).
+* ``garbage`` returns a burst of malformed payloads for a job's topics: every ``bad_json``
+  message (JSON that is no valid command, plan, sync op, event or timing list) and random
+  ones drawn from a ``random.Random`` (so a seed fixes them): random bytes, truncated msgpack,
+  well-formed frames of the wrong shape for the step in flight. It never returns a valid
+  message (a valid ``sync`` op or command would be an instruction, not garbage).
 """
 
 from __future__ import annotations
@@ -112,6 +112,17 @@ class CoordinatorProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """What the coordinator (any incarnation) printed after ``offset`` bytes."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
     def log_tail(self, lines: int = 5) -> str:
         if not self.log_path.exists():
             return ""
@@ -201,12 +212,31 @@ def _frame(job: str, step: int, mb: int, kind: str, shape: tuple[int, ...],
                                        labels=labels))
 
 
+def bad_json(topics: Topics, job: str, device: str) -> list[tuple[str, bytes, str]]:
+    """One of each malformed JSON message the bench sends: a command, a sync op, a plan, an
+    event and timing samples that no receiver may act on."""
+    return [(topic, body.encode(), "bad-json") for topic, body in [
+        (topics.control(job), '{"cmd": "explode"}'),
+        (topics.control(job), '{"cmd": "set", "act_bits": "eight"}'),
+        (topics.control(job), '{"cmd": "pause", "unknown_field": 1}'),
+        (topics.control(job), "pause now please"),
+        (topics.control(job), "[1, 2, 3"),
+        (topics.sync(job), '{"op": "rewind"}'),
+        (topics.sync(job), '{"op": "format-disk"}'),
+        (topics.plan(job), '{"job": 42, "stages": "all"}'),
+        (topics.events(job, device), '{"op": "stepped", "device": 1}'),
+        (topics.timing(job, device), '{"not": "a list"}'),
+    ]]
+
+
 def garbage(rng: random.Random, topics: Topics, job: str, step: int, stages: int,
             devices: list[str], n: int) -> list[tuple[str, bytes, str]]:
-    """``n`` malformed (topic, payload, what) for ``job``, whose step in flight is ``step``."""
-    out: list[tuple[str, bytes, str]] = []
+    """A burst for ``job``, whose step in flight is ``step``: every ``bad_json`` message plus
+    ``n`` random binary ones (random bytes, truncated msgpack, wrong-shape frames), shuffled;
+    each as (topic, payload, what)."""
+    out = bad_json(topics, job, rng.choice(devices))
     for _ in range(n):
-        kind = rng.choice(GARBAGE_KINDS)
+        kind = rng.choice(GARBAGE_KINDS[:3])
         s = rng.randrange(stages)
         dev = rng.choice(devices)
         if kind == "random-bytes":
@@ -223,29 +253,15 @@ def garbage(rng: random.Random, topics: Topics, job: str, step: int, stages: int
                                       version=1, tensors={}))
                 topic = topics.weights(job, s)
             payload = full[: rng.randrange(1, len(full))]
-        elif kind == "wrong-shape-frame":
-            # a well-formed frame for the step in flight whose tensor fits no stage's input
+        else:  # a well-formed frame for the step in flight whose tensor fits no stage
             if rng.random() < 0.5:
                 topic = topics.fwd(job, s)
                 payload = _frame(job, step, rng.randrange(4), "act", (3, 5, 7), rng)
             else:
                 topic = topics.bwd(job, s)
                 payload = _frame(job, step, rng.randrange(4), "grad", (2, 11), rng)
-        else:  # bad-json
-            topic, body = rng.choice([
-                (topics.control(job), '{"cmd": "explode"}'),
-                (topics.control(job), '{"cmd": "set", "act_bits": "eight"}'),
-                (topics.control(job), '{"cmd": "pause", "unknown_field": 1}'),
-                (topics.control(job), "pause now please"),
-                (topics.sync(job), '{"op": "rewind"}'),
-                (topics.sync(job), '{"op": "format-disk"}'),
-                (topics.plan(job), '{"job": 42, "stages": "all"}'),
-                (topics.events(job, dev), '{"op": "stepped", "device": 1}'),
-                (topics.timing(job, dev), '{"not": "a list"}'),
-                (topics.control(job), "[1, 2, 3"),
-            ])
-            payload = body.encode()
         out.append((topic, payload, kind))
+    rng.shuffle(out)
     return out
 
 
