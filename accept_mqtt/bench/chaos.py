@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,27 +340,19 @@ class Chaos:
         junk_rng = random.Random(f"chaos-{self.args.seed}-{row.n}-garbage")
         if row.kind == "agent-kill":
             dev = row.target = self._target(job)
-            self.cluster.kill_agent(dev)
-            pause = self.rng.uniform(1.0, 3.0)
-            time.sleep(pause)
-            spec = next(s for s in self.cluster.specs if s.device_id == dev)
-            self.cluster.start_agent(spec)
+            pause = self._down_for(lambda: self.cluster.kill_agent(dev),
+                                   lambda: self._start_agent(dev), 1.0, 3.0)
             row.detail = f"SIGKILL, same id back after {pause:.1f} s"
         elif row.kind == "broker-restart":
             row.target = "mosquitto"
-            self.broker.kill()
-            pause = self.rng.uniform(0.5, 2.0)
-            time.sleep(pause)
-            self.broker.start()
+            pause = self._down_for(self.broker.kill, self.broker.start, 0.5, 2.0)
             row.detail = f"SIGKILL, same port back after {pause:.1f} s"
         elif row.kind == "coordinator-kill":
             row.target = "coordinator"
-            self.coord.kill()
-            pause = self.rng.uniform(0.5, 2.0)
-            time.sleep(pause)
-            ck = self.workdir / "runs" / job / "checkpoint.pt"
-            self.coord.start(resume=ck.exists())
-            row.detail = (f"SIGKILL, --resume after {pause:.1f} s" if ck.exists() else
+            resume = self._checkpoint(job).exists()
+            pause = self._down_for(self.coord.kill, lambda: self.coord.start(resume=resume),
+                                   0.5, 2.0)
+            row.detail = (f"SIGKILL, --resume after {pause:.1f} s" if resume else
                           f"SIGKILL before any checkpoint: restarted after {pause:.1f} s")
         elif row.kind == "device-hang":
             dev = row.target = self._target(job)
@@ -383,6 +376,21 @@ class Chaos:
         else:
             raise ValueError(f"unknown fault kind {row.kind!r}")
         self.t_end = time.monotonic()
+
+    def _down_for(self, kill: Callable[[], object], start: Callable[[], object], lo: float,
+                  hi: float) -> float:
+        """Kill, wait a random lo..hi seconds, start again; the seconds waited."""
+        kill()
+        pause = self.rng.uniform(lo, hi)
+        time.sleep(pause)
+        start()
+        return pause
+
+    def _start_agent(self, dev: str) -> None:
+        self.cluster.start_agent(next(s for s in self.cluster.specs if s.device_id == dev))
+
+    def _checkpoint(self, job: str) -> Path:
+        return self.workdir / "runs" / job / "checkpoint.pt"
 
     def _judge(self, job: str, row: Row) -> None:
         """Wait until the job is CONFIRM_STEPS past the fault's step (or done), then read
@@ -444,7 +452,8 @@ class Chaos:
                             for t in self.garbage_topics if t not in named)
             how.append(f"{len(self.garbage_topics) - len(silent)}/{len(self.garbage_topics)} "
                        f"topics answered with an error"
-                       + (f" (silent: {', '.join(silent)})" if silent else ""))
+                       + (f" (none on the metrics topic for: {', '.join(silent)})"
+                          if silent else ""))
         dead = [d for d, p in self.cluster.procs.items() if p.poll() is not None]
         if outcome == "ok" and dead:
             outcome = f"agent {', '.join(dead)} died"
@@ -470,15 +479,14 @@ class Chaos:
                 continue_process(p)
                 self.stopped.discard(dev)
             if p.poll() is not None:
-                spec = next(s for s in self.cluster.specs if s.device_id == dev)
-                self.cluster.start_agent(spec)
+                self._start_agent(dev)
                 done.append(f"agent {dev} restarted")
         if self.coord.poll() is None:
             self.coord.kill()
             done.append("stuck coordinator killed")
-        ck = self.workdir / "runs" / job / "checkpoint.pt"
-        self.coord.start(resume=ck.exists())
-        done.append("coordinator resumed" if ck.exists() else "coordinator restarted")
+        resume = self._checkpoint(job).exists()
+        self.coord.start(resume=resume)
+        done.append("coordinator resumed" if resume else "coordinator restarted")
         t = time.monotonic()
         ok = wait_until(lambda: any(b.get("type") == "step" for _, b in self.monitor.since(
             job, t)) or self.coord.poll() is not None, self.args.recover_timeout, 0.2)
@@ -569,7 +577,8 @@ def print_report(res: dict[str, Any]) -> None:
         surv = {True: "yes", False: "**no**", None: "-"}[r["survived"]]
         if r["rescue"]:
             surv += f" (rescue: {r['rescue']})"
-        rep = "-" if r["replayed"] is None else (
+        # a fault not survived was replayed by the bench's rescue, not by the recovery
+        rep = "-" if r["replayed"] is None or not r["survived"] else (
             f"{r['replayed']} / {r['bound']}" + ("" if r["within_bound"] else " **over**"))
         print(f"| {r['n']} | {r['kind']} | {r['target'] or '-'} | "
               f"{'-' if r['at_step'] is None else r['at_step']} | "
