@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -659,7 +660,7 @@ def check_args(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     err = check_args(args)
     if err:
-        print(f"accept-mqtt bench chaos: {err}")
+        print(f"accept-mqtt bench chaos: {err}", file=sys.stderr)
         return 2
     if args.workdir:
         workdir = Path(args.workdir)
