@@ -7,6 +7,7 @@ Every test runs a real Mosquitto (tests/conftest.py), real agents and a real coo
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,91 @@ def test_equal_and_flops_splits_send_gradients_at_grad_bits(
     acts = {f.bits for t, f in seen if t.endswith("/fwd") and "/stage/0/" not in t}
     assert grads == {8}, grads
     assert acts == {4}, acts
+
+
+async def _replies(broker: MosquittoBroker, job: str, into: list[tuple[int, dict[str, Any]]],
+                   subscribed: asyncio.Event) -> None:
+    """(QoS as delivered, body) of every status and error on the job's metrics topic, seen
+    by a QoS 1 subscriber: a reply published at QoS 0 arrives at QoS 0."""
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        await c.subscribe(f"accept/jobs/{job}/metrics", qos=1)
+        subscribed.set()
+        async for msg in c.messages:
+            body = json.loads(bytes(msg.payload or b"{}"))
+            if body.get("type") in ("status", "error"):
+                into.append((msg.qos, body))
+
+
+def test_control_replies_carry_the_request_id_at_qos_1(broker: MosquittoBroker,
+                                                       tmp_path: Path) -> None:
+    """Two users at once: each ``accept-mqtt control`` takes only its own reply (an error
+    from the other's bad command is not it); a command without a request id (an older
+    client, mosquitto_pub) is answered as before; replies go out at QoS 1."""
+    from accept_mqtt.cli.control import command, send
+
+    job = "replies"
+    cfg = _cfg(tmp_path, max_steps=20)
+    seen: list[tuple[int, dict[str, Any]]] = []
+
+    async def main() -> tuple[Any, Any, dict[str, Any]]:
+        ready = asyncio.Event()
+        watcher = asyncio.create_task(_replies(broker, job, seen, ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        async with running_agents(broker.url, DEVICES):
+            async with Coordinator(broker.url, cfg, job=job) as coord:
+                run = asyncio.create_task(coord.run())
+                while coord.state.step < 1 and not run.done():
+                    await asyncio.sleep(0.02)
+                coord._running.clear()  # hold training: the commands meet a quiet job
+                # two users at once: a bad set (``accept-mqtt control`` would refuse it before
+                # sending, so it goes out raw) and a status
+                bad_body = b'{"cmd": "set", "colour": 1, "request_id": "user-1"}'
+                async with aiomqtt.Client(broker.host, broker.port) as u1:
+                    status, _ = await asyncio.gather(
+                        send(broker.url, "accept", job, command("status", [], "user-2"), 10),
+                        u1.publish(f"accept/jobs/{job}/control", bad_body, qos=1))
+                    # an older client: no request id
+                    await u1.publish(f"accept/jobs/{job}/control", b'{"cmd": "status"}', qos=1)
+                stop = await send(broker.url, "accept", job, command("stop", [], "user-3"), 10)
+                coord._running.set()
+                record = await asyncio.wait_for(run, 60)
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+        return status, stop, record
+
+    status, stop, record = asyncio.run(main())
+    assert status is not None and status.request_id == "user-2" and status.command == "status"
+    assert stop is not None and stop.request_id == "user-3" and stop.stopping
+    assert record["steps"] < 20
+    by_id = {b.get("request_id"): (q, b) for q, b in seen}
+    q, err = by_id["user-1"]
+    assert err["type"] == "error" and "colour" in err["reason"] and q == 1
+    assert {k for k in by_id} >= {"user-1", "user-2", "user-3", None}
+    old = by_id[None][1]
+    assert old["type"] == "status" and old["command"] == "status"
+    assert all(q == 1 for q, _ in seen), seen
+
+
+def test_a_reply_is_taken_only_with_its_request_id() -> None:
+    from accept_mqtt.cli.control import _OLD, _reply, command
+    from accept_mqtt.wire.messages import Error, JobStatus, encode
+
+    topic = "accept/jobs/j/control"
+    cmd = command("status", [], "r1")
+    mine = JobStatus(command="status", request_id="r1", step=1, epoch=0, paused=False,
+                     stopping=False)
+    assert _reply(encode(mine), cmd, topic) == mine
+    other = [JobStatus(command="status", request_id="r2", step=1, epoch=0, paused=False,
+                       stopping=False),
+             JobStatus(command="status", step=1, epoch=0, paused=False, stopping=False),
+             Error(device="coordinator", topic=topic, reason="unknown command 'x'",
+                   request_id="r2"),
+             Error(device="pi-a", topic="accept/jobs/j/stage/1/fwd", reason="bad frame")]
+    assert [_reply(encode(m), cmd, topic) for m in other] == [None] * 4
+    # a coordinator from before request ids refuses the key: send() retries the old way
+    old = Error(device="coordinator", topic=topic,
+                reason="malformed control message: Object contains unknown field "
+                       "`request_id`")
+    assert _reply(encode(old), cmd, topic) is _OLD
+    legacy = command("status", [])
+    assert legacy.request_id is None and _reply(encode(other[1]), legacy, topic) == other[1]

@@ -125,7 +125,7 @@ class Coordinator:
                                  fleet=self.fleet, planner=self.planner, steps=self.steps,
                                  say=say)
         self.control = Control(self.topics.control(self.job), self.state, self.planner,
-                               current=lambda: self.steps.plan, reply=self.session.emit,
+                               current=lambda: self.steps.plan, reply=self.session.reply,
                                say=say)
 
     # -- what tests, tools and benchmarks look at --------------------------------------------
@@ -199,8 +199,9 @@ class Coordinator:
         if error.topic == self.topics.plan(self.job):
             self.steps.plan_refused(error.device, error.reason)
 
-    def on_control(self, command: ControlCommand | MessageError) -> None:
-        self.control.on_command(command)
+    def on_control(self, command: ControlCommand | MessageError,
+                   request_id: str | None = None) -> None:
+        self.control.on_command(command, request_id)
 
     def on_timing(self, device: str,
                   samples: Sequence[TimingSample] | Sequence[Mapping[str, Any]]) -> None:

@@ -46,6 +46,7 @@ from accept_mqtt.wire.messages import (
     Weights,
     decode,
     encode,
+    peek_request_id,
 )
 from accept_mqtt.wire.topics import Topics
 
@@ -67,8 +68,9 @@ class Inbox(Protocol):
     def on_error_metric(self, error: Error) -> None:
         """An ``error`` on the job's metrics topic (other metrics are not for us)."""
 
-    def on_control(self, command: ControlCommand | MessageError) -> None:
-        """A user's command, or why it was rejected."""
+    def on_control(self, command: ControlCommand | MessageError,
+                   request_id: str | None = None) -> None:
+        """A user's command, or why it was rejected (and the rejected one's ``request_id``)."""
 
     def on_timing(self, device: str, samples: list[TimingSample]) -> None: ...
 
@@ -169,10 +171,10 @@ class Session:
         except aiomqtt.MqttError as e:
             raise BrokerLost(f"publish to {topic} failed: {e}") from e
 
-    async def metric(self, msg: Metric) -> None:
+    async def metric(self, msg: Metric, qos: int = 0) -> None:
         """Publish a metrics message of this job, stamped with the job and the time now."""
         msg = msgspec.structs.replace(msg, job=self.job, time=time.time())
-        await self.publish(self.topics.metrics(self.job), encode(msg), qos=0)
+        await self.publish(self.topics.metrics(self.job), encode(msg), qos=qos)
 
     def soon(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a publish in the background; a broker hiccup there is not an error."""
@@ -186,6 +188,11 @@ class Session:
     def emit(self, msg: Metric) -> None:
         """``metric`` in the background."""
         self.soon(self.metric(msg))
+
+    def reply(self, msg: Metric) -> None:
+        """``metric`` in the background at QoS 1: the answer to a control command, which its
+        sender waits for (a lost one would look like a job that does not answer)."""
+        self.soon(self.metric(msg, qos=1))
 
     # -- incoming ------------------------------------------------------------------------
     async def _read(self) -> None:
@@ -233,7 +240,8 @@ class Session:
                     cmd: ControlCommand | MessageError = decode(ControlCommand, payload,
                                                                 topic=topic)
                 except MessageError as e:
-                    cmd = e
+                    inbox.on_control(e, peek_request_id(payload))
+                    return
                 inbox.on_control(cmd)
             case "timing" if len(tail) > 1:
                 inbox.on_timing(tail[1], decode(list[TimingSample], payload, topic=topic))

@@ -38,7 +38,7 @@ Expected `int`, got `str` - at `$.version`
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Annotated, Any, Literal, TypedDict, TypeVar
 
 import msgspec
 
@@ -48,7 +48,7 @@ __all__ = [
     "JobStatus", "LayerInfo", "MessageError", "Metric", "PackedTensor", "Pong",
     "Ready", "Recovered", "Replan", "Restored", "Rewound", "Span", "StageCounters", "StepMetric",
     "Stepped", "SyncOp", "SyncPing", "SyncRewind", "SyncWeights", "TimingSample", "Trace",
-    "Weights", "decode", "encode", "message_classes",
+    "Weights", "decode", "encode", "message_classes", "peek_request_id",
 ]
 
 CONTROL_COMMANDS = ("start", "pause", "resume", "stop", "status", "repartition", "set")
@@ -185,13 +185,19 @@ SyncOp = SyncWeights | SyncRewind | SyncPing
 
 
 # -- control (a user -> coordinator) ---------------------------------------------------
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class ControlCommand(_Msg, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """``{root}/jobs/{job}/control``. Unknown keys are refused here: a typo in a command must
-    not be silently dropped. Only ``set`` takes ``act_bits``/``grad_bits``."""
+    not be silently dropped. Only ``set`` takes ``act_bits``/``grad_bits``. ``request_id``
+    (optional, the sender's choice) comes back in the reply, so a sender takes only its own
+    reply for the answer."""
 
     cmd: str
     act_bits: int | None = None
     grad_bits: int | None = None
+    request_id: RequestId | None = None
 
     def __post_init__(self) -> None:
         if self.cmd not in CONTROL_COMMANDS:
@@ -248,11 +254,13 @@ class DoneMetric(_Metric, tag="done", kw_only=True):
 
 
 class Error(_Metric, tag="error", kw_only=True):
-    """A message a device (or the coordinator, ``device: "coordinator"``) rejected."""
+    """A message a device (or the coordinator, ``device: "coordinator"``) rejected; the
+    refusal of a control command carries the command's ``request_id`` (when it had one)."""
 
     device: str
     topic: str
     reason: str
+    request_id: str | None = None
 
 
 class Checkpointed(_Metric, tag="checkpoint", kw_only=True):
@@ -291,9 +299,10 @@ class Drift(_Metric, tag="drift", kw_only=True):
 
 
 class JobStatus(_Metric, tag="status", kw_only=True):
-    """The answer to an accepted control command."""
+    """The answer to an accepted control command (with the command's ``request_id``)."""
 
     command: str | None = None
+    request_id: str | None = None
     step: int
     epoch: int
     paused: bool
@@ -404,6 +413,17 @@ def encode(msg: Any) -> bytes:
     if isinstance(msg, Weights):
         return _msgpack_encoder.encode(msg)
     return _json_encoder.encode(msg)
+
+
+def peek_request_id(payload: bytes | str) -> str | None:
+    """The ``request_id`` of a control command that does not decode as one (an unknown key,
+    a bad value), if it has a usable one: so that even its refusal reaches its sender."""
+    try:
+        body = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
 
 
 def to_builtins(msg: Any) -> Any:
