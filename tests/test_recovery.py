@@ -19,6 +19,7 @@ from accept_mqtt.coordinator.planner import DeviceInfo
 from accept_mqtt.coordinator.record import RunState
 from accept_mqtt.coordinator.recovery import Recovery
 from accept_mqtt.model.checkpoint import Checkpoint, pack, stage_slice, unpack
+from accept_mqtt.wire.chunks import Reassembler
 from accept_mqtt.wire.messages import (
     Event,
     Metric,
@@ -29,6 +30,7 @@ from accept_mqtt.wire.messages import (
     SyncRewind,
     SyncWeights,
     Weights,
+    WeightsChunk,
     decode,
 )
 from accept_mqtt.wire.plan import Plan, cuts_to_stages
@@ -93,6 +95,7 @@ class FakeAgents:
         self.gone: set[str] = set()  # devices that answer nothing
         self.recovery: Recovery | None = None
         self.restored: dict[int, Weights] = {}
+        self.chunks = Reassembler()
 
     def on_publish(self, topic: str, payload: bytes | str) -> None:
         plan = self.steps.plan
@@ -116,7 +119,10 @@ class FakeAgents:
                         device=s.device, time=0.0, stage=s.index, step=cmd.step, ok=ok,
                         rewind_gen=cmd.gen, reason=None if ok else "no saved state"))
         elif topic.startswith(f"accept/jobs/{JOB}/weights/"):
-            w = decode(Weights, raw)
+            got = self.chunks.add(decode(WeightsChunk, raw), topic)
+            if got is None:
+                return  # more chunks to come
+            w = got
             self.restored[w.stage] = w
             self.recovery.on_weights(w)  # the coordinator's own echo: must be ignored
             self.steps.events.put_nowait(Restored(device=plan.stages[w.stage].device, time=0.0,

@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
+import torch
 
 from accept_mqtt.coordinator import Coordinator
 from accept_mqtt.coordinator.config import TrainConfig
 from accept_mqtt.wire import codec
+from accept_mqtt.wire.messages import ControlCommand
 from broker import MosquittoBroker
 
-from .conftest import running_agents
+from .conftest import SMALL_MESSAGE_LIMIT, running_agents
 
 DEVICES = ["w-a", "w-b", "w-c"]
 
@@ -158,3 +161,120 @@ def test_a_reply_is_taken_only_with_its_request_id() -> None:
     assert _reply(encode(old), cmd, topic) is _OLD
     legacy = command("status", [])
     assert legacy.request_id is None and _reply(encode(other[1]), legacy, topic) == other[1]
+
+
+# -- weights in chunks (point 4) ------------------------------------------------------------
+def _body(n: int = 40_000, purpose: str = "checkpoint") -> Any:
+    from accept_mqtt.model.checkpoint import pack
+    from accept_mqtt.wire.messages import Weights
+
+    g = torch.Generator().manual_seed(0)
+    state = {"0.weight": torch.randn(n, generator=g), "0.bias": torch.randn(7, generator=g)}
+    return Weights(job="j", stage=1, step=4, purpose=purpose, version=2,  # type: ignore[arg-type]
+                   tensors=pack(state),
+                   optim=pack({"0.weight::momentum_buffer": state["0.weight"]}))
+
+
+def test_weights_split_below_the_limit_and_reassemble_checked() -> None:
+    import random
+
+    from accept_mqtt.wire.chunks import ChunkError, Reassembler, split
+    from accept_mqtt.wire.messages import WeightsChunk, decode, encode
+
+    body = _body()
+    pieces = split(body, 4096)
+    assert len(pieces) > 40 and max(len(p) for p in pieces) <= 4096
+    chunks = [decode(WeightsChunk, p) for p in pieces]
+    assert {c.transfer for c in chunks} == {chunks[0].transfer}
+    assert chunks[0].size == len(encode(body)) and (chunks[0].stage, chunks[0].purpose) == (
+        1, "checkpoint")
+    # any order, a chunk twice (QoS 1): the same message, once
+    shuffled = chunks + [chunks[3]]
+    random.Random(1).shuffle(shuffled)
+    r = Reassembler()
+    got = [w for c in shuffled if (w := r.add(c)) is not None]
+    assert got == [body] and r.pending_bytes == 0
+    assert len(split(body, 10**7)) == 1
+    # an altered chunk: the digest says so, and the transfer is dropped
+    r = Reassembler()
+    bad = list(chunks)
+    bad[5] = msgspec.structs.replace(bad[5], data=bytes(len(bad[5].data)))
+    with pytest.raises(ChunkError, match="another SHA-256 than announced"):
+        for c in bad:
+            r.add(c, "t")
+    assert r.pending_bytes == 0
+    # a chunk that contradicts its transfer's first chunk
+    r = Reassembler()
+    r.add(chunks[0])
+    with pytest.raises(ChunkError, match="its first chunk said"):
+        r.add(msgspec.structs.replace(chunks[1], count=chunks[1].count + 1))
+    with pytest.raises(ChunkError, match="out of range"):
+        r.add(msgspec.structs.replace(chunks[0], seq=chunks[0].count))
+    with pytest.raises(ChunkError, match="announces"):
+        Reassembler(max_bytes=1000).add(chunks[0])
+    # a newer transfer of the same stage and purpose replaces an unfinished one
+    r = Reassembler()
+    r.add(chunks[0])
+    newer = [decode(WeightsChunk, p) for p in split(body, 4096)]
+    assert [w for c in newer if (w := r.add(c)) is not None] == [body]
+    assert r.pending_bytes == 0
+    with pytest.raises(ValueError, match="max_message_bytes must be an int >= 1024"):
+        split(body, 1000)
+
+
+def test_weights_cross_a_broker_with_a_small_message_size_limit(
+        small_broker: MosquittoBroker, tmp_path: Path) -> None:
+    """Checkpoints, a restore after a live re-plan and the final weights all cross a broker
+    that drops anything above 128 KiB: a stage's weights and momentum (up to ~280 KB for this
+    model) go in chunks of at most ``max_message_bytes`` (32 KiB)."""
+    from accept_mqtt.wire.messages import WeightsChunk, decode
+
+    broker = small_broker
+    job = "small"
+    limit = 32768
+    cfg = _cfg(tmp_path, max_steps=6, checkpoint_every=2, eval_batch=8,
+               max_message_bytes=limit, micro_batches=4)
+    seen: list[tuple[int, WeightsChunk]] = []
+
+    async def watch(ready: asyncio.Event) -> None:
+        async with aiomqtt.Client(broker.host, broker.port) as c:
+            await c.subscribe(f"accept/jobs/{job}/weights/+", qos=1)
+            await c.subscribe("probe", qos=1)
+            ready.set()
+            async for msg in c.messages:
+                raw = bytes(msg.payload or b"")
+                if msg.topic.value == "probe":
+                    seen.append((len(raw), None))  # type: ignore[arg-type]
+                else:
+                    seen.append((len(raw), decode(WeightsChunk, raw)))
+
+    async def main() -> dict[str, Any]:
+        ready = asyncio.Event()
+        watcher = asyncio.create_task(watch(ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        async with aiomqtt.Client(broker.host, broker.port) as c:  # the broker's limit bites
+            await c.publish("probe", b"x" * (SMALL_MESSAGE_LIMIT + 1), qos=1)
+            await c.publish("probe", b"x" * 10, qos=1)
+        async with running_agents(broker.url, DEVICES):
+            async with Coordinator(broker.url, cfg, job=job) as coord:
+                run = asyncio.create_task(coord.run())
+                while coord.state.step < 3 and not run.done():
+                    await asyncio.sleep(0.02)
+                coord.control.on_command(ControlCommand(cmd="set", act_bits=16))
+                record = await asyncio.wait_for(run, 120)
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+        return record
+
+    record = asyncio.run(main())
+    probes = [n for n, c in seen if c is None]
+    assert probes == [10], "the broker delivers nothing above its message_size_limit"
+    assert record["steps"] == 6 and record["checkpoints"][:1] == [2]
+    assert [r["changed"] for r in record["replans"]] == [True]
+    assert record["plan"]["version"] == 2
+    assert record["final_accuracy"] is not None
+    chunks = [c for _, c in seen if c is not None]
+    assert max(n for n, c in seen if c is not None) <= limit
+    sizes = {c.transfer: c.size for c in chunks}
+    assert max(sizes.values()) > SMALL_MESSAGE_LIMIT  # whole, it would have been dropped
+    assert {c.purpose for c in chunks} == {"checkpoint", "restore"}

@@ -62,6 +62,9 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "file the latency predictor is restored from and saved to (survives restarts)"),
     ("--checkpoint-every", "checkpoint_every", int,
      "optimizer steps between checkpoints (a lost device costs at most this many)"),
+    ("--max-message-bytes", "max_message_bytes", int,
+     "largest payload the job publishes; weights go in chunks below it (default 262144): "
+     "keep it under the broker's message_size_limit"),
 ]
 
 

@@ -204,6 +204,7 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
         method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step, fingerprint=fingerprint,
+        max_message_bytes=cfg.max_message_bytes,
     )
 
 

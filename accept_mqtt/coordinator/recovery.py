@@ -37,6 +37,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from accept_mqtt.model.checkpoint import Checkpoint, CheckpointError, pack, unpack
+from accept_mqtt.wire import chunks
 from accept_mqtt.wire.messages import (
     Checkpointed,
     Event,
@@ -219,7 +220,10 @@ class Recovery:
             body = Weights(job=self.job, stage=s.index, step=ck.step, purpose="restore",
                            version=plan.version, gen=self.steps.gen, tensors=_packed(w),
                            optim=_packed(o))
-            await self.session.publish(self.topics.weights(self.job, s.index), encode(body))
+            topic = self.topics.weights(self.job, s.index)
+            # in chunks below the broker's size limit, all in flight at once (wire/chunks.py)
+            await asyncio.gather(*(self.session.publish(topic, c) for c in
+                                   chunks.split(body, self.cfg.max_message_bytes)))
         done: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(done) < len(plan.stages):

@@ -6,7 +6,9 @@ Guarantees:
   subscribed topic is decoded with the message vocabulary (``wire.messages``) and handed, typed,
   to one method of the ``Inbox``. A payload that does not decode goes to
   ``Inbox.on_bad_message`` (a control command's to ``Inbox.on_control``, which answers it), and
-  an inbox method that raises is logged: one message never stops the reader.
+  an inbox method that raises is logged: one message never stops the reader. A stage's
+  weights arrive in chunks (``wire.chunks``): the inbox gets each whole, checked ``Weights``
+  once; a chunk that does not fit its transfer goes to ``on_bad_message``.
 * A clean session: what matters after a reconnect is re-synchronised explicitly (plan
   re-published, stages rewound, docs/faults.md), so nothing depends on the broker having kept
   queues. ``reconnect`` retries for ``reconnect_timeout`` seconds, then raises
@@ -34,6 +36,7 @@ import msgspec
 
 from accept_mqtt.wire.aio import DelayLine, cancel_and_wait, retry
 from accept_mqtt.wire.broker_url import BrokerUrl
+from accept_mqtt.wire.chunks import ChunkError, Reassembler
 from accept_mqtt.wire.messages import (
     ControlCommand,
     DeviceProfile,
@@ -44,6 +47,7 @@ from accept_mqtt.wire.messages import (
     Metric,
     TimingSample,
     Weights,
+    WeightsChunk,
     decode,
     encode,
     peek_request_id,
@@ -99,6 +103,7 @@ class Session:
         self._bg: set[asyncio.Task[Any]] = set()
         self._distrusted = False
         self._delay = DelayLine(delay_s)
+        self._chunks = Reassembler()  # stages' weights arrive in chunks (wire/chunks.py)
 
     # -- connection ----------------------------------------------------------------------
     async def connect(self) -> None:
@@ -246,4 +251,12 @@ class Session:
             case "timing" if len(tail) > 1:
                 inbox.on_timing(tail[1], decode(list[TimingSample], payload, topic=topic))
             case "weights":
-                inbox.on_weights(decode(Weights, payload, topic=topic))
+                chunk = decode(WeightsChunk, payload, topic=topic)
+                if chunk.purpose == "restore":
+                    return  # our own restore, echoed: never reassembled
+                try:
+                    whole = self._chunks.add(chunk, topic)
+                except ChunkError as e:
+                    raise MessageError(str(e), topic) from None
+                if whole is not None:
+                    inbox.on_weights(whole)
