@@ -278,3 +278,35 @@ def test_weights_cross_a_broker_with_a_small_message_size_limit(
     sizes = {c.transfer: c.size for c in chunks}
     assert max(sizes.values()) > SMALL_MESSAGE_LIMIT  # whole, it would have been dropped
     assert {c.purpose for c in chunks} == {"checkpoint", "restore"}
+
+
+def test_other_messages_that_grow_with_the_model_fit_the_limit() -> None:
+    """Timing samples are split into lists below the limit; a plan above it is refused
+    before it is published (the broker would drop it: agents would never get ready); a
+    limit no chunk fits is a configuration error."""
+    from accept_mqtt.coordinator.config import ConfigError
+    from accept_mqtt.coordinator.errors import CoordinatorError
+    from accept_mqtt.coordinator.steps import plan_payload
+    from accept_mqtt.wire.messages import LayerInfo, TimingSample, encode
+    from accept_mqtt.wire.plan import Plan, cuts_to_stages
+    from device_agent.agent import _fitting
+
+    layer = LayerInfo(index=0, type="conv2d", flops=1, params=1, in_elems=1, out_elems=1,
+                      kernel=3, stride=1, in_channels=1, out_channels=1)
+    samples = [TimingSample(layer=msgspec.structs.replace(layer, index=i), dir="fwd", batch=8,
+                            ms=1.5, threads=1) for i in range(300)]
+    parts = _fitting(samples, 4096)
+    assert len(parts) > 1 and all(len(encode(p)) <= 4096 for p in parts)
+    assert [s for p in parts for s in p] == samples
+    plan = Plan(job="j", version=1, model="cnn", num_layers=200,
+                stages=cuts_to_stages([0, 100, 200], ["a", "b"]),
+                fingerprint=tuple(f"{i:016x}" for i in range(200)), max_message_bytes=2048)
+    with pytest.raises(CoordinatorError, match=r"plan v1 is \d+ bytes, above "
+                                               r"max_message_bytes 2048"):
+        plan_payload(plan)
+    from dataclasses import replace
+
+    assert json.loads(plan_payload(replace(plan, max_message_bytes=65536)))[
+        "max_message_bytes"] == 65536
+    with pytest.raises(ConfigError, match="max_message_bytes must be an int >= 1024"):
+        TrainConfig(max_message_bytes=512).validate()

@@ -103,12 +103,14 @@ class Reassembler:
         self._open.clear()
 
     def add(self, c: WeightsChunk, topic: str = "") -> Weights | None:
+        """The whole message once ``c`` completes it, else None; ``ChunkError`` (a reason
+        without the topic: the caller reports both) for a chunk that does not fit."""
         key = (c.stage, c.purpose)
         p = self._open.get(key)
         if p is None or p.transfer != c.transfer:
             self._open.pop(key, None)  # a newer transfer: the sender gave up on the old one
             if not 1 <= c.count <= max(1, c.size) or not 0 <= c.size <= self.max_bytes:
-                raise ChunkError(f"{topic}: transfer {c.transfer} announces {c.count} chunks "
+                raise ChunkError(f"transfer {c.transfer} announces {c.count} chunks "
                                  f"of {c.size} bytes in all (at most {self.max_bytes})")
             p = _Partial(c.transfer, c.count, c.size, c.sha256)
             while len(self._open) >= self.max_open:
@@ -116,17 +118,17 @@ class Reassembler:
             self._open[key] = p
         try:
             if (c.count, c.size, c.sha256) != (p.count, p.size, p.sha256):
-                raise ChunkError(f"{topic}: chunk {c.seq} of transfer {c.transfer} says "
+                raise ChunkError(f"chunk {c.seq} of transfer {c.transfer} says "
                                  f"{c.count} chunks, {c.size} bytes, sha256 {c.sha256[:12]}..., "
                                  f"its first chunk said {p.count}, {p.size}, {p.sha256[:12]}...")
             if not 0 <= c.seq < p.count:
-                raise ChunkError(f"{topic}: chunk {c.seq} of transfer {c.transfer} is out of "
+                raise ChunkError(f"chunk {c.seq} of transfer {c.transfer} is out of "
                                  f"range 0..{p.count - 1}")
             if c.seq not in p.parts:
                 p.received += len(c.data)
                 p.parts[c.seq] = c.data
             if p.received > p.size:
-                raise ChunkError(f"{topic}: transfer {c.transfer} sent more than its "
+                raise ChunkError(f"transfer {c.transfer} sent more than its "
                                  f"announced {p.size} bytes")
         except ChunkError:
             self._open.pop(key, None)
@@ -136,13 +138,13 @@ class Reassembler:
         del self._open[key]
         whole = b"".join(p.parts[i] for i in range(p.count))
         if len(whole) != p.size:
-            raise ChunkError(f"{topic}: transfer {c.transfer} reassembled to {len(whole)} "
+            raise ChunkError(f"transfer {c.transfer} reassembled to {len(whole)} "
                              f"bytes, announced {p.size}")
         if hashlib.sha256(whole).hexdigest() != p.sha256:
-            raise ChunkError(f"{topic}: transfer {c.transfer} reassembled with another "
+            raise ChunkError(f"transfer {c.transfer} reassembled with another "
                              "SHA-256 than announced (a chunk was altered or mixed up)")
         try:
             return decode(Weights, whole, topic=topic)
         except MessageError as e:
-            raise ChunkError(f"{topic}: transfer {c.transfer} is not a Weights message: "
+            raise ChunkError(f"transfer {c.transfer} is not a Weights message: "
                              f"{e.reason}") from None
