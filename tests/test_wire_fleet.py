@@ -23,17 +23,15 @@ from accept_mqtt.wire.messages import ControlCommand
 from broker import MosquittoBroker
 
 from .conftest import SMALL_MESSAGE_LIMIT, running_agents
+from .test_faults import _cfg as faults_cfg
 
 DEVICES = ["w-a", "w-b", "w-c"]
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(model="cnn", dataset="digits", epochs=1, batch_size=32,
-                                micro_batches=2, max_steps=3, seed=3, runs_dir=str(tmp_path),
-                                device_timeout=30, step_timeout=30, partition="flops",
-                                checkpoint_every=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    """test_faults' small job, shorter and without checkpoints unless asked."""
+    return faults_cfg(tmp_path, **{"micro_batches": 2, "max_steps": 3, "seed": 3,
+                                   "checkpoint_every": 0, **kw})
 
 
 async def _frames(broker: MosquittoBroker, job: str, into: list[tuple[str, codec.TensorFrame]],
