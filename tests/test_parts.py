@@ -188,6 +188,8 @@ def test_auto_micro_batches_is_the_predicted_fastest_count_that_fits(
     for bad in (0, "many", True):
         with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):
             TrainConfig(micro_batches=bad).validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="micro_batches 16 is more than batch_size 8"):
+        TrainConfig(micro_batches=16, batch_size=8).validate()  # never quietly 8 of one sample
     # the way a config file and the command line arrive
     assert TrainConfig.from_dict({"micro_batches": "auto"}).micro_batches == "auto"
     with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):

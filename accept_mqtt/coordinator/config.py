@@ -95,6 +95,10 @@ class TrainConfig:
                 isinstance(self.micro_batches, int) and self.micro_batches >= 1)):
             raise ConfigError(f"micro_batches must be an int >= 1 or 'auto', got "
                               f"{self.micro_batches!r}")
+        if isinstance(self.micro_batches, int) and self.micro_batches > self.batch_size:
+            # the split would quietly make fewer, one-sample micro-batches instead
+            raise ConfigError(f"micro_batches {self.micro_batches} is more than batch_size "
+                              f"{self.batch_size}: every micro-batch needs a sample")
         if self.devices < 1:
             raise ConfigError(f"devices must be >= 1, got {self.devices}")
         for name in ("act_bits", "grad_bits"):
