@@ -33,9 +33,12 @@ Lifecycle::
 * Recovery (docs/faults.md): the agent keeps a copy of its stage's state at the start of the
   current and the previous step, so the coordinator can *rewind* it to a step after a broker
   restart (sync op ``rewind``) without losing or repeating a step, and it accepts a restore of
-  weights and optimizer state on ``weights/{k}`` after a re-plan. Frames and events carry the
-  plan version (``pv``) and the rewind generation (``gen``); a frame of another plan or
-  generation is stale (sent before a re-plan or a rewind) and dropped without an error.
+  weights and optimizer state on ``weights/{k}`` after a re-plan. Weights travel both ways in
+  chunks of at most the plan's ``max_message_bytes``, checked on arrival (``wire.chunks``):
+  a broker drops a larger message after acknowledging it. Timing samples are split likewise.
+  Frames and events carry the plan version (``pv``) and the rewind generation (``gen``); a
+  frame of another plan or generation is stale (sent before a re-plan or a rewind) and
+  dropped without an error.
 * A lost connection is retried (``reconnect_timeout``) with a fresh session; the stage and its
   state survive, and the agent re-announces itself and re-subscribes.
 """
@@ -59,7 +62,7 @@ from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
 from accept_mqtt.model.zoo import BUILD_LOCK, build_model
-from accept_mqtt.wire import codec
+from accept_mqtt.wire import chunks, codec
 from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
 from accept_mqtt.wire.messages import (
@@ -81,6 +84,7 @@ from accept_mqtt.wire.messages import (
     SyncWeights,
     TimingSample,
     Weights,
+    WeightsChunk,
     decode,
     encode,
 )
@@ -206,6 +210,7 @@ class Agent:
         self.profile: DeviceProfile | None = None
         self.errors: list[Error] = []
         self.reconnects = 0
+        self._chunks = chunks.Reassembler()  # restores arrive in chunks (wire/chunks.py)
 
     # -- connection ----------------------------------------------------------------------
     def _status(self, state: Literal["online", "busy", "offline"], *, job: str | None = None,
@@ -502,7 +507,9 @@ class Agent:
                        version=job.plan.version, gen=job.gen, tensors=checkpoint.pack(state),
                        optim=checkpoint.pack(opt) if optim else None)
         assert self._link is not None
-        self._link.send(self.topics.weights(job.plan.job, job.k), encode(body), "weights")
+        topic = self.topics.weights(job.plan.job, job.k)
+        for piece in chunks.split(body, _message_limit(job.plan)):  # below the broker's limit
+            self._link.send(topic, piece, "weights")
 
     async def _rewind(self, job: _Job, cmd: SyncRewind) -> None:
         """Back to the start of step ``cmd.step`` in generation ``cmd.gen``.
@@ -527,12 +534,18 @@ class Agent:
         job = self.job
         assert job is not None
         try:
-            body = decode(Weights, payload, topic=topic)
+            chunk = decode(WeightsChunk, payload, topic=topic)
+            if chunk.purpose != "restore":
+                return  # our own checkpoint upload echoed back
+            body = self._chunks.add(chunk, topic)
         except MessageError as e:
             await self._report_error(topic, f"bad weights message: {e.reason}")
             return
-        if body.purpose != "restore":
-            return  # our own checkpoint upload echoed back
+        except chunks.ChunkError as e:
+            await self._report_error(topic, f"bad weights message: {e}")
+            return
+        if body is None:
+            return  # more chunks to come
         if body.version != job.plan.version:
             return  # for another plan version
         try:
@@ -717,8 +730,9 @@ class Agent:
             n=None if result is None else int(result[2]))
         if self.cfg.timing_every and step % self.cfg.timing_every == 0:
             samples = _aggregate(job.runner.drain_timings())
-            self._publish_soon(self.topics.timing(job.plan.job, self.cfg.device_id), samples,
-                               qos=0)
+            topic = self.topics.timing(job.plan.job, self.cfg.device_id)
+            for part in _fitting(samples, _message_limit(job.plan)):  # grows with the stage
+                self._publish_soon(topic, part, qos=0)
 
     def _send_tensor(self, job: _Job, t: torch.Tensor, src: codec.TensorFrame, kind: str,
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
@@ -819,6 +833,21 @@ def _building(fn: Callable[..., T], *args: Any) -> T:
     a submodule", twice in two full test runs)."""
     with BUILD_LOCK:
         return fn(*args)
+
+
+def _message_limit(plan: Plan) -> int:
+    """The largest payload to publish in this plan's job (plans of earlier versions: the
+    default)."""
+    return plan.max_message_bytes or chunks.DEFAULT_MAX_MESSAGE_BYTES
+
+
+def _fitting(samples: list[TimingSample], limit: int) -> list[list[TimingSample]]:
+    """``samples`` as lists that each encode to at most ``limit`` bytes (halved until they
+    do; a single sample is a few hundred bytes, far below any limit a chunk allows)."""
+    if len(samples) <= 1 or len(encode(samples)) <= limit:
+        return [samples]
+    half = len(samples) // 2
+    return _fitting(samples[:half], limit) + _fitting(samples[half:], limit)
 
 
 def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:

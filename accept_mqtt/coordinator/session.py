@@ -6,7 +6,9 @@ Guarantees:
   subscribed topic is decoded with the message vocabulary (``wire.messages``) and handed, typed,
   to one method of the ``Inbox``. A payload that does not decode goes to
   ``Inbox.on_bad_message`` (a control command's to ``Inbox.on_control``, which answers it), and
-  an inbox method that raises is logged: one message never stops the reader.
+  an inbox method that raises is logged: one message never stops the reader. A stage's
+  weights arrive in chunks (``wire.chunks``): the inbox gets each whole, checked ``Weights``
+  once; a chunk that does not fit its transfer goes to ``on_bad_message``.
 * A clean session: what matters after a reconnect is re-synchronised explicitly (plan
   re-published, stages rewound, docs/faults.md), so nothing depends on the broker having kept
   queues. ``reconnect`` retries for ``reconnect_timeout`` seconds, then raises
@@ -34,6 +36,7 @@ import msgspec
 
 from accept_mqtt.wire.aio import DelayLine, cancel_and_wait, retry
 from accept_mqtt.wire.broker_url import BrokerUrl
+from accept_mqtt.wire.chunks import ChunkError, Reassembler
 from accept_mqtt.wire.messages import (
     ControlCommand,
     DeviceProfile,
@@ -44,8 +47,10 @@ from accept_mqtt.wire.messages import (
     Metric,
     TimingSample,
     Weights,
+    WeightsChunk,
     decode,
     encode,
+    peek_request_id,
 )
 from accept_mqtt.wire.topics import Topics
 
@@ -67,8 +72,9 @@ class Inbox(Protocol):
     def on_error_metric(self, error: Error) -> None:
         """An ``error`` on the job's metrics topic (other metrics are not for us)."""
 
-    def on_control(self, command: ControlCommand | MessageError) -> None:
-        """A user's command, or why it was rejected."""
+    def on_control(self, command: ControlCommand | MessageError,
+                   request_id: str | None = None) -> None:
+        """A user's command, or why it was rejected (and the rejected one's ``request_id``)."""
 
     def on_timing(self, device: str, samples: list[TimingSample]) -> None: ...
 
@@ -97,6 +103,7 @@ class Session:
         self._bg: set[asyncio.Task[Any]] = set()
         self._distrusted = False
         self._delay = DelayLine(delay_s)
+        self._chunks = Reassembler()  # stages' weights arrive in chunks (wire/chunks.py)
 
     # -- connection ----------------------------------------------------------------------
     async def connect(self) -> None:
@@ -169,10 +176,10 @@ class Session:
         except aiomqtt.MqttError as e:
             raise BrokerLost(f"publish to {topic} failed: {e}") from e
 
-    async def metric(self, msg: Metric) -> None:
+    async def metric(self, msg: Metric, qos: int = 0) -> None:
         """Publish a metrics message of this job, stamped with the job and the time now."""
         msg = msgspec.structs.replace(msg, job=self.job, time=time.time())
-        await self.publish(self.topics.metrics(self.job), encode(msg), qos=0)
+        await self.publish(self.topics.metrics(self.job), encode(msg), qos=qos)
 
     def soon(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a publish in the background; a broker hiccup there is not an error."""
@@ -186,6 +193,11 @@ class Session:
     def emit(self, msg: Metric) -> None:
         """``metric`` in the background."""
         self.soon(self.metric(msg))
+
+    def reply(self, msg: Metric) -> None:
+        """``metric`` in the background at QoS 1: the answer to a control command, which its
+        sender waits for (a lost one would look like a job that does not answer)."""
+        self.soon(self.metric(msg, qos=1))
 
     # -- incoming ------------------------------------------------------------------------
     async def _read(self) -> None:
@@ -233,9 +245,18 @@ class Session:
                     cmd: ControlCommand | MessageError = decode(ControlCommand, payload,
                                                                 topic=topic)
                 except MessageError as e:
-                    cmd = e
+                    inbox.on_control(e, peek_request_id(payload))
+                    return
                 inbox.on_control(cmd)
             case "timing" if len(tail) > 1:
                 inbox.on_timing(tail[1], decode(list[TimingSample], payload, topic=topic))
             case "weights":
-                inbox.on_weights(decode(Weights, payload, topic=topic))
+                chunk = decode(WeightsChunk, payload, topic=topic)
+                if chunk.purpose == "restore":
+                    return  # our own restore, echoed: never reassembled
+                try:
+                    whole = self._chunks.add(chunk, topic)
+                except ChunkError as e:
+                    raise MessageError(str(e), topic) from None
+                if whole is not None:
+                    inbox.on_weights(whole)

@@ -45,8 +45,21 @@ from accept_mqtt.wire.messages import Eval, Event, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
-from .errors import BrokerLost, DeviceLost, PlanRefused, StepTimeout
+from .errors import BrokerLost, CoordinatorError, DeviceLost, PlanRefused, StepTimeout
 from .record import RunState, StageTotals
+
+
+def plan_payload(plan: Plan) -> str:
+    """The plan's JSON; ``CoordinatorError`` if it is above the plan's own message limit
+    (the broker would acknowledge it and deliver it to nobody: agents never get ready)."""
+    text = plan.to_json()
+    size = len(text.encode())
+    if plan.max_message_bytes is not None and size > plan.max_message_bytes:
+        raise CoordinatorError(
+            f"plan v{plan.version} is {size} bytes, above max_message_bytes "
+            f"{plan.max_message_bytes}: raise --max-message-bytes (and the broker's "
+            "message_size_limit) to at least that")
+    return text
 
 
 class Publisher(Protocol):
@@ -181,7 +194,9 @@ class StepDriver:
 
     # -- the plan --------------------------------------------------------------------------
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
-        """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
+        """Publish ``plan`` retained and wait until every stage's agent says it is ready;
+        ``CoordinatorError`` (nothing published) if it is above its ``max_message_bytes``."""
+        plan_payload(plan)
         if self.plan is None or self.plan.version != plan.version:
             self.gen = 0
             self.state.stages = {}  # the new stages count from zero
@@ -200,7 +215,7 @@ class StepDriver:
     async def republish_plan(self) -> None:
         """Publish the current plan retained again (after a reconnect), without waiting."""
         assert self.plan is not None
-        await self.publisher.publish(self.topics.plan(self.job), self.plan.to_json(),
+        await self.publisher.publish(self.topics.plan(self.job), plan_payload(self.plan),
                                      retain=True)
 
     # -- training --------------------------------------------------------------------------
