@@ -62,6 +62,9 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "file the latency predictor is restored from and saved to (survives restarts)"),
     ("--checkpoint-every", "checkpoint_every", int,
      "optimizer steps between checkpoints (a lost device costs at most this many)"),
+    ("--lease", "lease", float,
+     "seconds agents keep this job's stages without hearing this coordinator (default 60); "
+     "--resume within it finds them still holding the job"),
 ]
 
 

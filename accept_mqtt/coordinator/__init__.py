@@ -24,6 +24,11 @@ What the coordinator itself guarantees:
   ``set``, drift that moves the partition) happen between steps, never with a step in flight.
 * A fault during training or during its recovery is recovered (``Recovery.recover``) and
   training goes on; the same step timing out twice ends the job with ``StepTimeout``.
+* So is a fault during start-up: a lost broker while waiting for devices is reconnected and
+  the wait goes on; a device lost or a broker restart while the first plan loads, or while
+  ``--resume`` restores its checkpoint, goes through the same ``Recovery.recover`` as a fault
+  in a step (the plan's devices get ``rejoin_grace`` to come back, else a re-plan over those
+  here, restored from the resumed checkpoint if there is one).
 * Every error an agent reports, and every message the coordinator cannot decode, is logged
   and kept in the run record; a bad message never stops training.
 * On exit (normal, error or cancel) the retained plan is cleared, so agents go back to idle.
@@ -73,7 +78,7 @@ from .errors import (
     StepTimeout,
 )
 from .fleet import Fleet
-from .planner import Planner
+from .planner import DeviceInfo, Planner
 from .record import RunState, as_metric, make_record, stage_counters, write_run
 from .recovery import Recovery
 from .session import Session
@@ -112,10 +117,11 @@ class Coordinator:
         say = self.progress
         self.state = RunState()
         self.session = Session(self.url, self.topics, self.job, self,
-                               reconnect_timeout=cfg.reconnect_timeout,
+                               reconnect_timeout=cfg.reconnect_timeout, lease=cfg.lease,
                                say=lambda msg: say("status", {"msg": msg}),
                                delay_s=cfg.emulate_latency_ms / 1e3)
-        self.fleet = Fleet(self.job, str(self.url), say)
+        self.fleet = Fleet(self.job, str(self.url), say,
+                           connected=lambda: self.session.alive)
         self.steps = StepDriver(self.job, self.topics, self.state, self.session, self.fleet,
                                 step_timeout=cfg.step_timeout, eval_batch=cfg.eval_batch,
                                 say=say)
@@ -235,12 +241,15 @@ class Coordinator:
         resume = self.recovery.load_resume()
         self.planner.load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
-        devices = await self.fleet.wait_for_devices(cfg.devices, cfg.device_timeout)
+        devices = await self._discover()
         self.planner.start_with(devices)
-        if resume is None:
-            await self.steps.publish_plan(self.planner.make_plan(devices))
-        else:
-            await self.recovery.resume(resume, devices)
+        try:
+            if resume is None:
+                await self.steps.publish_plan(self.planner.make_plan(devices))
+            else:
+                await self.recovery.resume(resume, devices)
+        except (DeviceLost, BrokerLost) as e:  # before step 0: recovered like a step's fault
+            await self._recover(self._fault(e))
         t_start = time.time()
         # the coordinator's own torch work (slicing batches) is tiny: more intra-op threads
         # only spin against the agents on a small machine (measured: 15.6 -> 5.7 ms of CPU
@@ -294,13 +303,27 @@ class Coordinator:
                     raise
                 timed_out_at = self.state.step
                 why = str(e)
-            while True:  # a fault during recovery starts the recovery again
-                try:
-                    await self.recovery.recover(why)
-                    break
-                except (DeviceLost, BrokerLost) as e:
-                    why = self._fault(e)
-                    await asyncio.sleep(0.2)  # let the reader see what happened
+            await self._recover(why)
+
+    async def _discover(self) -> list[DeviceInfo]:
+        """The job's first devices; a broker lost meanwhile is reconnected and the wait
+        starts again (statuses and profiles are retained: they come again)."""
+        cfg = self.cfg
+        while True:
+            try:
+                return await self.fleet.wait_for_devices(cfg.devices, cfg.device_timeout)
+            except BrokerLost as e:
+                self.progress("status", {"msg": f"{e} while waiting for devices; reconnecting"})
+                await self.session.reconnect()
+
+    async def _recover(self, why: str) -> None:
+        while True:  # a fault during recovery starts the recovery again
+            try:
+                await self.recovery.recover(why)
+                return
+            except (DeviceLost, BrokerLost) as e:
+                why = self._fault(e)
+                await asyncio.sleep(0.2)  # let the reader see what happened
 
     def _fault(self, e: DeviceLost | BrokerLost) -> str:
         """What to say about a fault; a lost broker means: reconnect before anything else."""

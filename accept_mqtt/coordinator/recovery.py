@@ -139,6 +139,9 @@ class Recovery:
         self.steps = steps
         self.say = say
         self.last_ckpt: Checkpoint | None = None
+        # a restore is under way: the stages may hold freshly built weights, not the state of
+        # ``state.step``, so a rewind cannot bring them back (``recover`` restores instead)
+        self.restoring = False
         self._weights: asyncio.Queue[Weights] = asyncio.Queue()
 
     @property
@@ -214,6 +217,7 @@ class Recovery:
     async def restore(self, ck: Checkpoint, timeout: float = 60.0) -> None:
         """Send each stage of the current plan its slice of ``ck``; wait until all load it."""
         plan = self._plan()
+        self.restoring = True
         for s in plan.stages:
             w, o = ck.stage(s.start, s.end)
             body = Weights(job=self.job, stage=s.index, step=ck.step, purpose="restore",
@@ -230,6 +234,7 @@ class Recovery:
         self.state.step = ck.step
         self.state.epoch = int(ck.meta.get("epoch", self.state.epoch))
         self.state.history = list(ck.meta.get("history", self.state.history))
+        self.restoring = False
 
     # -- plans -----------------------------------------------------------------------------
     async def replan(self, devices: list[DeviceInfo], reason: str,
@@ -294,7 +299,7 @@ class Recovery:
             await self.session.reconnect()
             await self.steps.republish_plan()
         missing = await self.wait_back(self.cfg.rejoin_grace)
-        if not missing:
+        if not missing and not self.restoring:
             failed = await self.rewind_all(at)
             if not failed:
                 rec: dict[str, Any] = {
@@ -312,7 +317,7 @@ class Recovery:
         plan = await self.replan(devices, why, ck)
         st.replayed_steps += at - back_to
         rec = {"type": "recovered", "reason": why, "lost": sorted(missing),
-               "device": sorted(missing)[0], "at_step": at, "restored_step": back_to,
+               "device": min(missing, default=None), "at_step": at, "restored_step": back_to,
                "redo_steps": at - back_to, "action": "re-plan from checkpoint",
                "plan_version": plan.version, "devices": plan.devices}
         st.recoveries.append(rec)
@@ -373,9 +378,10 @@ class Recovery:
     async def resume(self, ck: Checkpoint, devices: list[DeviceInfo]) -> None:
         """Continue the job from ``ck`` over ``devices``: a new plan version, restored."""
         plan = self.planner.make_plan(devices, version=ck.plan_version + 1, start_step=ck.step)
+        # a fault before the restore is done re-plans from ``ck`` (``recover``), at its step
+        self.last_ckpt, self.state.step, self.restoring = ck, ck.step, True
         await self.steps.publish_plan(plan)
         await self.restore(ck)
-        self.last_ckpt = ck
         self.state.recoveries.append({"type": "resumed", "restored_step": ck.step,
                                       "plan_version": plan.version})
         self.say("status", {"msg": f"resumed job {self.job} at step {ck.step}"})

@@ -125,7 +125,10 @@ class StepDriver:
             self._events.put_nowait(Lost(device))
 
     def disconnected(self, reason: str) -> None:
-        self._events.put_nowait(Disconnected(reason))
+        """The connection dropped: a fault once there is a plan (before, whoever waits for
+        devices checks the connection itself, and a reconnect makes this one stale)."""
+        if self.plan is not None:
+            self._events.put_nowait(Disconnected(reason))
 
     def plan_refused(self, device: str, reason: str) -> None:
         """A device says it cannot take the plan: a fault if the plan uses it."""
