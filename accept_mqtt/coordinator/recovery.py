@@ -288,8 +288,9 @@ class Recovery:
         2. Give the plan's devices ``rejoin_grace`` seconds to be back in this job (a broker
            restart fires every device's Will, and the devices reconnect by themselves).
         3. All back: rewind every stage to the start of the step in flight (no step lost).
-        4. Otherwise (or a stage cannot rewind): re-plan over the devices still here plus
-           idle ones, restore the last checkpoint, replay the steps since it.
+        4. Otherwise (or a stage cannot rewind, or a restore was under way): re-plan over the
+           devices still here plus idle ones, restore the last checkpoint, replay the steps
+           since it.
         """
         plan = self._plan()
         st = self.state
@@ -299,6 +300,9 @@ class Recovery:
             await self.session.reconnect()
             await self.steps.republish_plan()
         missing = await self.wait_back(self.cfg.rejoin_grace)
+        # the re-plan leaves out only devices that are not there: one still loading the plan
+        # (idle, or busy with this job: a fault at start-up) or back as a fresh process is kept
+        lost = {d for d in missing if self.fleet.device_state(d) not in ("online", "busy")}
         if not missing and not self.restoring:
             failed = await self.rewind_all(at)
             if not failed:
@@ -309,15 +313,15 @@ class Recovery:
                 self.say("replan", {"reason": f"{why}; all stages back, step {at} redone"})
                 await self.session.metric(as_metric(Recovered, rec))
                 return
-            missing = failed
+            lost = failed
         ck = self.last_ckpt
         back_to = ck.step if ck is not None else 0
         devices = await self.fleet.wait_for_devices(
-            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=missing, at_least=1)
+            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=lost, at_least=1)
         plan = await self.replan(devices, why, ck)
         st.replayed_steps += at - back_to
-        rec = {"type": "recovered", "reason": why, "lost": sorted(missing),
-               "device": min(missing, default=None), "at_step": at, "restored_step": back_to,
+        rec = {"type": "recovered", "reason": why, "lost": sorted(lost),
+               "device": min(lost, default=None), "at_step": at, "restored_step": back_to,
                "redo_steps": at - back_to, "action": "re-plan from checkpoint",
                "plan_version": plan.version, "devices": plan.devices}
         st.recoveries.append(rec)
