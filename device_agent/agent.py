@@ -427,10 +427,14 @@ class Agent:
             await self._on_plan(tail[1], payload)
             return
         if len(tail) == 3 and tail[0] == "jobs" and tail[2] == "coordinator":
-            self._on_coordinator(tail[1], topic, payload)
+            await self._on_coordinator(tail[1], topic, payload)
             return
         if tail == ["devices", self.cfg.device_id, "probe"]:
-            probe = decode(Probe, payload, topic=topic)
+            try:
+                probe = decode(Probe, payload, topic=topic)
+            except MessageError as e:  # no job to report it on: the log says it
+                log.warning("%s", e)
+                return
             if not probe.answer:  # a would-be twin asks: this id is taken
                 self._publish_soon(topic, Probe(nonce=probe.nonce, answer=True,
                                                 holder=self.instance))
@@ -535,12 +539,16 @@ class Agent:
         log.info("left job %s: %s", job.plan.job, why)
 
     # -- the coordinator's lease -------------------------------------------------------------
-    def _on_coordinator(self, job: str, topic: str, payload: bytes) -> None:
+    async def _on_coordinator(self, job: str, topic: str, payload: bytes) -> None:
         """A job's coordinator liveness: ``alive`` renews the lease, ``gone`` does not."""
         if not payload:  # cleared: the job ended cleanly (its plan is cleared too)
             self._coordinators.pop(job, None)
             return
-        status = decode(CoordinatorStatus, payload, topic=topic)
+        try:
+            status = decode(CoordinatorStatus, payload, topic=topic)
+        except MessageError as e:  # what was heard before stands
+            await self._report_error(topic, f"bad coordinator status: {e.reason}", job=job)
+            return
         heard = self._coordinators.get(job)
         now = time.monotonic()
         if heard is None:
