@@ -13,6 +13,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from accept_mqtt.coordinator import Coordinator
 from accept_mqtt.coordinator.config import TrainConfig
 from accept_mqtt.harness.local import AgentSpec, LocalCluster
@@ -23,30 +25,39 @@ from .conftest import running_agents
 from .test_faults import DEVICES, _assert_same_as_reference, _cfg, _until_step
 
 
-def test_agent_killed_while_the_first_plan_loads(tmp_path: Path) -> None:
-    """The issue's run: three agents, one SIGKILLed after discovery, before step 0. The job
-    gives it ``rejoin_grace`` to come back, then re-plans over the two that are left."""
+@pytest.mark.parametrize("when", ["before-the-plan", "while-it-loads"])
+def test_agent_killed_at_start_up(tmp_path: Path, when: str) -> None:
+    """The issue's run: three agents, one SIGKILLed after discovery, before step 0: its Will
+    arrives before the plan goes out, or while the agents load it. The job gives it
+    ``rejoin_grace`` to come back, then re-plans over the two that are left."""
     specs = [AgentSpec(f"s-{i}", keepalive=2) for i in range(3)]
     cfg = _cfg(tmp_path, max_steps=6, checkpoint_every=0, rejoin_grace=2.0, device_timeout=60)
+    victims: list[str] = []
     with LocalCluster(specs, workdir=tmp_path) as cluster:
 
         async def main() -> dict[str, Any]:
             async with Coordinator(cluster.url, cfg, job="early-kill") as coord:
-                start_with = coord.planner.start_with
+                publish = coord.steps.publish_plan
 
-                def found_then_kill(devices: list[Any]) -> None:
-                    start_with(devices)
-                    cluster.kill_agent(devices[1].id)  # found, planned, never ready
-                    victims.append(devices[1].id)
+                async def kill_and_publish(plan: Any, timeout: float = 60.0) -> None:
+                    if victims:  # the re-plan
+                        return await publish(plan, timeout)
+                    victims.append(plan.devices[1])
+                    if when == "before-the-plan":
+                        cluster.kill_agent(victims[0])
+                        while coord.fleet.device_state(victims[0]) != "offline":
+                            await asyncio.sleep(0.01)
+                        return await publish(plan, timeout)
+                    loading = asyncio.create_task(publish(plan, timeout))
+                    await asyncio.sleep(0.05)  # the plan is out, the agents build their stages
+                    cluster.kill_agent(victims[0])
+                    return await loading
 
-                victims: list[str] = []
-                coord.planner.start_with = found_then_kill  # type: ignore[method-assign]
-                record = await asyncio.wait_for(coord.run(), 120)
-                record["victim"] = victims[0]
-                return record
+                coord.steps.publish_plan = kill_and_publish  # type: ignore[method-assign]
+                return await asyncio.wait_for(coord.run(), 120)
 
         record = asyncio.run(main())
-    victim = record["victim"]
+    (victim,) = victims
     assert record["steps"] == 6
     (rec,) = record["recoveries"]
     assert rec["at_step"] == 0 and rec["lost"] == [victim], rec

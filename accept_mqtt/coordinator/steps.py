@@ -190,6 +190,9 @@ class StepDriver:
             self.state.stages = {}  # the new stages count from zero
             self.drain()
         self.plan = plan
+        for dev in plan.devices:  # offline before the plan existed: its Will was not a loss
+            if self.devices.device_state(dev) == "offline":
+                self._events.put_nowait(Lost(dev))
         await self.republish_plan()
         ready: set[int] = set()
         deadline = time.monotonic() + timeout
