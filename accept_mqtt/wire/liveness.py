@@ -68,7 +68,8 @@ async def live_holder(url: BrokerUrl, *, liveness_topic: str, probe_topic: str, 
     nonce = uuid.uuid4().hex
     named: str | None = None
     asked_at: float | None = None  # when our question's echo came back
-    async with aiomqtt.Client(**url.client_kwargs(), identifier=f"accept-probe-{nonce[:12]}",
+    client_id = f"accept-probe-{nonce[:10]}"  # 23 characters: MQTT 3.1.1's safe maximum
+    async with aiomqtt.Client(**url.client_kwargs(), identifier=client_id,
                               keepalive=10) as client:
         await client.subscribe(liveness_topic, qos=1)
         await client.subscribe(probe_topic, qos=1)
@@ -76,7 +77,7 @@ async def live_holder(url: BrokerUrl, *, liveness_topic: str, probe_topic: str, 
         messages = aiter(client.messages)  # one iterator: anext keeps its place
         deadline = time.monotonic() + timeout
         while True:
-            until = deadline if asked_at is None else min(deadline, asked_at + wait)
+            until = deadline if asked_at is None else asked_at + wait
             try:
                 msg = await asyncio.wait_for(anext(messages), max(0.0, until - time.monotonic()))
             except TimeoutError:
