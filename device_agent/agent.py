@@ -534,8 +534,9 @@ class Agent:
             await self._client.unsubscribe(self._job_topics(job), timeout=10)
         except Exception as e:  # stale subscriptions are harmless: _dispatch checks the job
             log.warning("unsubscribe from job %s failed: %s", job.plan.job, e)
-        await self._publish_msg(t.status(self.cfg.device_id), self._status("online"),
-                                retain=True)
+        if self.job is None:  # not if a plan was joined meanwhile (the lease ran out as it came)
+            await self._publish_msg(t.status(self.cfg.device_id), self._status("online"),
+                                    retain=True)
         log.info("left job %s: %s", job.plan.job, why)
 
     # -- the coordinator's lease -------------------------------------------------------------
