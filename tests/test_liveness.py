@@ -173,3 +173,43 @@ def test_a_second_agent_with_a_live_agents_id_refuses_to_start(broker: Mosquitto
         assert time.monotonic() - t0 >= PROBE_WAIT - 0.1
 
     asyncio.run(main())
+
+
+def test_twins_that_started_together_end_after_one_takeover(broker: MosquittoBroker,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The remaining window (docs/faults.md): the second agent's check ran before the first had
+    announced itself, so it takes the first one's session over. The one taken over checks
+    again when it reconnects, finds the other, and stops: no takeover loop."""
+    import device_agent.agent as agent_mod
+
+    real = agent_mod.live_holder
+    first = Agent(AgentConfig(broker.url, "loop", compute_thread=True))
+    second = Agent(AgentConfig(broker.url, "loop", compute_thread=True))
+
+    async def racing(*args: Any, **kw: Any) -> str | None:
+        if kw["me"] == second.instance and not second.reconnects:
+            return None  # its check "ran" before the first agent's status existed
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(agent_mod, "live_holder", racing)
+
+    async def main() -> None:
+        async with first, second:  # the second CONNECT takes the first one's session over
+            runs = {a: asyncio.create_task(a.run()) for a in (first, second)}
+            done, _ = await asyncio.wait(runs.values(), timeout=30,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1, "one of the twins stops"
+            (loser,) = [a for a, t in runs.items() if t in done]
+            (winner,) = [a for a in runs if a is not loser]
+            with pytest.raises(DeviceIdTaken, match="held by a live agent"):
+                runs[loser].result()
+            await asyncio.sleep(2.0)  # and the other one is left alone from then on
+            assert not runs[winner].done() and winner.reconnects <= 1
+            status = await wait_retained(broker.url, "accept/devices/loop/status",
+                                         lambda b: True, 5)
+            assert status["instance"] == winner.instance and status["state"] == "online"
+            winner.stop()
+            await runs[winner]
+
+    asyncio.run(main())
