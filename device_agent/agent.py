@@ -46,7 +46,8 @@ Lifecycle::
 * Lease (docs/faults.md): a job's coordinator announces itself on the retained
   ``{root}/jobs/{job}/coordinator`` (renewed every ``lease_s / 3``; its Will says ``gone``).
   The agent leaves a job whose coordinator it has not heard alive for the lease (the
-  coordinator's ``lease_s``, or ``lease`` here if shorter; counted while connected) and goes
+  coordinator's ``lease_s``, or ``lease`` here if shorter) plus one renewal interval
+  (``wire.liveness.allowed_silence``; counted while connected) and goes
   back to idle, and it does not join the plan of a job whose coordinator is gone. A job whose
   coordinator never announced itself (an older coordinator) has no lease.
 """
@@ -73,7 +74,7 @@ from accept_mqtt.model.zoo import BUILD_LOCK, build_model
 from accept_mqtt.wire import codec
 from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
-from accept_mqtt.wire.liveness import instance_id, live_holder
+from accept_mqtt.wire.liveness import allowed_silence, instance_id, live_holder
 from accept_mqtt.wire.messages import (
     CoordinatorStatus,
     DeviceProfile,
@@ -563,14 +564,19 @@ class Agent:
         own = self.cfg.lease
         return heard.lease_s if own is None else min(own, heard.lease_s)
 
+    def _expired(self, heard: _Heard) -> bool:
+        """Silent for longer than the lease allows (``wire.liveness.allowed_silence``)."""
+        silent = time.monotonic() - heard.heard
+        return silent > allowed_silence(self._lease(heard), heard.lease_s)
+
     def _coordinator_gone(self, job: str) -> str | None:
         """Why ``job``'s coordinator counts as gone (None: alive, or it has no lease)."""
         heard = self._coordinators.get(job)
         if heard is None:
             return None
-        silent, lease = time.monotonic() - heard.heard, self._lease(heard)
-        if silent > lease:
-            return f"its coordinator was not heard alive for {silent:.0f}s (lease {lease:g}s)"
+        if self._expired(heard):
+            return (f"its coordinator was not heard alive for "
+                    f"{time.monotonic() - heard.heard:.0f}s (lease {self._lease(heard):g}s)")
         if not heard.alive:
             return "its coordinator is gone (its Last Will)"
         return None
@@ -584,7 +590,7 @@ class Agent:
             if job is None or self._client is None:
                 continue
             heard = self._coordinators.get(job.plan.job)
-            if heard is None or time.monotonic() - heard.heard <= self._lease(heard):
+            if heard is None or not self._expired(heard):
                 continue
             try:
                 await self._leave_job(f"its coordinator was not heard alive for the lease "

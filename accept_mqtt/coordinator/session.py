@@ -41,7 +41,7 @@ import msgspec
 
 from accept_mqtt.wire.aio import DelayLine, cancel_and_wait, retry
 from accept_mqtt.wire.broker_url import BrokerUrl
-from accept_mqtt.wire.liveness import instance_id, live_holder
+from accept_mqtt.wire.liveness import RENEWALS_PER_LEASE, instance_id, live_holder
 from accept_mqtt.wire.messages import (
     ControlCommand,
     CoordinatorStatus,
@@ -148,7 +148,7 @@ class Session:
         last one they heard); a failure is the reader's to notice."""
         with contextlib.suppress(aiomqtt.MqttError):
             while True:
-                await asyncio.sleep(self.lease / 3)
+                await asyncio.sleep(self.lease / RENEWALS_PER_LEASE)
                 await client.publish(self.topics.coordinator(self.job), self._liveness("alive"),
                                      qos=1, retain=True)
 

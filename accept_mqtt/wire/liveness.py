@@ -39,6 +39,11 @@ import aiomqtt
 from .broker_url import BrokerUrl
 from .messages import MessageError, Probe, decode, encode
 
+# A coordinator renews its liveness this many times per lease, so an agent that allows the
+# lease plus one renewal interval of silence holds a job for at least the lease after its
+# coordinator's last word (``allowed_silence``).
+RENEWALS_PER_LEASE = 3
+
 # How long a holder named by the retained liveness has to answer. A live agent or coordinator
 # serves its connection between work items (it must, to keep its MQTT keepalive), so a
 # couple of seconds is plenty; the wait is paid only when the liveness names another process.
@@ -47,6 +52,14 @@ PROBE_WAIT = 3.0
 ECHO_WAIT = 5.0
 
 log = logging.getLogger("accept_mqtt.liveness")
+
+
+def allowed_silence(lease: float, announced: float) -> float:
+    """Seconds an agent keeps a job without hearing its coordinator: ``lease`` (the shorter
+    of the coordinator's ``announced`` lease and the agent's own) plus one renewal interval,
+    so a crashed coordinator's agents leave between ``lease`` and ``lease + announced / 3``
+    after the crash."""
+    return lease + announced / RENEWALS_PER_LEASE
 
 
 def instance_id() -> str:

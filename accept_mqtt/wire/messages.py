@@ -108,7 +108,7 @@ class CoordinatorStatus(_Msg, kw_only=True):
 
     ``alive`` is published on every connect and renewed every ``lease_s / 3`` seconds; the
     Last Will (and nothing else) says ``gone``. Agents leave a job whose coordinator they have
-    not heard ``alive`` for ``lease_s`` seconds (docs/faults.md)."""
+    not heard ``alive`` for ``lease_s`` seconds plus one renewal interval (docs/faults.md)."""
 
     v: int = 1
     state: Literal["alive", "gone"]
