@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import pytest
@@ -213,5 +213,44 @@ def test_twins_that_started_together_end_after_one_takeover(broker: MosquittoBro
             assert status["instance"] == winner.instance and status["state"] == "online"
             winner.stop()
             await runs[winner]
+
+    asyncio.run(main())
+
+
+def test_the_agents_lease_rules() -> None:
+    """Which word of a coordinator keeps an agent in its job (no broker: the rules alone)."""
+    from accept_mqtt.wire.liveness import allowed_silence
+    from accept_mqtt.wire.messages import CoordinatorStatus, encode
+
+    def word(state: Literal["alive", "gone"], lease: float = 6.0) -> bytes:
+        return encode(CoordinatorStatus(state=state, job="j", owner="h:1:x", time=0.0,
+                                        lease_s=lease))
+
+    async def main() -> None:
+        agent = Agent(AgentConfig("mqtt://127.0.0.1:1", "rules"))
+        topic = "accept/jobs/j/coordinator"
+        assert agent._coordinator_gone("j") is None  # never heard: no lease (older coordinator)
+        await agent._on_coordinator("j", topic, word("alive"))
+        assert agent._coordinator_gone("j") is None
+        heard = agent._coordinators["j"]
+        heard.heard -= allowed_silence(6.0, 6.0) - 0.5  # silent, but within lease + renewal
+        assert agent._coordinator_gone("j") is None
+        heard.heard -= 1.0
+        assert "not heard alive" in (agent._coordinator_gone("j") or "")
+        await agent._on_coordinator("j", topic, word("alive"))  # a renewal
+        assert agent._coordinator_gone("j") is None
+        await agent._on_coordinator("j", topic, word("gone"))  # the Will: no joining...
+        assert "gone" in (agent._coordinator_gone("j") or "")
+        assert not agent._expired(heard)  # ... but a job held is kept for the lease
+        await agent._on_coordinator("j", topic, b'{"state": "alive"}')  # bad: what was heard stands
+        assert agent.errors and "bad coordinator status" in agent.errors[-1].reason
+        assert "gone" in (agent._coordinator_gone("j") or "")
+        await agent._on_coordinator("j", topic, b"")  # cleared: the job ended cleanly
+        assert "j" not in agent._coordinators
+        # the agent's own --lease can only shorten the coordinator's
+        short = Agent(AgentConfig("mqtt://127.0.0.1:1", "rules", lease=1.0))
+        await short._on_coordinator("j", topic, word("alive", lease=60.0))
+        short._coordinators["j"].heard -= allowed_silence(1.0, 60.0) + 0.1
+        assert "lease 1s" in (short._coordinator_gone("j") or "")
 
     asyncio.run(main())
