@@ -304,5 +304,7 @@ def test_slowdown_lasts_s_times_the_cpu_time_and_reports_what_it_lasted() -> Non
     elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
     reported = sum(ms for _, _, _, ms in runner.timings) / 1e3
     assert elapsed >= 0.95 * 3.0 * cpu  # its own time (at least its CPU time) + 2x CPU
-    assert elapsed == pytest.approx(3.0 * cpu, rel=0.2)  # nothing else running: ~3x CPU
+    # idle, ~3x CPU; the absolute slack is for a loaded machine (a wait for a core is kept
+    # once, not multiplied: the doctest checks the rule), not for a pause applied twice
+    assert elapsed <= 1.2 * 3.0 * cpu + 0.2
     assert reported == pytest.approx(elapsed, rel=0.2)  # what the emulated device took

@@ -65,6 +65,9 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-message-bytes", "max_message_bytes", int,
      "largest payload the job publishes; weights go in chunks below it (default 262144): "
      "keep it under the broker's message_size_limit"),
+    ("--lease", "lease", float,
+     "seconds agents keep this job's stages without hearing this coordinator (default 60); "
+     "--resume within it finds them still holding the job"),
 ]
 
 

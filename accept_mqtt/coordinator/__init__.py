@@ -27,6 +27,11 @@ What the coordinator itself guarantees:
   the final collection: from the last checkpoint to the end again); the same step timing
   out twice ends the job with ``StepTimeout``. The run ends with the held-out evaluation of
   its last step, also when a fault during that evaluation was recovered.
+* So is a fault during start-up: a lost broker while waiting for devices is reconnected and
+  the wait goes on; a device lost or a broker restart while the first plan loads, or while
+  ``--resume`` restores its checkpoint, goes through the same ``Recovery.recover`` as a fault
+  in a step (the plan's devices get ``rejoin_grace`` to come back, else a re-plan over those
+  here, restored from the resumed checkpoint if there is one).
 * Every error an agent reports, and every message the coordinator cannot decode, is logged
   and kept in the run record; a bad message never stops training.
 * On exit (normal, error or cancel) the retained plan is cleared, so agents go back to idle.
@@ -76,7 +81,7 @@ from .errors import (
     StepTimeout,
 )
 from .fleet import Fleet
-from .planner import Planner
+from .planner import DeviceInfo, Planner
 from .record import RunState, as_metric, make_record, stage_counters, write_run
 from .recovery import Recovery
 from .session import Session
@@ -115,10 +120,11 @@ class Coordinator:
         say = self.progress
         self.state = RunState()
         self.session = Session(self.url, self.topics, self.job, self,
-                               reconnect_timeout=cfg.reconnect_timeout,
+                               reconnect_timeout=cfg.reconnect_timeout, lease=cfg.lease,
                                say=lambda msg: say("status", {"msg": msg}),
                                delay_s=cfg.emulate_latency_ms / 1e3)
-        self.fleet = Fleet(self.job, str(self.url), say)
+        self.fleet = Fleet(self.job, str(self.url), say,
+                           connected=lambda: self.session.alive)
         self.steps = StepDriver(self.job, self.topics, self.state, self.session, self.fleet,
                                 step_timeout=cfg.step_timeout, eval_batch=cfg.eval_batch,
                                 say=say)
@@ -239,12 +245,15 @@ class Coordinator:
         resume = self.recovery.load_resume()
         self.planner.load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
-        devices = await self.fleet.wait_for_devices(cfg.devices, cfg.device_timeout)
+        devices = await self._discover()
         self.planner.start_with(devices)
-        if resume is None:
-            await self.steps.publish_plan(self.planner.make_plan(devices))
-        else:
-            await self.recovery.resume(resume, devices)
+        try:
+            if resume is None:
+                await self.steps.publish_plan(self.planner.make_plan(devices))
+            else:
+                await self.recovery.resume(resume, devices)
+        except (DeviceLost, BrokerLost) as e:  # before step 0: recovered like a step's fault
+            await self._recover(self._fault(e))
         t_start = time.time()
         # the coordinator's own torch work (slicing batches) is tiny: more intra-op threads
         # only spin against the agents on a small machine (measured: 15.6 -> 5.7 ms of CPU
@@ -309,6 +318,17 @@ class Coordinator:
                 timed_out_at = self.state.step
                 why = str(e)
             await self._recover(why)
+
+    async def _discover(self) -> list[DeviceInfo]:
+        """The job's first devices; a broker lost meanwhile is reconnected and the wait
+        starts again (statuses and profiles are retained: they come again)."""
+        cfg = self.cfg
+        while True:
+            try:
+                return await self.fleet.wait_for_devices(cfg.devices, cfg.device_timeout)
+            except BrokerLost as e:
+                self.progress("status", {"msg": f"{e} while waiting for devices; reconnecting"})
+                await self.session.reconnect()
 
     async def _recover(self, why: str) -> None:
         """``Recovery.recover``; a fault during recovery starts the recovery again."""

@@ -79,6 +79,10 @@ class TrainConfig:
     replan_min_steps: int = 10  # at least this many steps between two drift re-plans
     reconnect_timeout: float = 120.0  # seconds to retry a lost broker before giving up
     rejoin_grace: float = 15.0  # seconds a device that went offline has to come back
+    # seconds agents keep their stages without hearing this coordinator alive (it renews
+    # every lease / 3 s): a --resume within it finds them still holding the job; after it
+    # they are idle again, free for other jobs (docs/faults.md)
+    lease: float = 60.0
     # emulated one-way latency of the coordinator's own sends (a delay line, wire.aio), so
     # that with agents run with ``--latency`` every hop of a step pays it (bench e2e)
     emulate_latency_ms: float = 0.0
@@ -134,6 +138,8 @@ class TrainConfig:
             check_limit(self.max_message_bytes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if not self.lease > 0.0:  # NaN too
+            raise ConfigError(f"lease must be > 0 seconds, got {self.lease}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self

@@ -146,6 +146,9 @@ class Recovery:
         self.steps = steps
         self.say = say
         self.last_ckpt: Checkpoint | None = None
+        # a restore is under way: the stages may hold freshly built weights, not the state of
+        # ``state.step``, so a rewind cannot bring them back (``recover`` restores instead)
+        self.restoring = False
         self._weights: asyncio.Queue[Weights] = asyncio.Queue()
 
     @property
@@ -238,6 +241,7 @@ class Recovery:
     async def restore(self, ck: Checkpoint, timeout: float = 60.0) -> None:
         """Send each stage of the current plan its slice of ``ck``; wait until all load it."""
         plan = self._plan()
+        self.restoring = True
         for s in plan.stages:
             w, o = ck.stage(s.start, s.end)
             body = Weights(job=self.job, stage=s.index, step=ck.step, purpose="restore",
@@ -257,6 +261,7 @@ class Recovery:
         self.state.step = ck.step
         self.state.epoch = int(ck.meta.get("epoch", self.state.epoch))
         self.state.history = list(ck.meta.get("history", self.state.history))
+        self.restoring = False
 
     # -- plans -----------------------------------------------------------------------------
     async def replan(self, devices: list[DeviceInfo], reason: str,
@@ -310,8 +315,9 @@ class Recovery:
         2. Give the plan's devices ``rejoin_grace`` seconds to be back in this job (a broker
            restart fires every device's Will, and the devices reconnect by themselves).
         3. All back: rewind every stage to the start of the step in flight (no step lost).
-        4. Otherwise (or a stage cannot rewind): re-plan over the devices still here plus
-           idle ones, restore the last checkpoint, replay the steps since it.
+        4. Otherwise (or a stage cannot rewind, or a restore was under way): re-plan over the
+           devices still here plus idle ones, restore the last checkpoint, replay the steps
+           since it.
         """
         plan = self._plan()
         st = self.state
@@ -321,7 +327,10 @@ class Recovery:
             await self.session.reconnect()
             await self.steps.republish_plan()
         missing = await self.wait_back(self.cfg.rejoin_grace)
-        if not missing:
+        # the re-plan leaves out only devices that are not there: one still loading the plan
+        # (idle, or busy with this job: a fault at start-up) or back as a fresh process is kept
+        lost = {d for d in missing if self.fleet.device_state(d) not in ("online", "busy")}
+        if not missing and not self.restoring:
             failed = await self.rewind_all(at)
             if not failed:
                 rec: dict[str, Any] = {
@@ -331,15 +340,15 @@ class Recovery:
                 self.say("replan", {"reason": f"{why}; all stages back, step {at} redone"})
                 await self.session.metric(as_metric(Recovered, rec))
                 return
-            missing = failed
+            lost = failed
         ck = self.last_ckpt
         back_to = ck.step if ck is not None else 0
         devices = await self.fleet.wait_for_devices(
-            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=missing, at_least=1)
+            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=lost, at_least=1)
         plan = await self.replan(devices, why, ck)
         st.replayed_steps += at - back_to
-        rec = {"type": "recovered", "reason": why, "lost": sorted(missing),
-               "device": sorted(missing)[0], "at_step": at, "restored_step": back_to,
+        rec = {"type": "recovered", "reason": why, "lost": sorted(lost),
+               "device": min(lost, default=None), "at_step": at, "restored_step": back_to,
                "redo_steps": at - back_to, "action": "re-plan from checkpoint",
                "plan_version": plan.version, "devices": plan.devices}
         st.recoveries.append(rec)
@@ -400,9 +409,10 @@ class Recovery:
     async def resume(self, ck: Checkpoint, devices: list[DeviceInfo]) -> None:
         """Continue the job from ``ck`` over ``devices``: a new plan version, restored."""
         plan = self.planner.make_plan(devices, version=ck.plan_version + 1, start_step=ck.step)
+        # a fault before the restore is done re-plans from ``ck`` (``recover``), at its step
+        self.last_ckpt, self.state.step, self.restoring = ck, ck.step, True
         await self.steps.publish_plan(plan)
         await self.restore(ck)
-        self.last_ckpt = ck
         self.state.recoveries.append({"type": "resumed", "restored_step": ck.step,
                                       "plan_version": plan.version})
         self.say("status", {"msg": f"resumed job {self.job} at step {ck.step}"})

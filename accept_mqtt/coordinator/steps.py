@@ -138,7 +138,10 @@ class StepDriver:
             self._events.put_nowait(Lost(device))
 
     def disconnected(self, reason: str) -> None:
-        self._events.put_nowait(Disconnected(reason))
+        """The connection dropped: a fault once there is a plan (before, whoever waits for
+        devices checks the connection itself, and a reconnect makes this one stale)."""
+        if self.plan is not None:
+            self._events.put_nowait(Disconnected(reason))
 
     def plan_refused(self, device: str, reason: str) -> None:
         """A device says it cannot take the plan: a fault if the plan uses it."""
@@ -202,6 +205,9 @@ class StepDriver:
             self.state.stages = {}  # the new stages count from zero
             self.drain()
         self.plan = plan
+        for dev in plan.devices:  # offline before the plan existed: its Will was not a loss
+            if self.devices.device_state(dev) == "offline":
+                self._events.put_nowait(Lost(dev))
         await self.republish_plan()
         ready: set[int] = set()
         deadline = time.monotonic() + timeout

@@ -44,9 +44,9 @@ from typing import Annotated, Any, Literal, TypedDict, TypeVar
 import msgspec
 
 __all__ = [
-    "CONTROL_COMMANDS", "SYNC_OPS", "Checkpointed", "ControlCommand", "DeviceProfile",
-    "DeviceStatus", "DoneMetric", "Drift", "Epoch", "Error", "Eval", "Event",
-    "JobStatus", "LayerInfo", "MessageError", "Metric", "PackedTensor", "Pong",
+    "CONTROL_COMMANDS", "SYNC_OPS", "Checkpointed", "ControlCommand", "CoordinatorStatus",
+    "DeviceProfile", "DeviceStatus", "DoneMetric", "Drift", "Epoch", "Error", "Eval", "Event",
+    "JobStatus", "LayerInfo", "MessageError", "Metric", "PackedTensor", "Pong", "Probe",
     "Ready", "Recovered", "Replan", "Restored", "Rewound", "Span", "StageCounters", "StepMetric",
     "Stepped", "SyncOp", "SyncPing", "SyncRewind", "SyncWeights", "TimingSample", "Trace",
     "Weights", "WeightsChunk", "decode", "encode", "message_classes", "peek_request_id",
@@ -81,6 +81,9 @@ class DeviceStatus(_Msg, kw_only=True):
     job: str | None = None
     stage: int | None = None
     reason: str | None = None
+    # the agent process that holds the device id (``wire.liveness.instance_id``); a status
+    # of another instance tells a reconnecting agent that a twin took its id over
+    instance: str | None = None
 
 
 class DeviceProfile(_Msg, kw_only=True):
@@ -98,6 +101,32 @@ class DeviceProfile(_Msg, kw_only=True):
     bench_gflops: float | None = None  # matmul GFLOP/s divided by the emulated slowdown
     slowdown: float = 1.0
     bandwidth_bps: float | None = None
+
+
+# -- liveness (retained, with a Last Will) and twin probes ---------------------------------
+class CoordinatorStatus(_Msg, kw_only=True):
+    """``{root}/jobs/{job}/coordinator`` (retained): is the job's coordinator there?
+
+    ``alive`` is published on every connect and renewed every ``lease_s / 3`` seconds; the
+    Last Will (and nothing else) says ``gone``. Agents leave a job whose coordinator they have
+    not heard ``alive`` for ``lease_s`` seconds plus one renewal interval (docs/faults.md)."""
+
+    v: int = 1
+    state: Literal["alive", "gone"]
+    job: str
+    owner: str  # the coordinator process (``wire.liveness.instance_id``)
+    time: float  # when published (the Will's: when its connection was opened)
+    lease_s: float
+    reason: str | None = None
+
+
+class Probe(_Msg, kw_only=True):
+    """``{root}/devices/{device}/probe`` and ``{root}/jobs/{job}/probe``: "is anyone holding
+    this id?" (``answer`` false), and the holder's reply with the same ``nonce``."""
+
+    nonce: str
+    answer: bool = False
+    holder: str | None = None  # the answering process (its ``instance``/``owner``)
 
 
 # -- agents' events (agent -> coordinator) -----------------------------------------------
