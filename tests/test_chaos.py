@@ -107,7 +107,7 @@ def test_short_chaos_run_reports_each_fault(broker: MosquittoBroker, tmp_path: P
     # a killed agent is a fault the coordinator recovers from: replayed at most the steps
     # since the last checkpoint (10 steps apart here)
     assert kill["survived"] is True, kill
-    assert kill["bound"] == 9 and kill["within_bound"] and 0 <= kill["replayed"] <= 9
+    assert kill["bound"] == 10 and kill["within_bound"] and 0 <= kill["replayed"] <= 10
     assert "re-plan from checkpoint" in kill["how"] or "rewind" in kill["how"], kill
     assert kill["back_after_s"] is not None and not kill["rescue"]
     junk = rows["garbage"]

@@ -77,9 +77,10 @@ def replay_bound(kind: str, checkpoint_every: int) -> int:
     """Steps docs/faults.md says the fault costs at most ("lost at most" column)."""
     if kind in ("broker-restart", "garbage"):
         return 0  # a rewind redoes the step in flight from its start: nothing replayed
-    # a device lost or hung, the coordinator resumed: "the steps since the last checkpoint
-    # (< checkpoint_every)"
-    return max(0, checkpoint_every - 1)
+    # a device lost or hung, the coordinator resumed: "the steps since the last checkpoint":
+    # fewer than checkpoint_every, or exactly that many when the fault hits while the
+    # checkpoint due at that step is being collected
+    return checkpoint_every
 
 
 @dataclass
