@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from typing import Any
 
 import aiomqtt
@@ -21,6 +22,7 @@ import aiomqtt
 from accept_mqtt.wire import messages
 from accept_mqtt.wire.broker_url import BrokerUrlError, parse_broker_url
 from accept_mqtt.wire.messages import CONTROL_COMMANDS, ControlCommand, Error, JobStatus, Metric
+from accept_mqtt.wire.mqtt import Client
 from accept_mqtt.wire.topics import TopicError, Topics, check_id
 
 
@@ -78,7 +80,9 @@ async def send(broker: str, root: str, job: str, cmd: ControlCommand,
     reply (None without one)."""
     t = Topics(root)
     u = parse_broker_url(broker)
-    async with aiomqtt.Client(**u.client_kwargs()) as c:
+    # an id of its own: a broker may hand a zero-length id someone else's session (amqtt 0.12)
+    async with Client(**u.client_kwargs(),
+                      identifier=f"accept-control-{uuid.uuid4().hex[:8]}") as c:
         await c.subscribe(t.metrics(job), qos=1)  # before publishing, not to miss the reply
         # unset widths are left out (``omit_defaults``): {"cmd": "set", "act_bits": 4}
         await c.publish(t.control(job), messages.encode(cmd), qos=1)
