@@ -70,12 +70,13 @@ function metric(j, m) {
     j.done = m;
   } else if (typeof m.type === "string" && m.type !== "status") {
     // errors, drift, checkpoints, re-plans, extensions: one line each, newest first
+    const rest = Object.entries(m)
+      .filter(([k, v]) => !["type", "job", "time", "step", "path"].includes(k) && v !== null &&
+              typeof v !== "object")
+      .map(([k, v]) => `${k} ${v}`).join(", ").slice(0, 200);
     const what = m.type === "error"
       ? `error: ${m.device || "?"} on ${m.topic || "?"}: ${m.reason || ""}`
-      : `${m.type}` + (num(m.step) ? ` at step ${m.step}` : "") + ": " + Object.entries(m)
-          .filter(([k, v]) => !["type", "job", "time", "step", "path"].includes(k) && v !== null &&
-                  typeof v !== "object")
-          .map(([k, v]) => `${k} ${v}`).join(", ").slice(0, 200);
+      : m.type + (num(m.step) ? ` at step ${m.step}` : "") + (rest ? ": " + rest : "");
     j.events.push({what, error: m.type === "error"});
     if (j.events.length > 8) j.events.shift();
   }
