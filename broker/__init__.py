@@ -30,6 +30,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 INSTALL_HINT = "install mosquitto: apt-get install mosquitto (Debian/Ubuntu/Raspberry Pi OS)"
@@ -70,6 +71,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 _LISTENER = re.compile(r"^\s*listener\s+\d+(\s+\S+)?\s*$")
 _WEBSOCKETS = re.compile(r"^\s*protocol\s+websockets\s*$")
 _USER = re.compile(r"^\s*user\s+\S+", re.M)
+
+
+def wait_for_port(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float,
+                  exited: Callable[[], str]) -> bool:
+    """Wait until ``host:port`` accepts TCP connections (True) or ``timeout`` s pass (False);
+    ``BrokerError(exited())`` if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerError(exited())
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 def _is_root() -> bool:
@@ -184,21 +201,16 @@ class MosquittoBroker:
             stderr=subprocess.PIPE,
             cwd=self.workdir,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raw = self.proc.stderr.read() if self.proc.stderr else b""
-                err = raw.decode(errors="replace")
-                log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                raise BrokerError(
-                    f"mosquitto exited with code {self.proc.returncode}: {err.strip()} "
-                    f"{log.strip()[-800:]}"
-                )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        proc = self.proc
+
+        def exited() -> str:
+            raw = proc.stderr.read() if proc.stderr else b""
+            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            return (f"mosquitto exited with code {proc.returncode}: "
+                    f"{raw.decode(errors='replace').strip()} {log.strip()[-800:]}")
+
+        if wait_for_port(proc, self.host, self.port, timeout, exited):
+            return self
         self.stop()
         raise BrokerError(f"mosquitto did not accept connections on {self.url} in {timeout}s")
 

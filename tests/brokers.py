@@ -4,24 +4,20 @@ The tests that matter most (a training run checked against one-process training,
 commands, a device loss) run against Mosquitto and against this broker (``any_broker`` in
 conftest.py), so nothing in accept-mqtt may lean on a Mosquitto-only behaviour.
 
-``AmqttBroker`` has the parts of ``broker.MosquittoBroker`` the tests use (``url``, ``host``,
+``AmqttBroker`` is a ``broker.MosquittoBroker`` that runs amqtt instead (``url``, ``host``,
 ``port``, ``start``, ``stop``, ``cleanup``, ``log_path``): its own YAML config in its own
-directory, a free loopback port, anonymous access, ``start()`` returns once the port accepts
+directory, a free loopback port, anonymous access; ``start()`` returns once the port accepts
 TCP connections. amqtt speaks MQTT 3.1.1 only (it refuses protocol level 5), so its URL asks
 for 3.1.1 (``?protocol=3.1.1``, docs/fleet.md).
 """
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from broker import BrokerError, free_port
+from broker import BrokerError, MosquittoBroker, wait_for_port
 
 CONFIG = """\
 listeners:
@@ -35,16 +31,11 @@ plugins:
 """
 
 
-class AmqttBroker:
-    """An amqtt broker process on a free loopback port (``python -m amqtt.scripts...``)."""
-
-    name = "amqtt"
+class AmqttBroker(MosquittoBroker):
+    """An amqtt broker process on a free loopback port."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.port = free_port(host)
-        self.workdir = Path(tempfile.mkdtemp(prefix="accept-amqtt-"))
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(template="", host=host)  # no Mosquitto config: no websockets port
 
     @property
     def url(self) -> str:
@@ -55,44 +46,22 @@ class AmqttBroker:
         return self.workdir / "amqtt.log"
 
     def start(self, timeout: float = 20.0) -> AmqttBroker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "amqtt.yaml"
         conf.write_text(CONFIG.format(host=self.host, port=self.port), encoding="utf-8")
         amqtt = Path(sys.executable).with_name("amqtt")
         if not amqtt.exists():
             raise BrokerError("amqtt is not installed: pip install -e '.[dev]' (make setup)")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(amqtt), "-c", str(conf)], stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=self.workdir)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BrokerError(f"amqtt exited with code {self.proc.returncode}: "
-                                  f"{self.log_path.read_text(errors='replace')[-800:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+            proc = subprocess.Popen([str(amqtt), "-c", str(conf)], stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.proc = proc
+
+        def exited() -> str:
+            return (f"amqtt exited with code {proc.returncode}: "
+                    f"{self.log_path.read_text(errors='replace')[-800:]}")
+
+        if wait_for_port(proc, self.host, self.port, timeout, exited):
+            return self
         self.stop()
         raise BrokerError(f"amqtt did not accept connections on port {self.port} in {timeout}s")
-
-    def stop(self, grace: float = 5.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> AmqttBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()

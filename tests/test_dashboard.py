@@ -38,17 +38,10 @@ SCREENSHOT_ENV = "ACCEPT_DASHBOARD_SCREENSHOT"  # a path: also save the page as 
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = _make_fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        f.broker.cleanup()
-
-
-@pytest.fixture
-def dashboard(fleet: Fleet) -> Iterator[str]:
-    """The dashboard server for job ``JOB`` with the monitor's credentials; its URL."""
+def dashboard(tmp_path: Path) -> Iterator[tuple[Fleet, str]]:
+    """A fleet broker (passwords, ACL, websockets listener) and the dashboard server for job
+    ``JOB`` with the monitor's credentials: (the fleet, the page's URL)."""
+    fleet = _make_fleet(tmp_path)
     assert fleet.broker.ws_url, "fleet.conf must have a websockets listener"
     cfg = DashboardConfig(fleet.broker.ws_url + "/", "mon", fleet.passwords["mon"], "accept",
                           JOB)
@@ -56,10 +49,11 @@ def dashboard(fleet: Fleet) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield fleet, f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
+        fleet.broker.cleanup()
 
 
 SHOWN = """(() => {
@@ -78,7 +72,8 @@ SHOWN = """(() => {
 
 
 def test_the_page_shows_the_jobs_devices_and_the_loss_it_published(
-        fleet: Fleet, dashboard: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        dashboard: tuple[Fleet, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, url = dashboard
     # a few steps of a tiny model; for the README's screenshot, two epochs of the digits CNN
     showcase = os.environ.get(SCREENSHOT_ENV)
     cfg = TrainConfig(model="cnn" if showcase else "mlp", dataset="digits",
@@ -93,7 +88,7 @@ def test_the_page_shows_the_jobs_devices_and_the_loss_it_published(
                     "'apt-get install chromium'")
 
     with Chromium() as browser:
-        page = browser.open(dashboard)
+        page = browser.open(url)
         browser.wait_for(page, "document.getElementById('conn').className === 'connected'", 20)
 
         async def watch() -> None:  # what the job published, as the monitor account sees it
@@ -145,19 +140,20 @@ def test_the_page_shows_the_jobs_devices_and_the_loss_it_published(
     assert fleet.denied() == []
 
 
-def test_server_serves_only_its_files_and_config(dashboard: str) -> None:
-    cfg = json.loads(urllib.request.urlopen(dashboard + "config.json", timeout=5).read())
+def test_server_serves_only_its_files_and_config(dashboard: tuple[Fleet, str]) -> None:
+    url = dashboard[1]
+    cfg = json.loads(urllib.request.urlopen(url + "config.json", timeout=5).read())
     assert cfg["username"] == "mon" and cfg["job"] == JOB and cfg["ws_url"].startswith("ws://")
     assert "mon@" in cfg["display_url"] and cfg["password"] not in cfg["display_url"]
-    page = urllib.request.urlopen(dashboard, timeout=5).read().decode()
+    page = urllib.request.urlopen(url, timeout=5).read().decode()
     assert "mqttws.js" in page and "dashboard.js" in page
-    js = urllib.request.urlopen(dashboard + "mqttws.js", timeout=5).read().decode()
+    js = urllib.request.urlopen(url + "mqttws.js", timeout=5).read().decode()
     assert "0x82" in js and "0x30" not in js, "the browser client has no PUBLISH encoder"
     for path, code in (("../pyproject.toml", 404), ("etc/passwd", 404)):
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(dashboard + path, timeout=5)
+            urllib.request.urlopen(url + path, timeout=5)
         assert e.value.code == code
-    req = urllib.request.Request(dashboard, data=b"x", method="POST")
+    req = urllib.request.Request(url, data=b"x", method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=5)
     assert e.value.code == 501
