@@ -87,8 +87,8 @@ async def running_agents(url: str | Callable[[str], str], ids: list[str],
 
 
 def fresh_client_id() -> str:
-    """A fresh client id: a zero-length one lets amqtt hand one client's session (and its
-    messages) to another client that also sent none."""
+    """A fresh client id, as every accept-mqtt client sends (docs/monitoring.md, "Rules of
+    good behaviour"), rather than none: no broker can mix two test clients up."""
     return f"accept-test-{uuid.uuid4().hex[:8]}"
 
 

@@ -80,7 +80,7 @@ async def send(broker: str, root: str, job: str, cmd: ControlCommand,
     reply (None without one)."""
     t = Topics(root)
     u = parse_broker_url(broker)
-    # an id of its own: a broker may hand a zero-length id someone else's session (amqtt 0.12)
+    # an id of its own, like every accept-mqtt client, rather than leaving it to the broker
     async with Client(**u.client_kwargs(),
                       identifier=f"accept-control-{uuid.uuid4().hex[:8]}") as c:
         await c.subscribe(t.metrics(job), qos=1)  # before publishing, not to miss the reply
