@@ -184,3 +184,27 @@ def test_both_listeners_of_a_config_move_to_free_ports(tmp_path: Path) -> None:
     plain = render_config("listener 1883\n", 4242, "127.0.0.1", tmp_path, persistence=False,
                           ws_port=None)
     assert "websockets" not in plain and "listener 4242 127.0.0.1" in plain
+
+
+def test_the_command_serves_the_page_and_refuses_bad_arguments(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from accept_mqtt.cli import main as cli_main
+
+    assert cli_main(["dashboard", "--broker", "mqtt://h:1883"]) == 2  # not a WebSocket URL
+    assert cli_main(["dashboard", "bad/job"]) == 2
+    proc = subprocess.Popen([sys.executable, "-m", "accept_mqtt.cli", "dashboard", "j1",
+                             "--broker", "ws://mon@127.0.0.1:9001", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **{PASSWORD_ENV: "pw"}))
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "dashboard of ws://... on http://127.0.0.1:PORT/ ..."
+        url = line.split(" on ", 1)[1].split()[0]
+        cfg = json.loads(urllib.request.urlopen(url + "config.json", timeout=5).read())
+        assert cfg == {"ws_url": "ws://127.0.0.1:9001/", "username": "mon", "password": "pw",
+                       "root": "accept", "job": "j1", "display_url": "ws://mon@127.0.0.1:9001"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
