@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-path", action="append", default=[], metavar="DIR",
                    help="directory a user's model (--model MODULE:FACTORY) is imported or "
                         "its .py file found in; repeat for more (default: installed packages)")
+    p.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                   help="leave a job whose coordinator was not heard alive for this long, if "
+                        "shorter than the coordinator's own lease (default: the coordinator's)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
         if args.slowdown < 1.0:
             raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
+        if args.lease is not None and not args.lease > 0:
+            raise ValueError(f"--lease must be > 0 seconds (got {args.lease})")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {args.threads})")
         for d in args.model_path:
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                       keepalive=args.keepalive, pace=not args.no_pace,
                       trace_steps=trace_steps, memory_limit=limit,
                       model_path=tuple(os.path.abspath(d) for d in args.model_path),
-                      latency_s=latency)
+                      latency_s=latency, lease=args.lease)
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))
