@@ -7,14 +7,19 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test lint setup mosquitto datasets bench clean
+.PHONY: chromium
 
 setup: mosquitto datasets $(STAMP)
+setup: chromium
 
 mosquitto:
 	@bash broker/ensure_mosquitto.sh
 
 datasets:
 	@bash broker/ensure_datasets.sh
+
+chromium:
+	@bash broker/ensure_chromium.sh
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

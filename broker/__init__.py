@@ -11,9 +11,10 @@ Guarantees:
 * ``restart()`` keeps the same port and persistence directory, so clients with persistent
   sessions resume (used by the broker-restart tests).
 * A fleet-style config (``template=`` text or ``config=`` path, e.g. the ``fleet.conf`` that
-  ``accept-mqtt broker init`` writes) runs as given apart from its first listener (moved to
-  the free loopback port) and the persistence/log paths; its password file and ACL apply, and
-  ``reload()`` makes Mosquitto re-read them (SIGHUP).
+  ``accept-mqtt broker init`` writes) runs as given apart from its first MQTT listener (moved
+  to the free loopback port), its first websockets listener (moved to a second free loopback
+  port, ``ws_port``; the dashboard's browser connects there) and the persistence/log paths;
+  its password file and ACL apply, and ``reload()`` makes Mosquitto re-read them (SIGHUP).
 * Started as root, the broker keeps running as root (``user root``) instead of switching to
   the ``mosquitto`` user: its files live in the caller's private directories, which that user
   cannot read. Non-root callers are unaffected.
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 INSTALL_HINT = "install mosquitto: apt-get install mosquitto (Debian/Ubuntu/Raspberry Pi OS)"
@@ -66,22 +68,60 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-_LISTENER = re.compile(r"^\s*listener\s+\d+(\s+\S+)?\s*$", re.M)
+_LISTENER = re.compile(r"^\s*listener\s+\d+(\s+\S+)?\s*$")
+_WEBSOCKETS = re.compile(r"^\s*protocol\s+websockets\s*$")
 _USER = re.compile(r"^\s*user\s+\S+", re.M)
+
+
+def wait_for_port(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float,
+                  exited: Callable[[], str]) -> bool:
+    """Wait until ``host:port`` accepts TCP connections (True) or ``timeout`` s pass (False);
+    ``BrokerError(exited())`` if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerError(exited())
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def render_config(template: str, port: int, host: str, workdir: Path, persistence: bool) -> str:
-    """The template with its (first) listener moved to ``host:port`` and our own paths."""
+def websockets_listeners(lines: list[str]) -> list[bool]:
+    """For each ``listener`` line of a config, in order: does it speak MQTT over WebSockets
+    (a ``protocol websockets`` line before the next listener)?"""
+    out: list[bool] = []
+    for ln in lines:
+        if _LISTENER.match(ln):
+            out.append(False)
+        elif out and _WEBSOCKETS.match(ln):
+            out[-1] = True
+    return out
+
+
+def render_config(template: str, port: int, host: str, workdir: Path, persistence: bool,
+                  ws_port: int | None = None) -> str:
+    """The template with its first MQTT listener moved to ``host:port``, its first websockets
+    listener to ``host:ws_port`` (when given), and our own paths."""
     lines = [ln for ln in template.splitlines()
              if not re.match(r"^\s*(persistence|persistence_location|log_dest|pid_file)\b", ln)]
+    kinds = iter(websockets_listeners(lines))
+    moved = {False: f"listener {port} {host}", True: f"listener {ws_port} {host}"}
+    if ws_port is None:
+        del moved[True]
+    for i, ln in enumerate(lines):
+        if _LISTENER.match(ln):
+            ws = next(kinds)
+            if ws in moved:
+                lines[i] = moved.pop(ws)
     text = "\n".join(lines)
-    if _LISTENER.search(text):
-        text = _LISTENER.sub(f"listener {port} {host}", text, count=1)
-    else:
+    if False in moved:  # no MQTT listener at all: add one
         text = f"listener {port} {host}\n" + text
     text += f"\npersistence {'true' if persistence else 'false'}\n"
     if persistence:
@@ -121,6 +161,9 @@ class MosquittoBroker:
         self.template = template + "\n" + extra_config
         self.host = host
         self.port = port or free_port(host)
+        # a free port for the template's websockets listener, if it has one
+        has_ws = any(websockets_listeners(self.template.splitlines()))
+        self.ws_port: int | None = free_port(host) if has_ws else None
         self.persistence = persistence
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="accept-mosquitto-"))
@@ -134,6 +177,12 @@ class MosquittoBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     @property
+    def ws_url(self) -> str | None:
+        """``ws://host:port`` of the websockets listener (``accept-mqtt dashboard``), or None
+        when the config has none."""
+        return None if self.ws_port is None else f"ws://{self.host}:{self.ws_port}"
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
 
@@ -142,7 +191,8 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            render_config(self.template, self.port, self.host, self.workdir, self.persistence),
+            render_config(self.template, self.port, self.host, self.workdir, self.persistence,
+                          self.ws_port),
             encoding="utf-8",
         )
         self.proc = subprocess.Popen(
@@ -151,21 +201,16 @@ class MosquittoBroker:
             stderr=subprocess.PIPE,
             cwd=self.workdir,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raw = self.proc.stderr.read() if self.proc.stderr else b""
-                err = raw.decode(errors="replace")
-                log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                raise BrokerError(
-                    f"mosquitto exited with code {self.proc.returncode}: {err.strip()} "
-                    f"{log.strip()[-800:]}"
-                )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        proc = self.proc
+
+        def exited() -> str:
+            raw = proc.stderr.read() if proc.stderr else b""
+            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            return (f"mosquitto exited with code {proc.returncode}: "
+                    f"{raw.decode(errors='replace').strip()} {log.strip()[-800:]}")
+
+        if wait_for_port(proc, self.host, self.port, timeout, exited):
+            return self
         self.stop()
         raise BrokerError(f"mosquitto did not accept connections on {self.url} in {timeout}s")
 

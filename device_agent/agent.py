@@ -103,6 +103,7 @@ from accept_mqtt.wire.messages import (
     decode,
     encode,
 )
+from accept_mqtt.wire.mqtt import Client, PublishRefused
 from accept_mqtt.wire.plan import Plan, PlanError
 from accept_mqtt.wire.topics import Topics, check_id
 from device_agent import trace
@@ -285,7 +286,7 @@ class Agent:
         will = aiomqtt.Will(self.topics.status(self.cfg.device_id),
                             encode(self._status("offline", reason="connection lost")), qos=1,
                             retain=True)
-        client = aiomqtt.Client(
+        client = Client(
             **self.url.client_kwargs(), identifier=f"accept-agent-{self.cfg.device_id}",
             will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
         )
@@ -343,7 +344,12 @@ class Agent:
     async def _publish_frame(self, topic: str, payload: bytes) -> None:
         if self._client is None:
             raise aiomqtt.MqttError("not connected (reconnecting)")
-        await self._client.publish(topic, payload, qos=1)
+        try:
+            await self._client.publish(topic, payload, qos=1)
+        except PublishRefused as e:
+            # the next stage will never see this frame: say why where the coordinator reads
+            await self._report_error(topic, str(e))
+            raise
 
     async def _publish_msg(self, topic: str, message: Any, qos: int = 1,
                            retain: bool = False) -> None:

@@ -25,7 +25,7 @@ from accept_mqtt.model.zoo import build_model
 from accept_mqtt.wire.aio import cancel_and_wait
 from broker import MosquittoBroker
 
-from .conftest import collect_json, mosquitto_pub, running_agents, wait_retained
+from .conftest import any_broker, collect_json, mosquitto_pub, running_agents, wait_retained
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
@@ -60,10 +60,13 @@ async def _until_step(coord: Coordinator, run: asyncio.Task[Any], step: int) -> 
         await asyncio.sleep(0.02)
 
 
-def test_killed_agent_training_finishes_on_the_survivors(tmp_path: Path) -> None:
-    """SIGKILL one of three agents mid-run; a spare that joined earlier is taken in."""
+@any_broker
+def test_killed_agent_training_finishes_on_the_survivors(broker: MosquittoBroker,
+                                                         tmp_path: Path) -> None:
+    """SIGKILL one of three agents mid-run; a spare that joined earlier is taken in. The Last
+    Will marks it offline, on either broker."""
     specs = [AgentSpec(f"k-{i}", keepalive=2) for i in range(3)]
-    with LocalCluster(specs, workdir=tmp_path) as cluster:
+    with LocalCluster(specs, broker=broker, workdir=tmp_path) as cluster:
         cfg = _cfg(tmp_path, rejoin_grace=3.0)  # SIGKILLed: it will not come back
 
         async def main() -> dict[str, Any]:
@@ -81,7 +84,7 @@ def test_killed_agent_training_finishes_on_the_survivors(tmp_path: Path) -> None
                 record = await asyncio.wait_for(run, 90)
             status = await wait_retained(cluster.url, f"accept/devices/{victim}/status",
                                          lambda b: True, 5)
-            assert status["state"] == "offline"
+            assert status["state"] == "offline", status
             assert status["reason"] == "connection lost"  # the Will, not a goodbye
             record["victim"] = victim
             return record

@@ -20,7 +20,7 @@ from accept_mqtt.model.zoo import build_model
 from accept_mqtt.wire import codec
 from broker import MosquittoBroker
 
-from .conftest import collect_json, mosquitto_pub, running_agents
+from .conftest import any_broker, collect_json, mosquitto_pub, running_agents
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
@@ -33,6 +33,7 @@ def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
+@any_broker
 @pytest.mark.parametrize("schedule,lr_schedule,warmup", [("1f1b", "auto", None),
                                                          ("gpipe", "step", 2)])
 def test_pipeline_matches_one_process_training(broker: MosquittoBroker, tmp_path: Path,
@@ -170,6 +171,7 @@ def test_weights_message_is_msgpack(broker: MosquittoBroker, tmp_path: Path) -> 
     assert max(len(cs) for cs in transfers.values()) > 1
 
 
+@any_broker
 def test_control_from_mosquitto_pub(broker: MosquittoBroker, tmp_path: Path) -> None:
     """pause/resume/status/stop from a shell; unknown and malformed commands change nothing."""
 

@@ -6,7 +6,10 @@ the password file and ACL that ``add-device`` / ``add-coordinator`` / ``add-moni
 free loopback port. Under MQTT 3.1.1 Mosquitto drops an unauthorised publish silently (the
 PUBACK still comes), so "refused" is shown by absence: a forbidden QoS 1 publish is followed
 by an allowed one from the same client, and the subscriber must see the allowed one without
-the forbidden one before it (the broker handles one client's publishes in order).
+the forbidden one before it (the broker handles one client's publishes in order). The clients
+here are plain ``aiomqtt.Client``s, which ignore a PUBACK's reason code whatever the protocol;
+accept-mqtt's own client (``wire.mqtt.Client``, MQTT 5) raises ``PublishRefused`` instead:
+tests/test_mqtt5.py.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("accept_mqtt.cli.train", "train a model pipeline-parallel over MQTT"),
     "control": ("accept_mqtt.cli.control", "send a control command to a running job"),
     "monitor": ("accept_mqtt.cli.monitor", "live view of devices and jobs on a broker"),
+    "dashboard": ("accept_mqtt.cli.dashboard", "serve a read-only live page of a broker's jobs"),
     "profile": ("accept_mqtt.planning.profiling",
                 "measure the zoo's layers here to seed the predictor"),
     "broker": ("broker.cli", "run Mosquitto or manage its credentials and ACL"),

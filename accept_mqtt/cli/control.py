@@ -29,6 +29,7 @@ import msgspec
 from accept_mqtt.wire import messages
 from accept_mqtt.wire.broker_url import BrokerUrlError, parse_broker_url
 from accept_mqtt.wire.messages import CONTROL_COMMANDS, ControlCommand, Error, JobStatus, Metric
+from accept_mqtt.wire.mqtt import Client
 from accept_mqtt.wire.topics import TopicError, Topics, check_id
 
 
@@ -105,7 +106,9 @@ async def send(broker: str, root: str, job: str, cmd: ControlCommand,
     reply (None without one)."""
     t = Topics(root)
     u = parse_broker_url(broker)
-    async with aiomqtt.Client(**u.client_kwargs()) as c:
+    # an id of its own, like every accept-mqtt client, rather than leaving it to the broker
+    async with Client(**u.client_kwargs(),
+                      identifier=f"accept-control-{uuid.uuid4().hex[:8]}") as c:
         await c.subscribe(t.metrics(job), qos=1)  # before publishing, not to miss the reply
         try:
             async with asyncio.timeout(timeout):

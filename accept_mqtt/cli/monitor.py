@@ -707,8 +707,9 @@ async def watch(url: str, root: str = "accept", job: str | None = None, *,
     elif (view.topics.root, view.job_filter) != (root, job):
         raise ValueError(f"view is for root {view.topics.root!r} job {view.job_filter!r}, "
                          f"watch() for root {root!r} job {job!r}")
-    client = aiomqtt.Client(**u.client_kwargs(), identifier=monitor_client_id(),
-                            clean_session=True, will=None)
+    # no session survives the connection: clean session (3.1.1) or session expiry 0 (MQTT 5,
+    # which has no clean_session flag), both aiomqtt's default
+    client = aiomqtt.Client(**u.client_kwargs(), identifier=monitor_client_id(), will=None)
     async with client:
         await client.subscribe(subscriptions(root, job))
         view.connected, view.notice = True, None

@@ -243,7 +243,9 @@ class Coordinator:
         self.planner.use_model(data.input_shape, data.num_classes)
         self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset)
         resume = self.recovery.load_resume()
-        self.planner.load_costs()
+        # in a thread: seeding the predictor takes seconds (15 s on a loaded 2-core machine);
+        # on the event loop it would starve the MQTT keep-alive and the broker would drop us
+        await asyncio.to_thread(self.planner.load_costs)
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
         devices = await self._discover()
         self.planner.start_with(devices)

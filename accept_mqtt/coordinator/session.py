@@ -13,8 +13,10 @@ Guarantees:
   re-published, stages rewound, docs/faults.md), so nothing depends on the broker having kept
   queues. ``reconnect`` retries for ``reconnect_timeout`` seconds, then raises
   ``CoordinatorError``.
-* ``publish`` raises ``BrokerLost`` when the connection is gone; ``soon``/``emit`` publish in
-  the background, where a broker hiccup is not an error. A lost connection is reported once,
+* ``publish`` raises ``BrokerLost`` when the connection is gone, ``CoordinatorError`` naming
+  the topic and reason code when the broker refused the message (MQTT 5, ``wire.mqtt``);
+  ``soon``/``emit`` publish in the background, where a broker hiccup is not an error (a
+  refused message is logged). A lost connection is reported once,
   as ``Inbox.on_disconnected``.
 * With ``delay_s`` (an emulated one-way latency), every ``publish`` leaves that much later
   through a delay line: concurrent publishes stay in flight and keep their order.
@@ -62,6 +64,7 @@ from accept_mqtt.wire.messages import (
     encode,
     peek_request_id,
 )
+from accept_mqtt.wire.mqtt import Client, PublishRefused
 from accept_mqtt.wire.topics import Topics
 
 from .errors import BrokerLost, CoordinatorError
@@ -130,7 +133,7 @@ class Session:
             raise CoordinatorError(
                 f"job {j} already has a live coordinator ({twin}) on {self.url}: one job, one "
                 "coordinator. Stop that one first, or start this one with another --job")
-        client = aiomqtt.Client(**self.url.client_kwargs(),
+        client = Client(**self.url.client_kwargs(),
                                 identifier=f"accept-coord-{self.job}",
                                 will=aiomqtt.Will(t.coordinator(j),
                                                   self._liveness("gone", "connection lost"),
@@ -219,6 +222,9 @@ class Session:
             raise BrokerLost("not connected to the broker")
         try:
             await self._client.publish(topic, payload, qos=qos, retain=retain)
+        except PublishRefused as e:
+            # not a lost connection: sending it again would be refused again
+            raise CoordinatorError(str(e)) from e
         except aiomqtt.MqttError as e:
             raise BrokerLost(f"publish to {topic} failed: {e}") from e
 
@@ -230,8 +236,14 @@ class Session:
     def soon(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a publish in the background; a broker hiccup there is not an error."""
         async def guarded() -> None:
-            with contextlib.suppress(aiomqtt.MqttError, BrokerLost):
+            try:
                 await coro
+            except (aiomqtt.MqttError, BrokerLost):
+                pass
+            except CoordinatorError as e:
+                if not isinstance(e.__cause__, PublishRefused):
+                    raise
+                log.error("%s", e)  # e.g. a metric over the broker's size limit
         task = asyncio.get_running_loop().create_task(guarded())
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)

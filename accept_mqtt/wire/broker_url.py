@@ -1,4 +1,8 @@
-"""Parse ``mqtt://[user[:password]@]host[:port]`` (and ``mqtts://`` for TLS) broker addresses.
+"""Parse ``mqtt://[user[:password]@]host[:port][?protocol=5|3.1.1]`` (and ``mqtts://`` for TLS).
+
+Clients speak MQTT 5 unless the URL asks for 3.1.1 (``?protocol=3.1.1``), for brokers that
+do not speak 5 (e.g. amqtt): MQTT 5 is what makes a broker say why it dropped a message
+(``wire.mqtt.PublishRefused``) instead of dropping it silently.
 
 The password may instead come from ``$ACCEPT_MQTT_PASSWORD`` and the CA of a TLS broker from
 ``$ACCEPT_MQTT_CAFILE`` (``BrokerUrl.client_kwargs``), keeping secrets off command lines.
@@ -16,10 +20,14 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import aiomqtt
 
 PASSWORD_ENV = "ACCEPT_MQTT_PASSWORD"
 CAFILE_ENV = "ACCEPT_MQTT_CAFILE"
+# ``?protocol=`` values -> the MQTT version a client asks for
+PROTOCOLS = {"5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311}
 
 
 class BrokerUrlError(ValueError):
@@ -42,6 +50,7 @@ class BrokerUrl:
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     tls: bool = False
+    protocol: str = "5"  # a key of PROTOCOLS
 
     def client_kwargs(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Keyword arguments for ``aiomqtt.Client``.
@@ -51,6 +60,7 @@ class BrokerUrl:
         * A URL with a username and no password takes the password from
           ``$ACCEPT_MQTT_PASSWORD``, so it need not appear on a command line; a password in
           the URL always wins, and the variable is ignored for a URL without a username.
+        * ``protocol`` is the URL's MQTT version (5 unless ``?protocol=3.1.1``).
         * ``mqtts://`` verifies the broker's certificate and host name against the CA file
           ``$ACCEPT_MQTT_CAFILE`` when set, else against the system's CAs; an unreadable CA
           file raises ``BrokerUrlError`` naming it. Plain ``mqtt://`` ignores the variable.
@@ -62,6 +72,7 @@ class BrokerUrl:
         # TCP_NODELAY: frames are latency-bound request/response traffic; Nagle's algorithm
         # would hold small frames back for up to a delayed-ACK period (tens of ms) per hop.
         kw: dict[str, Any] = {"hostname": self.host, "port": self.port,
+                              "protocol": PROTOCOLS[self.protocol],
                               "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]}
         if self.username is not None:
             kw["username"] = self.username
@@ -74,14 +85,17 @@ class BrokerUrl:
     def __str__(self) -> str:
         scheme = "mqtts" if self.tls else "mqtt"
         user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
+        query = "" if self.protocol == "5" else f"?protocol={self.protocol}"
+        return f"{scheme}://{user}{self.host}:{self.port}{query}"
 
 
 def parse_broker_url(url: str) -> BrokerUrl:
     """The parts of a broker URL; a bad scheme, host or port raises ``BrokerUrlError``.
 
     >>> parse_broker_url("mqtt://pi:secret@10.0.0.2:1884")
-    BrokerUrl(host='10.0.0.2', port=1884, username='pi', tls=False)
+    BrokerUrl(host='10.0.0.2', port=1884, username='pi', tls=False, protocol='5')
+    >>> parse_broker_url("mqtt://h?protocol=3.1.1").protocol
+    '3.1.1'
     """
     if "://" not in url:
         url = "mqtt://" + url
@@ -95,9 +109,18 @@ def parse_broker_url(url: str) -> BrokerUrl:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as e:
         raise BrokerUrlError(f"broker URL {url!r}: {e}") from None
+    protocol = "5"
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key != "protocol":
+            raise BrokerUrlError(f"broker URL {url!r}: unknown option {key!r}; the only one "
+                                 "is ?protocol=5 or ?protocol=3.1.1")
+        if value not in PROTOCOLS:
+            raise BrokerUrlError(f"broker URL {url!r}: protocol {value!r} is not one of "
+                                 f"{', '.join(PROTOCOLS)}")
+        protocol = value
     return BrokerUrl(parts.hostname, port,
                      unquote(parts.username) if parts.username else None,
-                     unquote(parts.password) if parts.password else None, tls)
+                     unquote(parts.password) if parts.password else None, tls, protocol)
 
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(bit|bps|b)?(/s)?\s*$", re.I)
