@@ -456,7 +456,7 @@ class Agent:
         await self._client.subscribe([(topic, 1) for topic in self._job_topics(job)], timeout=10)
         await self._publish_msg(t.status(self.cfg.device_id),
                                 self._status("busy", job=plan.job, stage=k), retain=True)
-        self._event(Ready, version=plan.version, stage=k)
+        self._event(job, Ready, version=plan.version, stage=k)
         log.info("stage %d of job %s: layers [%d, %d), plan v%d", k, plan.job, job.stage.start,
                  job.stage.end, plan.version)
 
@@ -488,7 +488,7 @@ class Agent:
             case SyncWeights(optim=optim):
                 await self._send_weights(job, optim=optim)
             case SyncPing():
-                self._event(Pong, stage=job.k, step=job.step)
+                self._event(job, Pong, stage=job.k, step=job.step)
             case SyncRewind():
                 await self._rewind(job, cmd)
 
@@ -520,7 +520,7 @@ class Agent:
         reason = None if ok else (f"no saved state of step {step} (stage is at step "
                                   f"{job.step}, keeps {sorted(job.snapshots)})")
         log.info("rewind to step %d gen %d: %s", step, gen, "ok" if ok else reason)
-        self._event(Rewound, stage=job.k, step=step, ok=ok, reason=reason, rewind_gen=gen)
+        self._event(job, Rewound, stage=job.k, step=step, ok=ok, reason=reason, rewind_gen=gen)
 
     async def _on_restore(self, topic: str, payload: bytes) -> None:
         """Weights and optimizer state from a checkpoint, sent by the coordinator."""
@@ -549,7 +549,7 @@ class Agent:
             await self._report_error(topic, f"cannot restore stage {job.k}: {e}")
             return
         log.info("stage %d restored to step %d (plan v%d)", job.k, step, job.plan.version)
-        self._event(Restored, stage=job.k, step=step, version=job.plan.version)
+        self._event(job, Restored, stage=job.k, step=step, version=job.plan.version)
 
     # -- compute -------------------------------------------------------------------------
     def _pick(self, job: _Job) -> _Work | None:
@@ -627,7 +627,7 @@ class Agent:
                 if labels is None or len(labels) != len(out):
                     raise StageError("evaluation frame reached the last stage without labels")
                 loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
-                self._event(Eval, step=frame.step, mb=frame.mb,
+                self._event(job, Eval, step=frame.step, mb=frame.mb,
                             correct=int((out.argmax(1) == labels).sum()), n=len(labels),
                             loss_sum=float(loss))
             else:
@@ -708,7 +708,7 @@ class Agent:
         link = self._link
         result = job.results.pop(step, None) if job.last else None
         self._event(
-            Stepped, step=step, stage=job.k, busy_ms=round(job.runner.stats.busy_ms, 3),
+            job, Stepped, step=step, stage=job.k, busy_ms=round(job.runner.stats.busy_ms, 3),
             send_ms=round(link.busy_ms - job.link0[0], 3),  # since this job began here
             bytes_act=link.bytes_by_kind["act"] - job.link0[1],
             bytes_grad=link.bytes_by_kind["grad"] - job.link0[2], mbs=job.nmb,
@@ -738,11 +738,13 @@ class Agent:
         self._link.send(topic, codec.to_bytes(frame), kind, tag=(src.step, src.mb))
 
     # -- reporting -----------------------------------------------------------------------
-    def _event(self, kind: type[Event], **fields: Any) -> None:
-        """Publish a ``kind`` event of the current job, stamped with this device, the time,
-        the plan version and the rewind generation, without waiting for its PUBACK."""
-        job = self.job
-        if job is None or self._client is None:
+    def _event(self, job: _Job, kind: type[Event], **fields: Any) -> None:
+        """Publish a ``kind`` event of ``job``, stamped with this device, the time, and the
+        plan version and rewind generation of ``job`` -- the job whose compute produced the
+        event, which is not always the agent's current one: a plan can replace the job while
+        a work item computes in a worker thread, and the old work's ``stepped`` stamped with
+        the new plan would be taken as current. Sent without waiting for its PUBACK."""
+        if self._client is None:
             return
         ev = kind(device=self.cfg.device_id, time=time.time(), pv=job.plan.version, gen=job.gen,
                   **fields)

@@ -346,12 +346,17 @@ class Planner:
         return self.make_plan(devices, version=plan.version + 1, start_step=start_step)
 
     def partition_would_move(self) -> bool:
-        """Whether planning now, with what the predictor has learnt, gives other cuts/order."""
+        """Whether planning now, with what the predictor has learnt, gives other cuts/order
+        over the devices the current plan runs on. Not over every device ever known: one
+        lost earlier (or a spare seen once) would make any plan look different from the
+        current one and turn every drift into a needless re-plan (``live_replan`` then
+        considers idle devices itself)."""
         plan = self.current()
-        if plan is None or not self._info:
+        if plan is None or not all(d in self._info for d in plan.devices):
             return False
         try:
-            fresh = self.make_plan(list(self._info.values()), version=plan.version + 1)
+            fresh = self.make_plan([self._info[d] for d in plan.devices],
+                                   version=plan.version + 1)
         except Exception as e:  # planning trouble must not stop training
             log.warning("re-planning check failed: %s", e)
             return False

@@ -113,11 +113,23 @@ class StepDriver:
         if self._stale(ev):
             return
         if isinstance(ev, Stepped):
-            tot = self.state.stages.setdefault(ev.stage, StageTotals())
-            tot.busy_ms, tot.send_ms = ev.busy_ms, ev.send_ms
-            tot.bytes_act, tot.bytes_grad = ev.bytes_act, ev.bytes_grad
-            tot.steps += 1
+            self._count(ev)
         self._events.put_nowait(ev)
+
+    def _count(self, ev: Stepped) -> None:
+        """A stage's counters from its ``stepped``, once per (generation, step): QoS 1 may
+        deliver an event twice, and an older copy must not roll the cumulative counters
+        back. A step redone after a rewind (a new generation) counts again: it was
+        computed again, and its compute is in the agent's cumulative ``busy_ms``."""
+        tot = self.state.stages.setdefault(ev.stage, StageTotals())
+        mark = (ev.gen or 0, ev.step)
+        if tot.last is not None and mark <= tot.last:
+            return
+        tot.last = mark
+        tot.busy_ms, tot.send_ms = ev.busy_ms, ev.send_ms
+        tot.bytes_act, tot.bytes_grad = ev.bytes_act, ev.bytes_grad
+        tot.steps += 1
+        tot.mbs += ev.mbs
 
     def device_offline(self, device: str) -> None:
         """A device's status says offline: a fault if the plan uses it and it stays so."""
