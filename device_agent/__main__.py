@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-path", action="append", default=[], metavar="DIR",
                    help="directory a user's model (--model MODULE:FACTORY) is imported or "
                         "its .py file found in; repeat for more (default: installed packages)")
+    p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between progress heartbeats while in a job (how the "
+                        "coordinator tells a hung device from a slow one); 0: none")
+    p.add_argument("--fault-hang-at-step", type=int, default=None, metavar="N",
+                   help="FAULT INJECTION for tests and drills: from optimizer step N on, the "
+                        "stage's compute blocks for ever while the connection stays up")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
         if args.slowdown < 1.0:
             raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
+        if not args.heartbeat >= 0.0:
+            raise ValueError(f"--heartbeat must be >= 0 seconds (got {args.heartbeat})")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {args.threads})")
         for d in args.model_path:
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                       keepalive=args.keepalive, pace=not args.no_pace,
                       trace_steps=trace_steps, memory_limit=limit,
                       model_path=tuple(os.path.abspath(d) for d in args.model_path),
-                      latency_s=latency)
+                      latency_s=latency, heartbeat=args.heartbeat,
+                      fault_hang_at_step=args.fault_hang_at_step)
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))

@@ -36,6 +36,16 @@ Lifecycle::
   weights and optimizer state on ``weights/{k}`` after a re-plan. Frames and events carry the
   plan version (``pv``) and the rewind generation (``gen``); a frame of another plan or
   generation is stale (sent before a re-plan or a rewind) and dropped without an error.
+* While it holds a job, the agent sends a ``progress`` heartbeat every ``heartbeat`` seconds,
+  except while a compute has made no progress since the previous heartbeat (the stage's
+  ``ticks`` and the finished work items have not moved): a stalled compute falls silent
+  while the connection stays up, and the coordinator declares the device hung
+  (docs/faults.md). An idle stage (waiting for frames) beats: it is not hung. Computing
+  inline, the loop cannot beat during a work item, so one inline item lasting longer than
+  the coordinator's ``hang_timeout`` reads as a hang.
+* ``fault_hang_at_step`` is a FAULT-INJECTION hook for tests and drills, off by default:
+  from that optimizer step on, every compute call blocks in a worker thread until the agent
+  exits, while the event loop (connection, keepalive, reader) runs on: a hung device.
 * A lost connection is retried (``reconnect_timeout``) with a fresh session; the stage and its
   state survive, and the agent re-announces itself and re-subscribes.
 """
@@ -45,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -71,6 +82,7 @@ from accept_mqtt.wire.messages import (
     LayerInfo,
     MessageError,
     Pong,
+    Progress,
     Ready,
     Restored,
     Rewound,
@@ -111,6 +123,10 @@ class AgentConfig:
     memory_limit: int | None = None  # bytes a stage may use; None: hardware's default
     model_path: tuple[str, ...] = ()  # directories a user's model (MODULE:FACTORY) is found in
     latency_s: float = 0.0  # emulated one-way latency of frames and events (Link's delay line)
+    heartbeat: float = 1.0  # seconds between progress heartbeats while in a job; 0: none
+    # FAULT INJECTION (tests, drills): from this optimizer step on, compute blocks for ever
+    # in a worker thread while the connection stays up (module docstring). None: off.
+    fault_hang_at_step: int | None = None
 
 
 @dataclass
@@ -206,6 +222,9 @@ class Agent:
         self.profile: DeviceProfile | None = None
         self.errors: list[Error] = []
         self.reconnects = 0
+        self._computing = 0  # compute calls running now (the heartbeat's "busy")
+        self._items = 0  # compute calls finished (progress between the stage's own ticks)
+        self._hang_release = threading.Event()  # fault_hang_at_step: set on exit
 
     # -- connection ----------------------------------------------------------------------
     def _status(self, state: Literal["online", "busy", "offline"], *, job: str | None = None,
@@ -273,6 +292,7 @@ class Agent:
         return [t.fwd(j, k), t.sync(j), t.weights(j, k)] + ([] if job.last else [t.bwd(j, k)])
 
     async def __aexit__(self, *exc: object) -> None:
+        self._hang_release.set()  # an injected hang ends with the agent
         await cancel_and_wait(*self._tasks)
         if self._bg:  # let the last events leave (bounded: the broker may be gone)
             await asyncio.wait(set(self._bg), timeout=2)
@@ -326,9 +346,39 @@ class Agent:
 
     async def _compute_call(self, fn: Any, *args: Any) -> Any:
         """Run one piece of stage compute: inline, or in a worker thread (module docstring)."""
-        if self._in_thread:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+        self._computing += 1
+        try:
+            hang = self.cfg.fault_hang_at_step
+            if hang is not None and self.job is not None and self.job.step >= hang:
+                log.warning("FAULT INJECTION: compute hangs at step %d (--fault-hang-at-step)",
+                            self.job.step)
+                await asyncio.to_thread(self._hang_release.wait)
+            if self._in_thread:
+                return await asyncio.to_thread(fn, *args)
+            return fn(*args)
+        finally:
+            self._computing -= 1
+            self._items += 1
+
+    async def _heartbeat(self) -> None:
+        """A ``progress`` event every ``heartbeat`` seconds while in a job, unless a compute
+        is running that has not moved since the previous one (module docstring)."""
+        every = self.cfg.heartbeat
+        last: tuple[int, int] | None = None
+        while True:
+            await asyncio.sleep(every)
+            job = self.job
+            if job is None or self._client is None:
+                continue
+            mark = (self._items, job.runner.ticks)
+            if self._computing and mark == last:
+                continue  # stalled: say nothing
+            last = mark
+            ev = Progress(device=self.cfg.device_id, time=time.time(), pv=job.plan.version,
+                          gen=job.gen, stage=job.k, step=job.step, ticks=sum(mark),
+                          every=every)
+            # QoS 0: a lost heartbeat is made good by the next; the bound is several of them
+            self._publish_soon(self.topics.events(job.plan.job, self.cfg.device_id), ev, qos=0)
 
     # -- main loop -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -341,7 +391,9 @@ class Agent:
         worker = asyncio.create_task(self._worker(), name="worker")
         reader = asyncio.create_task(self._read(), name="reader")
         stop = asyncio.create_task(self._stop.wait(), name="stop")
-        self._tasks += [worker, reader]
+        beat = (asyncio.create_task(self._heartbeat(), name="heartbeat")
+                if self.cfg.heartbeat > 0 else None)
+        self._tasks += [worker, reader] + ([beat] if beat else [])
         try:
             done, _ = await asyncio.wait({worker, reader, stop},
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -349,7 +401,7 @@ class Agent:
                 if t is not stop and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
         finally:
-            await cancel_and_wait(worker, reader, stop)
+            await cancel_and_wait(worker, reader, stop, beat)
 
     async def _read(self) -> None:
         """Serve messages; on a lost connection reconnect and go on (the stage is kept)."""

@@ -118,7 +118,7 @@ class Coordinator:
         self.fleet = Fleet(self.job, str(self.url), say)
         self.steps = StepDriver(self.job, self.topics, self.state, self.session, self.fleet,
                                 step_timeout=cfg.step_timeout, eval_batch=cfg.eval_batch,
-                                say=say)
+                                hang_timeout=cfg.hang_timeout, say=say)
         self.planner = Planner(self.job, cfg, self.state, current=lambda: self.steps.plan,
                                emit=self.session.emit, say=say)
         self.recovery = Recovery(self.job, self.topics, self.state, session=self.session,
@@ -156,7 +156,8 @@ class Coordinator:
         self.planner.costs = model
 
     @property
-    def timing_samples(self) -> list[dict[str, Any]]:
+    def timing_samples(self) -> Sequence[dict[str, Any]]:
+        """The latest timing samples (bounded: ``planner.TIMING_SAMPLES_KEPT``)."""
         return self.planner.timing_samples
 
     @property
@@ -257,7 +258,7 @@ class Coordinator:
         assert plan is not None
         record = make_record(job=self.job, dataset=dataset, cfg=self.cfg, plan=plan,
                              profiles=self.profiles, state=self.state,
-                             timing_samples=len(self.timing_samples),
+                             timing_samples=self.planner.timing_samples_total,
                              predictor_error=self.planner.predictor_error(plan.devices),
                              started=t_start)
         self.planner.save_costs()
@@ -305,7 +306,7 @@ class Coordinator:
     def _fault(self, e: DeviceLost | BrokerLost) -> str:
         """What to say about a fault; a lost broker means: reconnect before anything else."""
         if isinstance(e, DeviceLost):
-            return f"device {e.device} went offline"
+            return f"device {e.device} {e.why}"
         self.session.distrust()
         return f"broker connection lost ({e})"
 

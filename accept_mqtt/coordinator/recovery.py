@@ -58,6 +58,7 @@ from .config import TrainConfig
 from .errors import BrokerLost, CoordinatorError, StepTimeout
 from .planner import DeviceInfo
 from .record import RunState, as_metric
+from .steps import HANG_CHECK_S
 
 log = logging.getLogger("accept_mqtt.coordinator")
 
@@ -123,6 +124,8 @@ class Pipeline(Protocol):
 
     def new_generation(self) -> int: ...
 
+    def check_hung(self, since: float) -> None: ...
+
 
 class Recovery:
     """Fault handling of one job (see the module docstring)."""
@@ -171,12 +174,18 @@ class Recovery:
         weights: dict[str, torch.Tensor] = {}
         opt: dict[str, torch.Tensor] = {}
         steps: dict[int, int] = {}
-        deadline = time.monotonic() + timeout
+        since = time.monotonic()
+        deadline = since + timeout
         while len(steps) < len(plan.stages):
+            # a stage hung between steps cannot answer: DeviceLost, recovered like one in
+            # a step, rather than this wait's CoordinatorError ending the job
+            self.steps.check_hung(since)
             try:
-                w = await asyncio.wait_for(self._weights.get(),
-                                           max(0.1, deadline - time.monotonic()))
+                w = await asyncio.wait_for(self._weights.get(), min(
+                    HANG_CHECK_S, max(0.1, deadline - time.monotonic())))
             except TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
                 missing = sorted(set(range(len(plan.stages))) - set(steps))
                 raise CoordinatorError(f"no weights from stages {missing}") from None
             if w.version != plan.version:
