@@ -29,6 +29,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "partition": ("accept_mqtt.bench.partition", "partitioner vs baselines, predicted"),
     "e2e": ("accept_mqtt.bench.e2e", "end-to-end speed-up on an emulated cluster"),
     "overhead": ("accept_mqtt.bench.overhead", "accept-mqtt vs torch pipelining vs one process"),
+    "memory": ("accept_mqtt.bench.memory", "peak RSS of coordinator, agents and broker"),
 }
 
 

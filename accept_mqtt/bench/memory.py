@@ -1,0 +1,209 @@
+"""``accept-mqtt bench memory``: peak resident memory of the coordinator, each agent and the
+broker over a training run with evaluations.
+
+What it runs: a private Mosquitto, ``--devices`` agent processes (``harness.local``) and the
+coordinator as its own process (``accept-mqtt train --broker ...``), so each one's memory is
+its own. By default the run is shaped like CIFAR-10: ``synthetic-cifar`` with 50,000 samples
+(40,000 training, a 10,000-image held-out set: 123 MB of float32, evaluated at the end of
+every epoch), VGG-style at width 0.125, batch 256, two epochs.
+
+What it measures, per process: the peak resident set size -- ``ru_maxrss`` from ``wait4``
+for the coordinator (exact, from the kernel at its exit), ``VmHWM`` from ``/proc`` for the
+agents and the broker, read just before they are stopped (also exact) -- and the largest
+``VmRSS`` seen by a 0.25 s sampler, with the resident size at the end. Memory does not
+depend on a shared CPU the way speed does, so the figures are meaningful on a busy machine
+(the run only takes longer); the load average is printed with them.
+
+``--code DIR`` runs the coordinator and the agents from the source tree in ``DIR`` (e.g.
+``git archive <commit> | tar -x -C DIR``) instead of this one: the same workload before and
+after a change, for an honest comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MB = 2**20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vgg")
+    p.add_argument("--width", type=float, default=0.125)
+    p.add_argument("--dataset", default="synthetic-cifar")
+    p.add_argument("--synthetic-size", type=int, default=50_000,
+                   help="samples of a synthetic data set, a fifth of them held out "
+                        "(default 50000: a CIFAR-10-sized 10,000-image test set)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (one evaluation after each)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--eval-batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--code", metavar="DIR",
+                   help="run the coordinator and agents from this source tree (before/after)")
+    p.add_argument("--label", default=None, help="name of this run in the output")
+    p.add_argument("--json", metavar="PATH", help="write the results here")
+
+
+def _status_kb(pid: int, key: str) -> int | None:
+    """A ``/proc/<pid>/status`` field in kB (VmRSS, VmHWM), None once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class Sampler:
+    """Largest VmRSS seen per named process, every ``every`` seconds, in a thread."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        self.every = every
+        self.pids: dict[str, int] = {}
+        self.max_rss_kb: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def watch(self, name: str, pid: int) -> None:
+        self.pids[name] = pid
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            for name, pid in list(self.pids.items()):
+                kb = _status_kb(pid, "VmRSS")
+                if kb is not None:
+                    self.max_rss_kb[name] = max(kb, self.max_rss_kb.get(name, 0))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def _children_use(code: str | None) -> Iterator[None]:
+    """Child processes import accept_mqtt, device_agent and broker from ``code``."""
+    if code is None:
+        yield
+        return
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.path.abspath(code) + (os.pathsep + old if old else "")
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _config(args: argparse.Namespace, runs_dir: str) -> dict[str, Any]:
+    return {"model": args.model, "width": args.width, "dataset": args.dataset,
+            "synthetic_size": args.synthetic_size, "epochs": args.epochs,
+            "max_steps": args.max_steps, "batch_size": args.batch_size,
+            "micro_batches": args.micro_batches, "devices": args.devices,
+            "eval_batch": args.eval_batch, "seed": args.seed, "partition": "flops",
+            "checkpoint_every": 0, "device_timeout": 300.0, "runs_dir": runs_dir}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from accept_mqtt.harness.local import LocalCluster, default_agents
+
+    work = Path(tempfile.mkdtemp(prefix="accept-bench-memory-"))
+    cfg = _config(args, str(work / "runs"))
+    (work / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    out: dict[str, Any] = {}
+    t0 = time.monotonic()
+    with _children_use(args.code), Sampler() as sampler, LocalCluster(
+            default_agents(args.devices), workdir=work) as cluster:
+        assert cluster.broker.proc is not None
+        sampler.watch("broker", cluster.broker.proc.pid)
+        for dev, proc in cluster.procs.items():
+            sampler.watch(dev, proc.pid)
+        cmd = [sys.executable, "-m", "accept_mqtt.cli", "train", "--broker", cluster.url,
+               "--config", str(work / "config.json"), "--job", "memory",
+               "--json", str(work / "record.json"), "--no-progress"]
+        with open(work / "coordinator.log", "wb") as log:
+            coord = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        sampler.watch("coordinator", coord.pid)
+        _, status, usage = os.wait4(coord.pid, 0)  # ru_maxrss: the kernel's own peak, kB
+        coord.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.monotonic() - t0
+        peaks = {"coordinator": usage.ru_maxrss}
+        ends = {}
+        for name, pid in sampler.pids.items():
+            if name != "coordinator":
+                peaks[name] = _status_kb(pid, "VmHWM") or 0
+                ends[name] = _status_kb(pid, "VmRSS") or 0
+    if coord.returncode != 0:
+        tail = (work / "coordinator.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the coordinator failed (exit {coord.returncode}):\n{tail}")
+    record = json.loads((work / "record.json").read_text(encoding="utf-8"))
+    stage_of = {s["device"]: s["index"] for s in record["plan"]["stages"]}
+    out["processes"] = [
+        {"process": name, "stage": stage_of.get(name), "peak_rss_mb": round(kb / 1024, 1),
+         "max_sampled_rss_mb": round(sampler.max_rss_kb.get(name, 0) / 1024, 1),
+         "end_rss_mb": None if name not in ends else round(ends[name] / 1024, 1)}
+        for name, kb in peaks.items()]
+    out["run"] = {"steps": record["steps"], "evaluations": len(record["epochs"]),
+                  "timing_samples": record["timing_samples"], "seconds": round(seconds, 1),
+                  "final_accuracy": record["final_accuracy"],
+                  "plan": [[s["device"], s["start"], s["end"]]
+                           for s in record["plan"]["stages"]]}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.code is not None and not (Path(args.code) / "accept_mqtt").is_dir():
+        print(f"bench memory: --code {args.code} has no accept_mqtt/ source tree",
+              file=sys.stderr)
+        return 2
+    load0 = os.getloadavg()[0]
+    from accept_mqtt.model.data import load_dataset
+
+    data = load_dataset(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
+    test_mb = data.test_x.element_size() * data.test_x.nelement() / MB
+    label = args.label or (f"code {args.code}" if args.code else "this tree")
+    print(f"bench memory ({label}): {args.model} width {args.width} on {args.dataset} "
+          f"({len(data.train_x)} training, {len(data.test_x)} held-out samples = "
+          f"{test_mb:.0f} MB of float32), batch {args.batch_size}, {args.devices} agent "
+          f"processes + coordinator process + Mosquitto on this machine; load average "
+          f"{load0:.2f} at the start (memory figures do not depend on a busy CPU)")
+    del data
+    try:
+        res = measure(args)
+    except RuntimeError as e:
+        print(f"bench memory: {e}", file=sys.stderr)
+        return 1
+    r = res["run"]
+    print(f"run: {r['steps']} steps, {r['evaluations']} evaluations of the held-out set, "
+          f"{r['timing_samples']} timing samples, {r['seconds']:.0f} s; plan {r['plan']}")
+    print(f"{'process':<14}{'stage':>6}{'peak RSS MB':>13}{'max sampled':>13}{'at end':>9}")
+    for p in res["processes"]:
+        stage = "" if p["stage"] is None else str(p["stage"])
+        end = "" if p["end_rss_mb"] is None else f"{p['end_rss_mb']:.1f}"
+        print(f"{p['process']:<14}{stage:>6}{p['peak_rss_mb']:>13.1f}"
+              f"{p['max_sampled_rss_mb']:>13.1f}{end:>9}")
+    res.update(label=label, load_average_start=load0, test_set_mb=round(test_mb, 3),
+               config={k: v for k, v in vars(args).items() if not k.startswith("_")})
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2), encoding="utf-8")
+        print(f"results: {args.json}")
+    return 0
