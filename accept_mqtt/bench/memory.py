@@ -9,10 +9,13 @@ every epoch), VGG-style at width 0.125, batch 256, two epochs.
 
 What it measures, per process: the peak resident set size -- ``ru_maxrss`` from ``wait4``
 for the coordinator (exact, from the kernel at its exit), ``VmHWM`` from ``/proc`` for the
-agents and the broker, read just before they are stopped (also exact) -- and the largest
-``VmRSS`` seen by a 0.25 s sampler, with the resident size at the end. Memory does not
-depend on a shared CPU the way speed does, so the figures are meaningful on a busy machine
-(the run only takes longer); the load average is printed with them.
+agents and the broker, read just before they are stopped (also exact) -- and, from a 0.25 s
+sampler of ``VmRSS``, the resident size when training starts (the coordinator's log says
+so), the largest seen after that, and their difference: what the run itself added, apart
+from start-up (imports, the data set; making 50,000 synthetic samples alone peaks at about
+2.5 GB in the coordinator). Memory does not depend on a shared CPU the way speed does, so the
+figures are meaningful on a busy machine (the run only takes longer); the load average is
+printed with them.
 
 ``--code DIR`` runs the coordinator and the agents from the source tree in ``DIR`` (e.g.
 ``git archive <commit> | tar -x -C DIR``) instead of this one: the same workload before and
@@ -69,12 +72,15 @@ def _status_kb(pid: int, key: str) -> int | None:
 
 
 class Sampler:
-    """Largest VmRSS seen per named process, every ``every`` seconds, in a thread."""
+    """VmRSS of named processes every ``every`` seconds, in a thread; notes when a line
+    starting with ``phrase`` first appears in the file ``marks`` (training started)."""
 
-    def __init__(self, every: float = 0.25) -> None:
+    def __init__(self, marks: Path, phrase: str, every: float = 0.25) -> None:
         self.every = every
+        self.marks, self.phrase = marks, phrase
         self.pids: dict[str, int] = {}
-        self.max_rss_kb: dict[str, int] = {}
+        self.series: dict[str, list[tuple[float, int]]] = {}  # name -> (monotonic, kB)
+        self.started: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -83,10 +89,21 @@ class Sampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
+            now = time.monotonic()
+            if self.started is None and self.marks.exists() and any(
+                    ln.startswith(self.phrase)
+                    for ln in self.marks.read_text(errors="replace").splitlines()):
+                self.started = now
             for name, pid in list(self.pids.items()):
                 kb = _status_kb(pid, "VmRSS")
                 if kb is not None:
-                    self.max_rss_kb[name] = max(kb, self.max_rss_kb.get(name, 0))
+                    self.series.setdefault(name, []).append((now, kb))
+
+    def during_run(self, name: str) -> tuple[int, int]:
+        """(kB at the start of training, largest kB after it); (0, 0) if never seen."""
+        after = [kb for t, kb in self.series.get(name, []) if self.started is not None
+                 and t >= self.started]
+        return (after[0], max(after)) if after else (0, 0)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -131,7 +148,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     (work / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     out: dict[str, Any] = {}
     t0 = time.monotonic()
-    with _children_use(args.code), Sampler() as sampler, LocalCluster(
+    log_path = work / "coordinator.log"
+    with _children_use(args.code), Sampler(log_path, "[accept-mqtt] job ") as sampler, LocalCluster(
             default_agents(args.devices), workdir=work) as cluster:
         assert cluster.broker.proc is not None
         sampler.watch("broker", cluster.broker.proc.pid)
@@ -140,10 +158,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "accept_mqtt.cli", "train", "--broker", cluster.url,
                "--config", str(work / "config.json"), "--job", "memory",
                "--json", str(work / "record.json"), "--no-progress"]
-        with open(work / "coordinator.log", "wb") as log:
+        with open(log_path, "wb") as log:
             coord = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         sampler.watch("coordinator", coord.pid)
-        _, status, usage = os.wait4(coord.pid, 0)  # ru_maxrss: the kernel's own peak, kB
+        try:
+            _, status, usage = os.wait4(coord.pid, 0)  # ru_maxrss: the kernel's own peak, kB
+        except BaseException:  # interrupted: do not leave the coordinator behind
+            coord.kill()
+            coord.wait()
+            raise
         coord.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - t0
         peaks = {"coordinator": usage.ru_maxrss}
@@ -157,11 +180,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"the coordinator failed (exit {coord.returncode}):\n{tail}")
     record = json.loads((work / "record.json").read_text(encoding="utf-8"))
     stage_of = {s["device"]: s["index"] for s in record["plan"]["stages"]}
-    out["processes"] = [
-        {"process": name, "stage": stage_of.get(name), "peak_rss_mb": round(kb / 1024, 1),
-         "max_sampled_rss_mb": round(sampler.max_rss_kb.get(name, 0) / 1024, 1),
-         "end_rss_mb": None if name not in ends else round(ends[name] / 1024, 1)}
-        for name, kb in peaks.items()]
+    out["processes"] = []
+    for name, kb in peaks.items():
+        start, top = sampler.during_run(name)
+        out["processes"].append({
+            "process": name, "stage": stage_of.get(name), "peak_rss_mb": round(kb / 1024, 1),
+            "rss_at_start_mb": round(start / 1024, 1),
+            "max_rss_in_run_mb": round(top / 1024, 1),
+            "run_added_mb": round((top - start) / 1024, 1),
+            "end_rss_mb": None if name not in ends else round(ends[name] / 1024, 1)})
     out["run"] = {"steps": record["steps"], "evaluations": len(record["epochs"]),
                   "timing_samples": record["timing_samples"], "seconds": round(seconds, 1),
                   "final_accuracy": record["final_accuracy"],
@@ -195,12 +222,16 @@ def run(args: argparse.Namespace) -> int:
     r = res["run"]
     print(f"run: {r['steps']} steps, {r['evaluations']} evaluations of the held-out set, "
           f"{r['timing_samples']} timing samples, {r['seconds']:.0f} s; plan {r['plan']}")
-    print(f"{'process':<14}{'stage':>6}{'peak RSS MB':>13}{'max sampled':>13}{'at end':>9}")
+    print("MB (2^20 bytes); peak: the kernel's; start/max in run/added: sampled VmRSS from "
+          "the start of training on")
+    print(f"{'process':<14}{'stage':>6}{'peak':>9}{'at start':>10}{'max in run':>12}"
+          f"{'added':>8}{'at end':>9}")
     for p in res["processes"]:
         stage = "" if p["stage"] is None else str(p["stage"])
         end = "" if p["end_rss_mb"] is None else f"{p['end_rss_mb']:.1f}"
-        print(f"{p['process']:<14}{stage:>6}{p['peak_rss_mb']:>13.1f}"
-              f"{p['max_sampled_rss_mb']:>13.1f}{end:>9}")
+        print(f"{p['process']:<14}{stage:>6}{p['peak_rss_mb']:>9.1f}"
+              f"{p['rss_at_start_mb']:>10.1f}{p['max_rss_in_run_mb']:>12.1f}"
+              f"{p['run_added_mb']:>8.1f}{end:>9}")
     res.update(label=label, load_average_start=load0, test_set_mb=round(test_mb, 3),
                config={k: v for k, v in vars(args).items() if not k.startswith("_")})
     if args.json:
