@@ -61,8 +61,8 @@ from .errors import BrokerLost, DeviceLost, PlanRefused, StepTimeout
 from .record import RunState, StageTotals
 
 HANG_CHECK_S = 0.5  # how often a watched wait looks for a silent device
-# evaluation chunks in flight beyond one per stage: each stage has one to compute while the
-# next is on its way, so the window costs no speed (and no memory worth counting)
+# evaluation chunks in flight beyond one per stage: while every stage computes one, the
+# next is already on its way, so no stage waits for a round trip to the coordinator
 EVAL_AHEAD = 2
 
 
