@@ -15,7 +15,8 @@ def test_bench_memory_reports_every_process_peak(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     rc = main(["bench", "memory", "--model", "cnn", "--width", "1", "--dataset",
                "synthetic-digits", "--synthetic-size", "600", "--epochs", "1", "--max-steps",
-               "3", "--batch-size", "32", "--eval-batch", "16", "--json", str(out)])
+               "3", "--batch-size", "32", "--eval-batch", "16", "--timing-steps", "1000",
+               "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     procs = {p["process"]: p for p in res["processes"]}
@@ -30,6 +31,10 @@ def test_bench_memory_reports_every_process_peak(tmp_path: Path) -> None:
             p["max_rss_in_run_mb"] - p["rss_at_start_mb"], abs=0.11)
     assert procs["coordinator"]["peak_rss_mb"] > 50 and procs["local-0"]["peak_rss_mb"] > 50
     assert res["run"]["steps"] == 3 and res["run"]["evaluations"] == 1
+    # cnn: 14 layers over 3 devices, fwd and bwd: 28 samples a step; the store is bounded
+    # (planner.TIMING_SAMPLES_KEPT), so 1000 steps' worth stays small
+    store = res["timing_store"]
+    assert store["samples"] == 1000 * 28 and store["held_mb"] < 5.0, store
     # 120 held-out 1x8x8 float32 samples
     assert res["test_set_mb"] == pytest.approx(120 * 64 * 4 / 2**20, abs=1e-3)
 

@@ -17,6 +17,11 @@ from start-up (imports, the data set; making 50,000 synthetic samples alone peak
 figures are meaningful on a busy machine (the run only takes longer); the load average is
 printed with them.
 
+A process's resident size can hide what a long run accumulates: memory freed after start-up
+(the data set's temporaries) is reused before the heap grows. So the bench also measures the
+coordinator's timing-sample store directly: the planner fed ``--timing-steps`` steps' worth of
+the samples the run's agents send (``tracemalloc``, in a child process of the same code).
+
 ``--code DIR`` runs the coordinator and the agents from the source tree in ``DIR`` (e.g.
 ``git archive <commit> | tar -x -C DIR``) instead of this one: the same workload before and
 after a change, for an honest comparison.
@@ -54,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--eval-batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--timing-steps", type=int, default=10_000,
+                   help="steps of timing samples fed to the planner's store (default 10000)")
     p.add_argument("--code", metavar="DIR",
                    help="run the coordinator and agents from this source tree (before/after)")
     p.add_argument("--label", default=None, help="name of this run in the output")
@@ -129,6 +136,53 @@ def _children_use(code: str | None) -> Iterator[None]:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = old
+
+
+# runs in a child process of the code under test (``--code``): only APIs both sides have
+_TIMING_STORE = """
+import asyncio, json, sys, tracemalloc
+from accept_mqtt.coordinator.config import TrainConfig
+from accept_mqtt.coordinator.planner import Planner
+from accept_mqtt.coordinator.record import RunState
+from accept_mqtt.model.descriptors import describe
+from accept_mqtt.model.zoo import build_model
+from accept_mqtt.wire.messages import LayerInfo, TimingSample, to_builtins
+
+model, width, devices, steps, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), int(sys.argv[5])
+descs = describe(build_model(model, seed=0, width=width))
+share = -(-len(descs) // devices)
+per_dev = [[TimingSample(layer=LayerInfo(**d.to_dict()), dir=di, batch=batch, threads=1, n=1,
+                         ms=1.0) for d in descs[i * share:(i + 1) * share]
+            for di in ("fwd", "bwd")] for i in range(devices)]
+
+async def main():
+    p = Planner("m", TrainConfig(partition="flops"), RunState(), current=lambda: None,
+                emit=lambda m: None)
+    tracemalloc.start()
+    base, n = tracemalloc.get_traced_memory()[0], 0
+    for _ in range(steps):
+        for dev, samples in enumerate(per_dev):
+            p.on_timing(f"d{dev}", [to_builtins(s) for s in samples])
+            n += len(samples)
+    print(json.dumps({"samples": n, "held_mb": (tracemalloc.get_traced_memory()[0] - base)
+                      / 2**20}))
+
+asyncio.run(main())
+"""
+
+
+def timing_store(args: argparse.Namespace) -> dict[str, Any]:
+    """What the planner holds after ``--timing-steps`` steps of timing samples (MB)."""
+    mb = -(-args.batch_size // args.micro_batches)
+    p = subprocess.run([sys.executable, "-c", _TIMING_STORE, args.model, str(args.width),
+                        str(args.devices), str(args.timing_steps), str(mb)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"timing-store measurement failed:\n{p.stderr[-2000:]}")
+    res: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"steps": args.timing_steps, "samples": res["samples"],
+            "held_mb": round(res["held_mb"], 1)}
 
 
 def _config(args: argparse.Namespace, runs_dir: str) -> dict[str, Any]:
@@ -215,6 +269,8 @@ def run(args: argparse.Namespace) -> int:
           f"{load0:.2f} at the start (memory figures do not depend on a busy CPU)")
     del data
     try:
+        with _children_use(args.code):
+            store = timing_store(args)
         res = measure(args)
     except RuntimeError as e:
         print(f"bench memory: {e}", file=sys.stderr)
@@ -232,7 +288,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{p['process']:<14}{stage:>6}{p['peak_rss_mb']:>9.1f}"
               f"{p['rss_at_start_mb']:>10.1f}{p['max_rss_in_run_mb']:>12.1f}"
               f"{p['run_added_mb']:>8.1f}{end:>9}")
+    print(f"coordinator's timing-sample store after {store['steps']} steps "
+          f"({store['samples']} samples as the agents send them): {store['held_mb']:.1f} MB "
+          "(tracemalloc)")
     res.update(label=label, load_average_start=load0, test_set_mb=round(test_mb, 3),
+               timing_store=store,
                config={k: v for k, v in vars(args).items() if not k.startswith("_")})
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2), encoding="utf-8")
