@@ -123,15 +123,20 @@ class Sampler:
 
 @contextmanager
 def _children_use(code: str | None) -> Iterator[None]:
-    """Child processes import accept_mqtt, device_agent and broker from ``code``."""
+    """Child processes import accept_mqtt, device_agent and broker from ``code``.
+
+    They start in a directory without sources: ``python -m``/``-c`` put the working
+    directory first on ``sys.path``, and a checkout there would shadow ``PYTHONPATH``."""
     if code is None:
         yield
         return
-    old = os.environ.get("PYTHONPATH")
+    old, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
     os.environ["PYTHONPATH"] = os.path.abspath(code) + (os.pathsep + old if old else "")
+    os.chdir(tempfile.gettempdir())
     try:
         yield
     finally:
+        os.chdir(cwd)
         if old is None:
             del os.environ["PYTHONPATH"]
         else:
@@ -170,6 +175,14 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def child_tree() -> str:
+    """The directory child processes import ``accept_mqtt`` from (printed: which code ran)."""
+    p = subprocess.run([sys.executable, "-c", "import accept_mqtt, os; "
+                        "print(os.path.dirname(os.path.dirname(accept_mqtt.__file__)))"],
+                       capture_output=True, text=True, timeout=120, check=True)
+    return p.stdout.strip()
 
 
 def timing_store(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,7 +283,9 @@ def run(args: argparse.Namespace) -> int:
     del data
     try:
         with _children_use(args.code):
+            tree = child_tree()
             store = timing_store(args)
+        print(f"code run by the coordinator and agents: {tree}")
         res = measure(args)
     except RuntimeError as e:
         print(f"bench memory: {e}", file=sys.stderr)
@@ -291,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"coordinator's timing-sample store after {store['steps']} steps "
           f"({store['samples']} samples as the agents send them): {store['held_mb']:.1f} MB "
           "(tracemalloc)")
-    res.update(label=label, load_average_start=load0, test_set_mb=round(test_mb, 3),
+    res.update(label=label, code=tree, load_average_start=load0, test_set_mb=round(test_mb, 3),
                timing_store=store,
                config={k: v for k, v in vars(args).items() if not k.startswith("_")})
     if args.json:
