@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease", type=float, default=None, metavar="SECONDS",
                    help="leave a job whose coordinator was not heard alive for this long, if "
                         "shorter than the coordinator's own lease (default: the coordinator's)")
+    p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between progress heartbeats while in a job (how the "
+                        "coordinator tells a hung device from a slow one); 0: none")
+    p.add_argument("--fault-hang-at-step", type=int, default=None, metavar="N",
+                   help="FAULT INJECTION for tests and drills: from optimizer step N on, the "
+                        "stage's compute blocks for ever while the connection stays up")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--slowdown must be >= 1 (got {args.slowdown})")
         if args.lease is not None and not args.lease > 0:
             raise ValueError(f"--lease must be > 0 seconds (got {args.lease})")
+        if not args.heartbeat >= 0.0:
+            raise ValueError(f"--heartbeat must be >= 0 seconds (got {args.heartbeat})")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {args.threads})")
         for d in args.model_path:
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                       keepalive=args.keepalive, pace=not args.no_pace,
                       trace_steps=trace_steps, memory_limit=limit,
                       model_path=tuple(os.path.abspath(d) for d in args.model_path),
-                      latency_s=latency, lease=args.lease)
+                      latency_s=latency, lease=args.lease, heartbeat=args.heartbeat,
+                      fault_hang_at_step=args.fault_hang_at_step)
     pin_allocator()  # layer times then match the seed the predictor was trained on
     try:
         asyncio.run(_main(cfg))

@@ -39,6 +39,16 @@ Lifecycle::
   Frames and events carry the plan version (``pv``) and the rewind generation (``gen``); a
   frame of another plan or generation is stale (sent before a re-plan or a rewind) and
   dropped without an error.
+* While it holds a job, the agent sends a ``progress`` heartbeat every ``heartbeat`` seconds,
+  except while a compute has made no progress since the previous heartbeat (the stage's
+  ``ticks`` and the finished work items have not moved): a stalled compute falls silent
+  while the connection stays up, and the coordinator declares the device hung
+  (docs/faults.md). An idle stage (waiting for frames) beats: it is not hung. Computing
+  inline, the loop cannot beat during a work item, so one inline item lasting longer than
+  the coordinator's ``hang_timeout`` reads as a hang.
+* ``fault_hang_at_step`` is a FAULT-INJECTION hook for tests and drills, off by default:
+  from that optimizer step on, every compute call blocks in a worker thread until the agent
+  exits, while the event loop (connection, keepalive, reader) runs on: a hung device.
 * A lost connection is retried (``reconnect_timeout``) with a fresh session; the stage and its
   state survive, and the agent re-announces itself and re-subscribes.
 * Twins: before it takes its session (first connect and every reconnect) the agent asks
@@ -60,6 +70,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -89,6 +100,7 @@ from accept_mqtt.wire.messages import (
     MessageError,
     Pong,
     Probe,
+    Progress,
     Ready,
     Restored,
     Rewound,
@@ -131,6 +143,10 @@ class AgentConfig:
     memory_limit: int | None = None  # bytes a stage may use; None: hardware's default
     model_path: tuple[str, ...] = ()  # directories a user's model (MODULE:FACTORY) is found in
     latency_s: float = 0.0  # emulated one-way latency of frames and events (Link's delay line)
+    heartbeat: float = 1.0  # seconds between progress heartbeats while in a job; 0: none
+    # FAULT INJECTION (tests, drills): from this optimizer step on, compute blocks for ever
+    # in a worker thread while the connection stays up (module docstring). None: off.
+    fault_hang_at_step: int | None = None
     lease: float | None = None  # seconds at most to hold a job whose coordinator is silent;
     # None: the coordinator's own lease (CoordinatorStatus.lease_s)
 
@@ -244,6 +260,9 @@ class Agent:
         self._chunks = chunks.Reassembler()  # restores arrive in chunks (wire/chunks.py)
         self.instance = instance_id()  # this process, as its status names it
         self._coordinators: dict[str, _Heard] = {}  # job -> its coordinator's liveness
+        self._computing = 0  # compute calls running now (the heartbeat's "busy")
+        self._items = 0  # compute calls finished (progress between the stage's own ticks)
+        self._hang_release = threading.Event()  # fault_hang_at_step: set on exit
 
     # -- connection ----------------------------------------------------------------------
     def _status(self, state: Literal["online", "busy", "offline"], *, job: str | None = None,
@@ -326,6 +345,7 @@ class Agent:
         return [t.fwd(j, k), t.sync(j), t.weights(j, k)] + ([] if job.last else [t.bwd(j, k)])
 
     async def __aexit__(self, *exc: object) -> None:
+        self._hang_release.set()  # an injected hang ends with the agent
         await cancel_and_wait(*self._tasks)
         if self._bg:  # let the last events leave (bounded: the broker may be gone)
             await asyncio.wait(set(self._bg), timeout=2)
@@ -384,9 +404,39 @@ class Agent:
 
     async def _compute_call(self, fn: Any, *args: Any) -> Any:
         """Run one piece of stage compute: inline, or in a worker thread (module docstring)."""
-        if self._in_thread:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+        self._computing += 1
+        try:
+            hang = self.cfg.fault_hang_at_step
+            if hang is not None and self.job is not None and self.job.step >= hang:
+                log.warning("FAULT INJECTION: compute hangs at step %d (--fault-hang-at-step)",
+                            self.job.step)
+                await asyncio.to_thread(self._hang_release.wait)
+            if self._in_thread:
+                return await asyncio.to_thread(fn, *args)
+            return fn(*args)
+        finally:
+            self._computing -= 1
+            self._items += 1
+
+    async def _heartbeat(self) -> None:
+        """A ``progress`` event every ``heartbeat`` seconds while in a job, unless a compute
+        is running that has not moved since the previous one (module docstring)."""
+        every = self.cfg.heartbeat
+        last: tuple[int, int] | None = None
+        while True:
+            await asyncio.sleep(every)
+            job = self.job
+            if job is None or self._client is None:
+                continue
+            mark = (self._items, job.runner.ticks)
+            if self._computing and mark == last:
+                continue  # stalled: say nothing
+            last = mark
+            ev = Progress(device=self.cfg.device_id, time=time.time(), pv=job.plan.version,
+                          gen=job.gen, stage=job.k, step=job.step, ticks=sum(mark),
+                          every=every)
+            # QoS 0: a lost heartbeat is made good by the next; the bound is several of them
+            self._publish_soon(self.topics.events(job.plan.job, self.cfg.device_id), ev, qos=0)
 
     # -- main loop -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -400,7 +450,9 @@ class Agent:
         reader = asyncio.create_task(self._read(), name="reader")
         lease = asyncio.create_task(self._watch_lease(), name="lease")
         stop = asyncio.create_task(self._stop.wait(), name="stop")
-        self._tasks += [worker, reader, lease]
+        beat = (asyncio.create_task(self._heartbeat(), name="heartbeat")
+                if self.cfg.heartbeat > 0 else None)
+        self._tasks += [worker, reader, lease] + ([beat] if beat else [])
         try:
             done, _ = await asyncio.wait({worker, reader, lease, stop},
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -408,7 +460,7 @@ class Agent:
                 if t is not stop and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
         finally:
-            await cancel_and_wait(worker, reader, lease, stop)
+            await cancel_and_wait(worker, reader, lease, stop, beat)
 
     async def _read(self) -> None:
         """Serve messages; on a lost connection reconnect and go on (the stage is kept)."""
@@ -531,7 +583,7 @@ class Agent:
         await self._client.subscribe([(topic, 1) for topic in self._job_topics(job)], timeout=10)
         await self._publish_msg(t.status(self.cfg.device_id),
                                 self._status("busy", job=plan.job, stage=k), retain=True)
-        self._event(Ready, version=plan.version, stage=k)
+        self._event(job, Ready, version=plan.version, stage=k)
         log.info("stage %d of job %s: layers [%d, %d), plan v%d", k, plan.job, job.stage.start,
                  job.stage.end, plan.version)
 
@@ -622,7 +674,7 @@ class Agent:
             case SyncWeights(optim=optim):
                 await self._send_weights(job, optim=optim)
             case SyncPing():
-                self._event(Pong, stage=job.k, step=job.step)
+                self._event(job, Pong, stage=job.k, step=job.step)
             case SyncRewind():
                 await self._rewind(job, cmd)
 
@@ -656,7 +708,7 @@ class Agent:
         reason = None if ok else (f"no saved state of step {step} (stage is at step "
                                   f"{job.step}, keeps {sorted(job.snapshots)})")
         log.info("rewind to step %d gen %d: %s", step, gen, "ok" if ok else reason)
-        self._event(Rewound, stage=job.k, step=step, ok=ok, reason=reason, rewind_gen=gen)
+        self._event(job, Rewound, stage=job.k, step=step, ok=ok, reason=reason, rewind_gen=gen)
 
     async def _on_restore(self, topic: str, payload: bytes) -> None:
         """Weights and optimizer state from a checkpoint, sent by the coordinator."""
@@ -691,7 +743,7 @@ class Agent:
             await self._report_error(topic, f"cannot restore stage {job.k}: {e}")
             return
         log.info("stage %d restored to step %d (plan v%d)", job.k, step, job.plan.version)
-        self._event(Restored, stage=job.k, step=step, version=job.plan.version)
+        self._event(job, Restored, stage=job.k, step=step, version=job.plan.version)
 
     # -- compute -------------------------------------------------------------------------
     def _pick(self, job: _Job) -> _Work | None:
@@ -769,7 +821,7 @@ class Agent:
                 if labels is None or len(labels) != len(out):
                     raise StageError("evaluation frame reached the last stage without labels")
                 loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
-                self._event(Eval, step=frame.step, mb=frame.mb,
+                self._event(job, Eval, step=frame.step, mb=frame.mb,
                             correct=int((out.argmax(1) == labels).sum()), n=len(labels),
                             loss_sum=float(loss))
             else:
@@ -850,7 +902,7 @@ class Agent:
         link = self._link
         result = job.results.pop(step, None) if job.last else None
         self._event(
-            Stepped, step=step, stage=job.k, busy_ms=round(job.runner.stats.busy_ms, 3),
+            job, Stepped, step=step, stage=job.k, busy_ms=round(job.runner.stats.busy_ms, 3),
             send_ms=round(link.busy_ms - job.link0[0], 3),  # since this job began here
             bytes_act=link.bytes_by_kind["act"] - job.link0[1],
             bytes_grad=link.bytes_by_kind["grad"] - job.link0[2], mbs=job.nmb,
@@ -881,11 +933,13 @@ class Agent:
         self._link.send(topic, codec.to_bytes(frame), kind, tag=(src.step, src.mb))
 
     # -- reporting -----------------------------------------------------------------------
-    def _event(self, kind: type[Event], **fields: Any) -> None:
-        """Publish a ``kind`` event of the current job, stamped with this device, the time,
-        the plan version and the rewind generation, without waiting for its PUBACK."""
-        job = self.job
-        if job is None or self._client is None:
+    def _event(self, job: _Job, kind: type[Event], **fields: Any) -> None:
+        """Publish a ``kind`` event of ``job``, stamped with this device, the time, and the
+        plan version and rewind generation of ``job`` -- the job whose compute produced the
+        event, which is not always the agent's current one: a plan can replace the job while
+        a work item computes in a worker thread, and the old work's ``stepped`` stamped with
+        the new plan would be taken as current. Sent without waiting for its PUBACK."""
+        if self._client is None:
             return
         ev = kind(device=self.cfg.device_id, time=time.time(), pv=job.plan.version, gen=job.gen,
                   **fields)

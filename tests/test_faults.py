@@ -318,3 +318,49 @@ def test_a_hung_stage_is_routed_around(broker: MosquittoBroker, tmp_path: Path) 
     assert "no progress" in rec["reason"] and rec["lost"] == [victim], rec
     assert victim not in [s["device"] for s in record["plan"]["stages"]]
     _assert_same_as_reference(record["model_path"], cfg, 8)
+
+
+def test_a_hung_agent_process_is_found_by_its_heartbeat(tmp_path: Path) -> None:
+    """A real agent process whose compute blocks (``--fault-hang-at-step``, the agent's
+    fault-injection hook) while its connection stays up: no Will fires, and ``step_timeout``
+    is 120 s, but its heartbeats stop, so the coordinator declares it hung within
+    ``hang_timeout`` and routes around it; the others, idle meanwhile, keep beating and are
+    not suspected."""
+    import time
+
+    hang_at = 5
+    specs = [AgentSpec("h-0"), AgentSpec("h-1", extra_args=("--fault-hang-at-step",
+                                                             str(hang_at))), AgentSpec("h-2")]
+    with LocalCluster(specs, workdir=tmp_path) as cluster:
+        # flops plans order stages by device id: h-1 holds stage 1
+        cfg = _cfg(tmp_path, step_timeout=120, hang_timeout=3.0, rejoin_grace=1.0)
+        seen: dict[str, float] = {}
+
+        def progress(kind: str, info: dict[str, Any]) -> None:
+            if "recovering" in str(info.get("msg")):
+                seen.setdefault("found", time.monotonic())
+
+        async def main() -> dict[str, Any]:
+            async with Coordinator(cluster.url, cfg, job="wedged", progress=progress) as coord:
+                run = asyncio.create_task(coord.run())
+                await _until_step(coord, run, 2)
+                coord._running.clear()  # hold training while the spare boots
+                assert coord.plan.stages[1].device == "h-1"
+                cluster.start_agent(AgentSpec("h-3"))
+                await wait_retained(cluster.url, "accept/devices/h-3/status",
+                                    lambda b: b.get("state") == "online", 30)
+                coord._running.set()
+                await _until_step(coord, run, hang_at)
+                seen["hung_from"] = time.monotonic()  # h-1 blocked as it finished step 4
+                return await asyncio.wait_for(run, 90)
+
+        record = asyncio.run(main())
+        assert "FAULT INJECTION" in cluster.agent_log("h-1")
+    assert record["steps"] == 10
+    (rec,) = record["recoveries"]
+    assert rec["lost"] == ["h-1"] and "hung" in rec["reason"], rec
+    # hang_timeout (3 s) + one heartbeat (1 s) + a check (0.5 s), with room for a busy CPU;
+    # far below step_timeout, which found it before
+    assert seen["found"] - seen["hung_from"] < 7.0, seen
+    assert [s["device"] for s in record["plan"]["stages"]] == ["h-0", "h-2", "h-3"]
+    _assert_same_as_reference(record["model_path"], cfg, 10)

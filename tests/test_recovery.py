@@ -79,6 +79,12 @@ class FakeSteps:
         except TimeoutError:
             raise StepTimeout(f"waited for {waiting_for}") from None
 
+    hung: str | None = None  # a device the step driver would declare hung
+
+    def check_hung(self, since: float) -> None:
+        if self.hung is not None:
+            raise DeviceLost(self.hung, "stopped computing (test)")
+
     def new_generation(self) -> int:
         self.gen += 1
         return self.gen
@@ -313,6 +319,26 @@ def test_checkpoint_refuses_stages_at_different_steps(tmp_path: Path) -> None:
         asyncio.run(main({"a": 3, "b": 4, "c": 3}, 3))
     with pytest.raises(CoordinatorError, match="stages are at step 4, the coordinator at 3"):
         asyncio.run(main({"a": 4, "b": 4, "c": 4}, 3))
+    assert not (tmp_path / JOB / "checkpoint.pt").exists()
+
+
+def test_a_stage_hung_between_steps_fails_its_checkpoint_as_a_lost_device(
+        tmp_path: Path) -> None:
+    """b stopped computing before the checkpoint: it cannot send its weights. The step
+    driver's heartbeat watch says so within the wait (DeviceLost, which the coordinator
+    recovers), not the wait's own 60 s timeout (CoordinatorError, which ends the job)."""
+    async def main() -> float:
+        rig = Rig(tmp_path, step=3, states=dict(ALL_BACK))
+        rig.agents.gone.add("b")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, setattr, rig.steps, "hung", "b")
+        t0 = loop.time()
+        with pytest.raises(DeviceLost, match="device b stopped computing"):
+            await rig.recovery.checkpoint()
+        return loop.time() - t0
+
+    took = asyncio.run(main())
+    assert took < 2.0
     assert not (tmp_path / JOB / "checkpoint.pt").exists()
 
 

@@ -32,6 +32,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "overhead": ("accept_mqtt.bench.overhead", "accept-mqtt vs torch pipelining vs one process"),
     "chaos": ("accept_mqtt.bench.chaos", "one job under random faults: survived, replayed, "
               "accuracy, memory"),
+    "memory": ("accept_mqtt.bench.memory", "peak RSS of coordinator, agents and broker"),
 }
 
 

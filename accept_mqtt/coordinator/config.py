@@ -70,6 +70,9 @@ class TrainConfig:
     eval_batch: int = 256
     device_timeout: float = 60.0
     step_timeout: float = 120.0
+    # a plan device that sends heartbeats and is silent this long during a step or an
+    # evaluation is hung (docs/faults.md); 0: only step_timeout finds it
+    hang_timeout: float = 10.0
     runs_dir: str = "runs"
     synthetic_size: int = 2000
     predictor_state: str | None = None
@@ -140,6 +143,8 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if not self.lease > 0.0:  # NaN too
             raise ConfigError(f"lease must be > 0 seconds, got {self.lease}")
+        if not self.hang_timeout >= 0.0:  # NaN too
+            raise ConfigError(f"hang_timeout must be >= 0 seconds, got {self.hang_timeout}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self

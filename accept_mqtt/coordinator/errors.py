@@ -12,9 +12,13 @@ class DevicesTimeout(CoordinatorError):
 
 
 class DeviceLost(CoordinatorError):
-    def __init__(self, device: str) -> None:
-        super().__init__(f"device {device} went offline during training")
+    """A plan device is gone: offline (its Last Will or a goodbye), or hung (``why`` says:
+    connected, but its compute stopped)."""
+
+    def __init__(self, device: str, why: str = "went offline") -> None:
+        super().__init__(f"device {device} {why} during training")
         self.device = device
+        self.why = why
 
 
 class PlanRefused(CoordinatorError):

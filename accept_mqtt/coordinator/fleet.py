@@ -4,7 +4,7 @@ Guarantees:
 
 * ``device_state`` is what the latest retained status says *now*: ``online`` (idle),
   ``busy`` (with this job), ``elsewhere`` (busy with another job), ``offline`` (its Last Will,
-  a goodbye, or a cleared status) or ``unknown`` (no status seen).
+  a goodbye, or a cleared status), ``hung`` (below) or ``unknown`` (no status seen).
 * ``online_devices`` are the devices free for this job: idle ones, and those already busy
   with this job, with a profile.
 * ``wait_for_devices`` returns the ``n`` fastest free devices, fastest first, ties broken by
@@ -13,6 +13,9 @@ Guarantees:
 * ``wait_changed`` wakes on any status or profile update.
 * ``wait_for_devices`` raises ``BrokerLost`` when the session's connection is gone (nothing
   would arrive any more: the caller reconnects).
+* A device marked hung (``mark_hung``: connected, but its compute stopped) is ``hung``
+  whatever its status says, so it is neither waited for nor planned with, until
+  ``clear_hung`` (its compute showed progress again in this job's current plan).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Fleet:
         self.broker = broker  # for messages only
         self.say = say
         self._devices: dict[str, _Device] = {}
+        self._hung: set[str] = set()
         self._changed = asyncio.Event()
 
     # -- updates (from the session) --------------------------------------------------------
@@ -61,8 +65,19 @@ class Fleet:
         d.profile = None if profile is None else to_builtins(profile)
         self._changed.set()
 
+    def mark_hung(self, device: str) -> None:
+        self._hung.add(device)
+        self._changed.set()
+
+    def clear_hung(self, device: str) -> None:
+        if device in self._hung:
+            self._hung.discard(device)
+            self._changed.set()
+
     # -- queries ---------------------------------------------------------------------------
     def device_state(self, device: str) -> str:
+        if device in self._hung:
+            return "hung"
         d = self._devices.get(device)
         if d is None or not d.seen_status:
             return "unknown"

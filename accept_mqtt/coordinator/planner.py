@@ -11,7 +11,9 @@ same inputs (device order ties broken by id) and always returns a valid ``Plan``
   every timing sample queued so far is learnt before a re-plan (``next_plan``).
 * The latency predictor learns every timing sample the agents send, in arrival order, in
   the gaps of the event loop rather than when the sample arrives (``on_timing``), so learning
-  never holds up a step's events; ``learn_pending`` learns the rest at once.
+  never holds up a step's events; ``learn_pending`` learns the rest at once. Once learnt, a
+  sample is not kept: ``timing_samples`` holds the latest ``TIMING_SAMPLES_KEPT``, and
+  ``timing_samples_total`` counts them all (memory stays flat over a long run).
 * A speed change the predictor detects is recorded and published as ``drift``; when planning
   now would move the partition (and ``auto_replan``, and no re-plan in the last
   ``replan_min_steps`` steps) it becomes a re-plan request, as ``repartition`` and ``set``
@@ -86,6 +88,7 @@ def prior_costs(descs: list[LayerDescriptor], profile: dict[str, Any],
 # spends about 0.3 ms of CPU per frame it sends or receives beyond the tensor's own bytes.
 FRAME_CPU_MS = 0.3
 MICRO_BATCH_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)  # what ``micro_batches="auto"`` tries
+TIMING_SAMPLES_KEPT = 2000  # the latest timing samples the planner keeps (``timing_samples``)
 
 
 def make_partition(
@@ -247,7 +250,12 @@ class Planner:
         self.costs: Any = None  # predictor.CostModel when planning by prediction
         self.optimizer: dict[str, Any] | None = None  # the plans' optimizer dict (set_run)
         self.profiles: dict[str, dict[str, Any]] = {}  # devices planned with (the record's)
-        self.timing_samples: list[dict[str, Any]] = []
+        # the latest timing samples, for tools and tests: bounded, as a long run sends some
+        # 30 per device per step; the predictor learns every one (``_to_learn``) and the
+        # record keeps the count
+        self.timing_samples: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=TIMING_SAMPLES_KEPT)
+        self.timing_samples_total = 0
         self._info: dict[str, DeviceInfo] = {}
         self._replan_request: str | None = None
         self._last_replan_step = -(10**9)
@@ -360,12 +368,17 @@ class Planner:
         return self.make_plan(devices, version=plan.version + 1, start_step=start_step)
 
     def partition_would_move(self) -> bool:
-        """Whether planning now, with what the predictor has learnt, gives other cuts/order."""
+        """Whether planning now, with what the predictor has learnt, gives other cuts/order
+        over the devices the current plan runs on. Not over every device ever known: one
+        lost earlier (or a spare seen once) would make any plan look different from the
+        current one and turn every drift into a needless re-plan (``live_replan`` then
+        considers idle devices itself)."""
         plan = self.current()
-        if plan is None or not self._info:
+        if plan is None or not all(d in self._info for d in plan.devices):
             return False
         try:
-            fresh = self.make_plan(list(self._info.values()), version=plan.version + 1)
+            fresh = self.make_plan([self._info[d] for d in plan.devices],
+                                   version=plan.version + 1)
         except Exception as e:  # planning trouble must not stop training
             log.warning("re-planning check failed: %s", e)
             return False
@@ -414,6 +427,7 @@ class Planner:
         for s in samples:
             s["device"] = device
         self.timing_samples.extend(samples)
+        self.timing_samples_total += len(samples)
         profile = self.profiles.get(device) or fallback_profile
         if self.costs is None or profile is None:
             return

@@ -39,7 +39,9 @@ class StageTotals:
     send_ms: float = 0.0
     bytes_act: int = 0
     bytes_grad: int = 0
-    steps: int = 0
+    steps: int = 0  # ``stepped`` events counted: one per step and rewind generation
+    mbs: int = 0  # micro-batches those steps computed (the events' ``mbs``)
+    last: tuple[int, int] | None = None  # (gen, step) of the latest counted: a copy is not
 
 
 @dataclass
@@ -84,7 +86,6 @@ def make_record(*, job: str, dataset: str, cfg: TrainConfig, plan: Plan,
                 predictor_error: dict[str, Any] | None, started: float) -> dict[str, Any]:
     """The run record (``runs/<job>/record.json``)."""
     st = state
-    nmb_total = max(1, st.microbatches)
     stages = []
     for s in plan.stages:
         tot = st.stages.get(s.index, StageTotals())
@@ -93,7 +94,8 @@ def make_record(*, job: str, dataset: str, cfg: TrainConfig, plan: Plan,
             "busy_ms": round(tot.busy_ms, 2), "send_ms": round(tot.send_ms, 2),
             "busy_fraction": round(tot.busy_ms / max(st.train_s * 1e3, 1e-9), 4),
             "predicted_ms": s.predicted_ms,
-            "measured_ms_per_microbatch": round(tot.busy_ms / nmb_total, 4),
+            # both counted over the current plan's steps (a re-plan starts them at zero)
+            "measured_ms_per_microbatch": round(tot.busy_ms / max(1, tot.mbs), 4),
             "bytes_act_sent": tot.bytes_act, "bytes_grad_sent": tot.bytes_grad,
         })
     links = [{"link": f"{a['stage']}->{b['stage']}", "act_bytes": a["bytes_act_sent"],

@@ -65,6 +65,7 @@ from .config import TrainConfig
 from .errors import BrokerLost, CoordinatorError, DeviceLost, StepTimeout
 from .planner import DeviceInfo
 from .record import RunState, as_metric
+from .steps import HANG_CHECK_S
 
 log = logging.getLogger("accept_mqtt.coordinator")
 
@@ -130,6 +131,8 @@ class Pipeline(Protocol):
 
     def new_generation(self) -> int: ...
 
+    def check_hung(self, since: float) -> None: ...
+
 
 class Recovery:
     """Fault handling of one job (see the module docstring)."""
@@ -184,15 +187,19 @@ class Recovery:
         weights: dict[str, torch.Tensor] = {}
         opt: dict[str, torch.Tensor] = {}
         steps: dict[int, int] = {}
-        deadline = time.monotonic() + timeout
+        since = time.monotonic()
+        deadline = since + timeout
         while len(steps) < len(plan.stages):
             missing = sorted(set(range(len(plan.stages))) - set(steps))
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CoordinatorError(f"no weights from stages {missing}")
+            # a stage hung between steps cannot answer: DeviceLost, recovered like one in
+            # a step, rather than this wait's CoordinatorError ending the job
+            self.steps.check_hung(since)
             try:
                 # short waits: a device lost meanwhile is noticed within one
-                w = await asyncio.wait_for(self._weights.get(), min(left, 0.5))
+                w = await asyncio.wait_for(self._weights.get(), min(left, HANG_CHECK_S))
             except TimeoutError:
                 self._check_alive(plan, missing)
                 continue

@@ -18,8 +18,11 @@ Guarantees:
   else happens at the boundary (pause, checkpoint, re-plan, evaluation): the devices will
   compute it on their own. A new plan or a rewind makes the frames sent ahead stale; they are
   forgotten here and dropped by the agents.
-* ``evaluate`` sends the held-out set in eval mode (no stash, no step) and aggregates the last
-  stage's ``eval`` events.
+* ``evaluate`` sends the held-out set in eval mode (no stash, no step), in chunks of
+  ``eval_batch`` samples with at most ``stages + EVAL_AHEAD`` chunks in flight (a new one
+  goes out as the last stage reports one), and aggregates the last stage's ``eval`` events,
+  one per chunk. Flow control: the broker, stage 0's queue and the coordinator hold a few
+  chunks, never the whole set (CIFAR-10's test set is 123 MB of float32).
 * Events of an earlier plan version or rewind generation are dropped on arrival (frames and
   events carry both, docs/faults.md); events without them count as current.
 * ``next_event`` raises ``DeviceLost`` for a plan device that is offline *now* (a Last Will
@@ -27,6 +30,15 @@ Guarantees:
   reported that it cannot build its stage, ``BrokerLost`` when the connection dropped and
   ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost when
   queued events are dropped (``drain``).
+* Hung devices: during a training step or an evaluation, a plan device that has sent a
+  ``progress`` heartbeat under the current plan and then nothing at all (no heartbeat, no
+  event) for ``hang_timeout`` seconds (at least three of its heartbeat intervals) is marked
+  hung in the fleet and raises ``DeviceLost``. Silence is counted from the later of its last
+  message and the start of the wait, so time the coordinator spent elsewhere (a checkpoint,
+  planning) is not held against a device; a device that never sent a heartbeat (an older
+  agent, ``--heartbeat 0``) is left to ``step_timeout``. ``check_hung`` does the same for a
+  wait elsewhere (``Recovery`` collecting a checkpoint). Found within ``hang_timeout`` plus
+  one heartbeat interval plus ``HANG_CHECK_S`` of the hang (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -41,12 +53,17 @@ import torch
 
 from accept_mqtt.model.microbatch import split
 from accept_mqtt.wire import codec
-from accept_mqtt.wire.messages import Eval, Event, Ready, Rewound, Stepped
+from accept_mqtt.wire.messages import Eval, Event, Progress, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
 from .errors import BrokerLost, CoordinatorError, DeviceLost, PlanRefused, StepTimeout
 from .record import RunState, StageTotals
+
+HANG_CHECK_S = 0.5  # how often a watched wait looks for a silent device
+# evaluation chunks in flight beyond one per stage: while every stage computes one, the
+# next is already on its way, so no stage waits for a round trip to the coordinator
+EVAL_AHEAD = 2
 
 
 def plan_payload(plan: Plan) -> str:
@@ -70,7 +87,13 @@ class Publisher(Protocol):
 
 class DeviceStates(Protocol):
     def device_state(self, device: str) -> str:
-        """``online``, ``busy``, ``elsewhere``, ``offline`` or ``unknown``, now."""
+        """``online``, ``busy``, ``elsewhere``, ``offline``, ``hung`` or ``unknown``, now."""
+
+    def mark_hung(self, device: str) -> None:
+        """From now on ``device`` is ``hung`` (neither waited for nor planned with)."""
+
+    def clear_hung(self, device: str) -> None:
+        """``device`` computes again: its status counts again."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +126,7 @@ class StepDriver:
 
     def __init__(self, job: str, topics: Topics, state: RunState, publisher: Publisher,
                  devices: DeviceStates, *, step_timeout: float, eval_batch: int,
+                 hang_timeout: float = 0.0,
                  say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> None:
         self.job = job
         self.topics = topics
@@ -116,6 +140,11 @@ class StepDriver:
         self.gen = 0  # rewind generation of the current plan (frames and events carry it)
         self.sent_ahead: int | None = None  # a step whose inputs went out with the one before
         self._events: asyncio.Queue[Queued] = asyncio.Queue()
+        self.hang_timeout = hang_timeout  # 0: no hang detection
+        # plan devices that beat under the current plan: their heartbeat interval, and when
+        # anything of theirs last arrived (monotonic)
+        self._beat_every: dict[str, float] = {}
+        self._heard: dict[str, float] = {}
 
     @property
     def step(self) -> int:
@@ -125,12 +154,29 @@ class StepDriver:
     def on_event(self, ev: Event) -> None:
         if self._stale(ev):
             return
+        self._heard[ev.device] = time.monotonic()
+        if isinstance(ev, Progress):  # a heartbeat: heard, nothing to wait for
+            self._beat_every[ev.device] = ev.every
+            self.devices.clear_hung(ev.device)
+            return
         if isinstance(ev, Stepped):
-            tot = self.state.stages.setdefault(ev.stage, StageTotals())
-            tot.busy_ms, tot.send_ms = ev.busy_ms, ev.send_ms
-            tot.bytes_act, tot.bytes_grad = ev.bytes_act, ev.bytes_grad
-            tot.steps += 1
+            self._count(ev)
         self._events.put_nowait(ev)
+
+    def _count(self, ev: Stepped) -> None:
+        """A stage's counters from its ``stepped``, once per (generation, step): QoS 1 may
+        deliver an event twice, and an older copy must not roll the cumulative counters
+        back. A step redone after a rewind (a new generation) counts again: it was
+        computed again, and its compute is in the agent's cumulative ``busy_ms``."""
+        tot = self.state.stages.setdefault(ev.stage, StageTotals())
+        mark = (ev.gen or 0, ev.step)
+        if tot.last is not None and mark <= tot.last:
+            return
+        tot.last = mark
+        tot.busy_ms, tot.send_ms = ev.busy_ms, ev.send_ms
+        tot.bytes_act, tot.bytes_grad = ev.bytes_act, ev.bytes_grad
+        tot.steps += 1
+        tot.mbs += ev.mbs
 
     def device_offline(self, device: str) -> None:
         """A device's status says offline: a fault if the plan uses it and it stays so."""
@@ -172,14 +218,25 @@ class StepDriver:
         self.drain()
         return self.gen
 
-    async def next_event(self, timeout: float, waiting_for: str) -> Event:
-        """The next agent event (see the module docstring for the faults it raises)."""
+    async def next_event(self, timeout: float, waiting_for: str,
+                         watch_from: float | None = None) -> Event:
+        """The next agent event (see the module docstring for the faults it raises).
+
+        ``watch_from``: look for hung devices, counting silence from this monotonic time at
+        the earliest (a training step's or an evaluation's start)."""
         deadline = time.monotonic() + timeout
+        watch = watch_from is not None and self.hang_timeout > 0
         while True:
+            if watch:
+                assert watch_from is not None
+                self.check_hung(watch_from)
+            left = max(0.0, deadline - time.monotonic())
             try:
                 ev = await asyncio.wait_for(self._events.get(),
-                                            max(0.0, deadline - time.monotonic()))
+                                            min(left, HANG_CHECK_S) if watch else left)
             except TimeoutError:
+                if watch and time.monotonic() < deadline:
+                    continue
                 raise StepTimeout(f"no progress for {timeout:.0f}s while waiting for "
                                   f"{waiting_for}") from None
             match ev:
@@ -195,6 +252,23 @@ class StepDriver:
                 case _:
                     return ev
 
+    def check_hung(self, since: float) -> None:
+        """Raise ``DeviceLost`` for a beating plan device silent too long (module docstring);
+        also for waits outside this driver (a checkpoint's weights)."""
+        if self.plan is None or self.hang_timeout <= 0:
+            return
+        now = time.monotonic()
+        for dev in self.plan.devices:
+            every = self._beat_every.get(dev)
+            if every is None:
+                continue
+            silent = now - max(self._heard.get(dev, since), since)
+            if silent > max(self.hang_timeout, 3 * every):
+                self.devices.mark_hung(dev)
+                self._beat_every.pop(dev, None)
+                raise DeviceLost(dev, f"stopped computing (connected, but no heartbeat or "
+                                      f"event for {silent:.1f}s: hung)")
+
     # -- the plan --------------------------------------------------------------------------
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
         """Publish ``plan`` retained and wait until every stage's agent says it is ready;
@@ -203,6 +277,7 @@ class StepDriver:
         if self.plan is None or self.plan.version != plan.version:
             self.gen = 0
             self.state.stages = {}  # the new stages count from zero
+            self._beat_every.clear()  # heartbeats count under the plan they were sent for
             self.drain()
         self.plan = plan
         for dev in plan.devices:  # offline before the plan existed: its Will was not a loss
@@ -257,8 +332,9 @@ class StepDriver:
         await asyncio.gather(*(self.publisher.publish(fwd0, f) for f in frames))
         waiting = {0, last}
         result: Stepped | None = None
+        since = time.monotonic()
         while waiting:
-            ev = await self.next_event(self.step_timeout, f"step {step}")
+            ev = await self.next_event(self.step_timeout, f"step {step}", watch_from=since)
             if isinstance(ev, Stepped) and ev.step == step and ev.stage in waiting:
                 waiting.discard(ev.stage)
                 if ev.stage == last:
@@ -275,15 +351,28 @@ class StepDriver:
         fwd0 = self.topics.fwd(self.job, 0)
         chunks = [(i, min(i + self.eval_batch, len(x)))
                   for i in range(0, len(x), self.eval_batch)]
-        for mb, (a, b) in enumerate(chunks):
+        window = len(self.plan.stages) + EVAL_AHEAD
+        sent = 0
+
+        async def send_next() -> None:
+            nonlocal sent
+            a, b = chunks[sent]
             await self.publisher.publish(fwd0, self._input_frame(x[a:b], y[a:b],
-                                                                 self.state.step, mb,
+                                                                 self.state.step, sent,
                                                                  {"train": False}))
+            sent += 1
+
+        while sent < min(window, len(chunks)):
+            await send_next()
         got: dict[int, Eval] = {}
+        since = time.monotonic()
         while len(got) < len(chunks):
-            ev = await self.next_event(self.step_timeout, "evaluation results")
-            if isinstance(ev, Eval) and ev.step == self.state.step:
-                got[ev.mb] = ev
+            ev = await self.next_event(self.step_timeout, "evaluation results",
+                                       watch_from=since)
+            if isinstance(ev, Eval) and ev.step == self.state.step and ev.mb not in got:
+                got[ev.mb] = ev  # one result per chunk, a second copy counts nothing
+                if sent < len(chunks):
+                    await send_next()
         n = sum(e.n for e in got.values())
         return {"accuracy": sum(e.correct for e in got.values()) / max(n, 1),
                 "loss": sum(e.loss_sum for e in got.values()) / max(n, 1)}

@@ -17,6 +17,10 @@ Guarantees:
   times the CPU time it used (``emulated_pause``; its duration with more than one torch
   thread), emulating a device ``s`` times slower without taking CPU from other processes;
   reported per-layer times are the measured ones stretched by the same factor.
+* ``ticks`` grows while the stage computes: once per layer of a forward, once per layer
+  boundary a backward's gradient reaches, once per optimizer step and once per 0.2 s of an
+  emulated slowdown's pause. It is written by the compute thread only; another thread
+  reading it (an agent's heartbeat) tells a slow compute (it grows) from a stalled one.
 * Observers (``add_observer``, e.g. ``device_agent.trace``) get one ``on_compute`` call per
   ``forward`` ("fwd"), ``backward`` ("bwd") and ``step`` ("opt", key None), with the
   ``time.time()`` span of the call, after it returns or raises. They are called in the thread
@@ -40,6 +44,7 @@ from .descriptors import LayerDescriptor
 from .schedule import apply_lr, check_schedule
 
 Key = tuple[int, int]  # (step, micro-batch)
+PAUSE_SLICE_S = 0.2  # an emulated slowdown's pause sleeps in slices of this, ticking each
 # weights and buffers, optimizer state: both named as in the stage (offset 0)
 Snapshot = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -114,6 +119,7 @@ class StageRunner:
         self._stash: dict[Key, _Stash] = {}
         self.timings: list[tuple[int, str, int, float]] = []  # layer, dir, batch, ms
         self.stats = StageStats()
+        self.ticks = 0  # compute progress (module docstring)
         # a tuple, replaced on add/remove: the compute thread iterates it while the loop edits
         self._observers: tuple[StageObserver, ...] = ()
 
@@ -139,8 +145,11 @@ class StageRunner:
         """Emulate a slower device after a compute call of ``wall`` seconds that used ``cpu``
         seconds of this thread; the factor by which the call's measured times stretch."""
         pause = emulated_pause(self.slowdown, wall, cpu if self.threads == 1 else wall)
-        if pause > 0.0:
-            time.sleep(pause)
+        left = pause
+        while left > 0.0:  # in slices: an emulated slow device shows progress as it goes
+            time.sleep(min(left, PAUSE_SLICE_S))
+            left -= PAUSE_SLICE_S
+            self.ticks += 1
         return (wall + pause) / wall if wall > 0.0 else self.slowdown
 
     def _record(self, direction: str, batch: int, seconds: list[float], factor: float) -> None:
@@ -189,6 +198,7 @@ class StageRunner:
             for layer in self.layers:
                 h = layer(h)
                 outputs.append(h)
+                self.ticks += 1
                 t1 = time.perf_counter()
                 seconds.append(t1 - t0)
                 t0 = t1
@@ -240,7 +250,7 @@ class StageRunner:
         handles = []
         for i, o in enumerate(stash.outputs[:-1]):
             if o.requires_grad:
-                handles.append(o.register_hook(_stamp(reached, i)))
+                handles.append(o.register_hook(_stamp(reached, i, self)))
         c_start, t_start = time.thread_time(), time.perf_counter()
         try:
             if stash.loss is not None:
@@ -257,6 +267,7 @@ class StageRunner:
         seconds = [(bounds[i - 1] if i > 0 else t_end) - bounds[i] for i in range(nl)]
         self._record("bwd", n, seconds, factor)
         self.stats.bwd_count += 1
+        self.ticks += 1
         return stash.inp.grad if not self.is_first else None
 
     def step(self, index: int | None = None) -> None:
@@ -280,6 +291,7 @@ class StageRunner:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.stats.steps += 1
+        self.ticks += 1
 
     @property
     def in_flight(self) -> int:
@@ -416,8 +428,10 @@ def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
         a[k].shape == v.shape and a[k].dtype == v.dtype for k, v in b.items())
 
 
-def _stamp(reached: list[float | None], i: int) -> Any:
-    """A gradient hook that notes when the gradient of layer ``i``'s output arrived."""
+def _stamp(reached: list[float | None], i: int, runner: StageRunner) -> Any:
+    """A gradient hook that notes when the gradient of layer ``i``'s output arrived (and
+    ticks the runner's progress)."""
     def hook(_grad: torch.Tensor) -> None:
         reached[i] = time.perf_counter()
+        runner.ticks += 1
     return hook

@@ -190,7 +190,18 @@ class Restored(_Event, tag="restored", kw_only=True):
     version: int
 
 
-Event = Ready | Stepped | Eval | Pong | Rewound | Restored
+class Progress(_Event, tag="progress", kw_only=True):
+    """A stage's heartbeat, every ``every`` seconds while its agent holds a job, except while
+    a compute has made no progress since the last one (a stalled compute says nothing, so
+    the coordinator can tell it from a slow one, docs/faults.md)."""
+
+    stage: int
+    step: int
+    ticks: int  # compute progress so far (work items, layers, slices of emulated slowness)
+    every: float  # seconds between heartbeats
+
+
+Event = Ready | Stepped | Eval | Pong | Rewound | Restored | Progress
 
 
 # -- sync (coordinator -> agents) ------------------------------------------------------
