@@ -19,7 +19,7 @@ datasets:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(PY) -m pip install -q -e ".[coordinator,plot,dev]"
 	@touch $(STAMP)
 
 demo: setup
