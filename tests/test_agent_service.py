@@ -123,6 +123,17 @@ def test_the_agent_command_refuses_a_bad_setting_and_prints_its_config(tmp_path:
         "pi-k", 3, 0.01)
 
 
+def test_every_setting_is_documented_with_its_flag_and_variable() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in doc.splitlines()
+            if line.startswith("| `")}
+    assert set(rows) >= {s.name for s in config.SETTINGS}
+    for s in config.SETTINGS:
+        row = rows[s.name]
+        assert f"`{s.env_name}`" in row, s.name
+        assert (f"`{s.flag_name}`" in row) if s.flag_name else "(none)" in row, s.name
+
+
 def _unit() -> configparser.ConfigParser:
     # systemd allows repeated keys; interpolation off: '%' means something else to systemd
     cp = configparser.ConfigParser(strict=False, interpolation=None)

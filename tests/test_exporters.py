@@ -167,8 +167,8 @@ def test_one_job_read_back_from_tensorboard_and_prometheus(broker: MosquittoBrok
 
 def test_monitor_command_serves_and_writes_from_a_metrics_stream(broker: MosquittoBroker,
                                                                  tmp_path: Path) -> None:
-    """``accept-mqtt monitor --no-view --prometheus --tensorboard`` as a user runs it, fed
-    step metrics published to the broker; Ctrl-C ends it with status 0."""
+    """``accept-mqtt monitor --no-view --prometheus --tensorboard`` as a service runs it,
+    fed step metrics published to the broker; SIGTERM ends it with status 0."""
     mon = subprocess.Popen(
         [sys.executable, "-m", "accept_mqtt.cli", "monitor", "rec", "--broker", broker.url,
          "--no-view", "--prometheus", "127.0.0.1:0", "--tensorboard", str(tmp_path / "tb")],
@@ -219,7 +219,7 @@ def test_monitor_command_serves_and_writes_from_a_metrics_stream(broker: Mosquit
         with pytest.raises(urllib.error.HTTPError, match="404"):
             urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
     finally:
-        mon.send_signal(signal.SIGINT)
+        mon.send_signal(signal.SIGTERM)
         rc = mon.wait(30)
     assert rc == 0, mon.stderr.read() if mon.stderr else ""
     tb = _scalars(tmp_path / "tb" / "rec")

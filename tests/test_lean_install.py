@@ -1,12 +1,18 @@
 """The plain ``pip install accept-mqtt`` is the device agent's, and that agent trains in a job.
 
-One slow test (about a minute: torch alone takes ~30 s to unpack into a fresh environment):
-the package is built into a wheel, installed with its plain requirements from the package
-index into a new virtual environment (torch first, pinned as the Makefile pins it, so pip
-does not pull a multi-GB CUDA build), and then
+Fast: a CLI command whose extra is missing (simulated by blocking its module) says which
+extra to install, and the extras the CLI names are pyproject's.
+
+One slow test (about 40 s on an idle machine): the package is built into a wheel and
+installed with its plain requirements from the package index into a new virtual environment.
+torch is not unpacked again (30-60 s here): the new environment is given this one's torch,
+the version the Makefile pins, and what torch requires, through a .pth file naming a folder
+of links to just those; pip sees it installed and fetches the rest, so every other package
+the agent gets comes from the wheel's own requirements. Then
 
 * what the wheel added beyond torch is exactly the lean set, and the agent imports every
   distribution of it (nothing unused is required, nothing imported is missing);
+* the shipped systemd unit is in the wheel and names that environment's Python;
 * the coordinator's command, run there, stops and names the extra to install;
 * that environment's agent runs one stage of a real job through Mosquitto beside an agent
   of the development environment, and leaves on SIGTERM with exit status 0.
@@ -15,6 +21,7 @@ does not pull a multi-GB CUDA build), and then
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata as md
 import json
 import os
 import re
@@ -22,12 +29,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
+from accept_mqtt.cli import EXTRA_MODULES, NEEDS
 from accept_mqtt.coordinator import Coordinator
 from accept_mqtt.coordinator.config import TrainConfig
 from broker import MosquittoBroker
@@ -36,7 +46,6 @@ from .conftest import running_agents, wait_retained
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAN = {"torch", "numpy", "msgpack", "msgspec", "aiomqtt", "paho-mqtt"}
-TORCH_PIN = "torch==2.13.0"  # the Makefile's TORCH_PIN
 # The distributions the agent imports, as importlib.metadata names them, printed by the fresh
 # environment's Python after importing the agent
 IMPORTED = """
@@ -50,6 +59,30 @@ print(json.dumps({"dists": sorted(dists), "file": device_agent.__file__}))
 
 def _norm(name: str) -> str:
     return name.lower().replace("_", "-")
+
+
+def _give_torch(venv: Path) -> None:
+    """Make this environment's torch, and the distributions it requires (recursively, no
+    extras), importable and visible to pip in ``venv``: links in one folder, named by a
+    .pth file. Nothing else of this environment is visible there."""
+    links = venv / "torch-from-dev"
+    links.mkdir()
+    todo, seen = ["torch"], set()
+    while todo:
+        dist = md.distribution(todo.pop())
+        name = _norm(dist.metadata["Name"])
+        if name in seen or name in ("pip", "setuptools"):  # the new venv has its own
+            continue
+        seen.add(name)
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            target = Path(str(dist.locate_file(top)))
+            if not (links / top).exists():
+                (links / top).symlink_to(target)
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    (site / "torch-from-dev.pth").write_text(f"{links}\n")
 
 
 def _pip_names(python: Path) -> set[str]:
@@ -87,6 +120,57 @@ def _requirements(wheel: Path) -> tuple[set[str], dict[str, set[str]]]:
     return plain, extras
 
 
+def _cli_without(modules: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """``accept-mqtt ARGV`` in a Python where importing ``modules`` fails, as it does where
+    their packages are not installed."""
+    code = ("import sys\n"
+            f"for m in {modules!r}: sys.modules[m] = None\n"
+            "from accept_mqtt.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("blocked,argv", [
+    (["river"], ["train", "--devices", "1"]),
+    (["rich"], ["monitor", "--once"]),  # monitor imports rich as its module loads
+    (["sklearn"], ["bench", "codec"]),
+    (["river", "sklearn", "rich"], ["profile"]),
+])
+def test_a_command_without_its_extra_names_it(blocked: list[str], argv: list[str]) -> None:
+    p = _cli_without(blocked, *argv)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == (
+        f"accept-mqtt: 'accept-mqtt {argv[0]}' needs the 'coordinator' extra (module "
+        f"{blocked[0]!r} is not installed): pip install 'accept-mqtt[coordinator]'")
+
+
+def test_a_lazy_import_of_an_extra_is_reported_too() -> None:
+    """matplotlib is imported only when a plot is drawn; its absence then names 'plot'."""
+    code = ("import sys\nsys.modules['matplotlib'] = None\n"
+            "from accept_mqtt.cli import _missing_extra\n"
+            "try:\n    import matplotlib.pyplot\n"
+            "except ModuleNotFoundError as e:\n    print(_missing_extra('bench', e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert "needs the 'plot' extra (module 'matplotlib'" in out
+
+
+def test_the_extras_the_cli_names_are_pyprojects() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert set(NEEDS.values()) | set(EXTRA_MODULES.values()) <= set(extras)
+    owners = {"river": "river", "sklearn": "scikit-learn", "rich": "rich",
+              "matplotlib": "matplotlib"}
+    for module, extra in EXTRA_MODULES.items():
+        assert any(r.startswith(owners[module]) for r in extras[extra]), (module, extra)
+    for extra in NEEDS.values():  # every package of a command's extra is checked for
+        for req in extras[extra]:
+            name = re.match(r"[A-Za-z0-9_.-]+", req).group(0)  # type: ignore[union-attr]
+            assert name in owners.values() and EXTRA_MODULES[
+                next(m for m, d in owners.items() if d == name)] == extra, req
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_plain_install_is_the_agents_and_it_trains_in_a_job(broker: MosquittoBroker,
@@ -99,10 +183,11 @@ def test_plain_install_is_the_agents_and_it_trains_in_a_job(broker: MosquittoBro
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    pip = [str(py), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [TORCH_PIN], check=True, timeout=600, capture_output=True)
+    _give_torch(venv)
     with_torch = _pip_names(py)
-    subprocess.run(pip + [str(wheel)], check=True, timeout=600, capture_output=True)
+    assert "torch" in with_torch and "river" not in with_torch
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True,
+                   timeout=600, capture_output=True)
     added = _pip_names(py) - with_torch
     assert added == (LEAN - {"torch"}) | {"accept-mqtt"}, added
 
@@ -114,6 +199,11 @@ def test_plain_install_is_the_agents_and_it_trains_in_a_job(broker: MosquittoBro
     imported = {_norm(d) for d in got["dists"]} - {"accept-mqtt"}
     assert LEAN <= imported, f"required but never imported: {LEAN - imported}"
     assert imported <= with_torch | LEAN, f"imported but not required: {imported - LEAN}"
+
+    unit = subprocess.run([str(venv / "bin" / "accept-mqtt-agent"), "--print-systemd-unit"],
+                          capture_output=True, text=True, check=True, timeout=120,
+                          cwd=tmp_path, env=env).stdout  # the unit file is in the wheel
+    assert f"ExecStart={py} -m device_agent" in unit and "Restart=on-failure" in unit
 
     train = subprocess.run([str(venv / "bin" / "accept-mqtt"), "train", "--devices", "1"],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)

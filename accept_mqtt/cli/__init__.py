@@ -114,6 +114,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before parsing: a command whose module cannot load has no flags to parse
+        check_extra(next((a for a in argv if not a.startswith("-")), ""))
+    except MissingExtra as e:
+        print(f"accept-mqtt: {e}", file=sys.stderr)
+        return 2
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -121,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        check_extra(args.command)
         if getattr(args, "_missing", None):
             print(f"accept-mqtt: {args._missing}", file=sys.stderr)
             return 2

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
 import uuid
@@ -816,6 +817,10 @@ async def _run(args: argparse.Namespace) -> None:
     collection, the live view or (``--no-view``) only the exporters, until interrupted."""
     from accept_mqtt.cli import figures
 
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM (a service manager stopping it) ends it like Ctrl-C
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     view = FleetView(args.root, args.job, broker=str(parse_broker_url(args.broker)))
     sink = figures.TensorBoardSink(args.tensorboard) if args.tensorboard else None
     server = None
@@ -873,5 +878,5 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:  # the --prometheus port is taken, --tensorboard not writable
         print(f"accept-mqtt monitor: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 0  # Ctrl-C is how the live view ends
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0  # Ctrl-C (or SIGTERM) is how the live view ends
