@@ -298,10 +298,10 @@ class Resolved:
 def _toml_value(s: Setting, v: Any) -> str | None:
     if v is None:
         return None
-    if s.name == "bandwidth":
-        return f'"{v:g}bit"'
+    if s.name == "bandwidth":  # bits/s, in a form parse_bandwidth reads back exactly
+        return f'"{v:.0f}"'
     if s.name == "latency":
-        return f'"{v * 1e3:g}ms"' if v else None
+        return '"' + f"{v * 1e3:.6f}".rstrip("0").rstrip(".") + 'ms"' if v else None
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):

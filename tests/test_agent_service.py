@@ -111,7 +111,8 @@ def test_the_agent_command_refuses_a_bad_setting_and_prints_its_config(tmp_path:
                                   "$ACCEPT_MQTT_KEEPALIVE): must be 1..65535 seconds")
     toml = tmp_path / "agent.toml"
     out = subprocess.run([sys.executable, "-m", "device_agent", "--print-config",
-                          "--threads", "3", "--latency", "10ms"], capture_output=True,
+                          "--threads", "3", "--latency", "10ms", "--bandwidth", "20mbit",
+                          "--memory-limit", "1.5GB"], capture_output=True,
                          text=True, timeout=60, env=dict(env, ACCEPT_MQTT_DEVICE_ID="pi-k"),
                          check=True).stdout
     assert 'device_id = "pi-k"  # $ACCEPT_MQTT_DEVICE_ID' in out
@@ -119,8 +120,9 @@ def test_the_agent_command_refuses_a_bad_setting_and_prints_its_config(tmp_path:
     # what it prints reads back as the same settings
     toml.write_text(out)
     again = _load(["--config", str(toml)])
-    assert (again.values["device_id"], again.values["threads"], again.values["latency"]) == (
-        "pi-k", 3, 0.01)
+    assert (again.values["device_id"], again.values["threads"], again.values["latency"],
+            again.values["bandwidth"], again.values["memory_limit"]) == (
+        "pi-k", 3, 0.01, 20e6, int(1.5 * 2**30))
 
 
 def test_every_setting_is_documented_with_its_flag_and_variable() -> None:
