@@ -108,21 +108,25 @@ def acl_lines(role: str, name: str, root: str = "accept") -> list[str]:
 
     A device writes its own status and profile (the Last Will is its status), its own timing,
     events and trace spans, frames and weights, and error reports on metrics; it reads plans,
-    frames, sync, control and weights (a restore after a re-plan). A coordinator writes what
-    drives a job (plan, control, sync, inputs, metrics, weights to restore) and reads the
-    whole tree; a monitor only reads.
+    coordinators' liveness, frames, sync, control and weights (a restore after a re-plan), and
+    its own status and probe topic (the twin check, ``wire.liveness``). A coordinator writes
+    what drives a job (plan, liveness, probes, control, sync, inputs, metrics, weights to
+    restore) and reads the whole tree; a monitor only reads.
     """
     check_id(role, name)
     r = Topics(root).root
     j = f"{r}/jobs/+"
     if role == "device":
         writes = [f"{r}/devices/{name}/status", f"{r}/devices/{name}/profile",
+                  f"{r}/devices/{name}/probe",
                   f"{j}/timing/{name}", f"{j}/events/{name}", f"{j}/trace/{name}",
                   f"{j}/stage/+/fwd", f"{j}/stage/+/bwd", f"{j}/metrics", f"{j}/weights/+"]
-        reads = [f"{j}/plan", f"{j}/stage/#", f"{j}/sync", f"{j}/control", f"{j}/weights/+"]
+        reads = [f"{r}/devices/{name}/status", f"{r}/devices/{name}/probe",
+                 f"{j}/plan", f"{j}/coordinator", f"{j}/stage/#", f"{j}/sync", f"{j}/control",
+                 f"{j}/weights/+"]
     elif role == "coordinator":
-        writes = [f"{j}/plan", f"{j}/control", f"{j}/sync", f"{j}/stage/0/fwd", f"{j}/metrics",
-                  f"{j}/weights/+"]
+        writes = [f"{j}/plan", f"{j}/coordinator", f"{j}/probe", f"{j}/control", f"{j}/sync",
+                  f"{j}/stage/0/fwd", f"{j}/metrics", f"{j}/weights/+"]
         reads = [f"{r}/#"]
     elif role == "monitor":
         writes, reads = [], [f"{r}/#"]

@@ -33,11 +33,26 @@ Lifecycle::
 * Recovery (docs/faults.md): the agent keeps a copy of its stage's state at the start of the
   current and the previous step, so the coordinator can *rewind* it to a step after a broker
   restart (sync op ``rewind``) without losing or repeating a step, and it accepts a restore of
-  weights and optimizer state on ``weights/{k}`` after a re-plan. Frames and events carry the
-  plan version (``pv``) and the rewind generation (``gen``); a frame of another plan or
-  generation is stale (sent before a re-plan or a rewind) and dropped without an error.
+  weights and optimizer state on ``weights/{k}`` after a re-plan. Weights travel both ways in
+  chunks of at most the plan's ``max_message_bytes``, checked on arrival (``wire.chunks``):
+  a broker drops a larger message after acknowledging it. Timing samples are split likewise.
+  Frames and events carry the plan version (``pv``) and the rewind generation (``gen``); a
+  frame of another plan or generation is stale (sent before a re-plan or a rewind) and
+  dropped without an error.
 * A lost connection is retried (``reconnect_timeout``) with a fresh session; the stage and its
   state survive, and the agent re-announces itself and re-subscribes.
+* Twins: before it takes its session (first connect and every reconnect) the agent asks
+  whether another live agent holds its device id (``wire.liveness.live_holder``: the retained
+  status names the holder's ``instance``, which answers a probe on
+  ``{root}/devices/{device}/probe``). If one does, it raises ``DeviceIdTaken`` naming it and
+  the other agent's session is never touched; this agent answers such probes itself.
+* Lease (docs/faults.md): a job's coordinator announces itself on the retained
+  ``{root}/jobs/{job}/coordinator`` (renewed every ``lease_s / 3``; its Will says ``gone``).
+  The agent leaves a job whose coordinator it has not heard alive for the lease (the
+  coordinator's ``lease_s``, or ``lease`` here if shorter) plus one renewal interval
+  (``wire.liveness.allowed_silence``; counted while connected) and goes
+  back to idle, and it does not join the plan of a job whose coordinator is gone. A job whose
+  coordinator never announced itself (an older coordinator) has no lease.
 """
 
 from __future__ import annotations
@@ -59,10 +74,12 @@ from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
 from accept_mqtt.model.zoo import BUILD_LOCK, build_model
-from accept_mqtt.wire import codec
+from accept_mqtt.wire import chunks, codec
 from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
+from accept_mqtt.wire.liveness import allowed_silence, instance_id, live_holder
 from accept_mqtt.wire.messages import (
+    CoordinatorStatus,
     DeviceProfile,
     DeviceStatus,
     Error,
@@ -71,6 +88,7 @@ from accept_mqtt.wire.messages import (
     LayerInfo,
     MessageError,
     Pong,
+    Probe,
     Ready,
     Restored,
     Rewound,
@@ -81,6 +99,7 @@ from accept_mqtt.wire.messages import (
     SyncWeights,
     TimingSample,
     Weights,
+    WeightsChunk,
     decode,
     encode,
 )
@@ -111,6 +130,21 @@ class AgentConfig:
     memory_limit: int | None = None  # bytes a stage may use; None: hardware's default
     model_path: tuple[str, ...] = ()  # directories a user's model (MODULE:FACTORY) is found in
     latency_s: float = 0.0  # emulated one-way latency of frames and events (Link's delay line)
+    lease: float | None = None  # seconds at most to hold a job whose coordinator is silent;
+    # None: the coordinator's own lease (CoordinatorStatus.lease_s)
+
+
+class DeviceIdTaken(RuntimeError):
+    """Another live agent holds this device id (a twin): this one does not start."""
+
+
+@dataclass
+class _Heard:
+    """What the agent last heard of one job's coordinator (its retained liveness)."""
+
+    alive: bool
+    heard: float  # monotonic: the last ``alive`` (or the first word, or the last reconnect)
+    lease_s: float
 
 
 @dataclass
@@ -206,12 +240,15 @@ class Agent:
         self.profile: DeviceProfile | None = None
         self.errors: list[Error] = []
         self.reconnects = 0
+        self._chunks = chunks.Reassembler()  # restores arrive in chunks (wire/chunks.py)
+        self.instance = instance_id()  # this process, as its status names it
+        self._coordinators: dict[str, _Heard] = {}  # job -> its coordinator's liveness
 
     # -- connection ----------------------------------------------------------------------
     def _status(self, state: Literal["online", "busy", "offline"], *, job: str | None = None,
                 stage: int | None = None, reason: str | None = None) -> DeviceStatus:
         return DeviceStatus(state=state, device=self.cfg.device_id, time=time.time(), job=job,
-                            stage=stage, reason=reason)
+                            stage=stage, reason=reason, instance=self.instance)
 
     async def __aenter__(self) -> Agent:
         torch.set_num_threads(self.cfg.threads)
@@ -231,8 +268,20 @@ class Agent:
         """Connect, announce profile and status, subscribe: the first time and on reconnect.
 
         A clean session each time: after a broker restart nothing is assumed to survive at
-        the broker; the coordinator rewinds the step in flight (docs/faults.md).
+        the broker; the coordinator rewinds the step in flight (docs/faults.md). Another live
+        agent with this device id raises ``DeviceIdTaken`` before the session is taken.
         """
+        dev = self.cfg.device_id
+        twin = await live_holder(self.url, liveness_topic=self.topics.status(dev),
+                                 probe_topic=self.topics.device_probe(dev), me=self.instance,
+                                 holder_of=_live_instance)
+        if twin is not None:
+            raise DeviceIdTaken(
+                f"device id {dev} is held by a live agent ({twin}) on {self.url}: give this "
+                "agent another --device-id, or stop that one first")
+        now = time.monotonic()
+        for heard in self._coordinators.values():  # the lease counts while connected
+            heard.heard = now
         will = aiomqtt.Will(self.topics.status(self.cfg.device_id),
                             encode(self._status("offline", reason="connection lost")), qos=1,
                             retain=True)
@@ -250,7 +299,10 @@ class Agent:
                              qos=1, retain=True)
         await client.publish(self.topics.status(self.cfg.device_id), encode(state), qos=1,
                              retain=True)
+        # liveness first: its retained messages then arrive before the plans they govern
+        await client.subscribe(self.topics.all_coordinators, qos=1)
         await client.subscribe(f"{self.topics.root}/jobs/+/plan", qos=1)
+        await client.subscribe(self.topics.device_probe(dev), qos=1)
         if job is not None:
             await client.subscribe([(t, 1) for t in self._job_topics(job)], timeout=10)
 
@@ -340,16 +392,17 @@ class Agent:
         assert self._client is not None, "use 'async with Agent(...)'"
         worker = asyncio.create_task(self._worker(), name="worker")
         reader = asyncio.create_task(self._read(), name="reader")
+        lease = asyncio.create_task(self._watch_lease(), name="lease")
         stop = asyncio.create_task(self._stop.wait(), name="stop")
-        self._tasks += [worker, reader]
+        self._tasks += [worker, reader, lease]
         try:
-            done, _ = await asyncio.wait({worker, reader, stop},
+            done, _ = await asyncio.wait({worker, reader, lease, stop},
                                          return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t is not stop and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
         finally:
-            await cancel_and_wait(worker, reader, stop)
+            await cancel_and_wait(worker, reader, lease, stop)
 
     async def _read(self) -> None:
         """Serve messages; on a lost connection reconnect and go on (the stage is kept)."""
@@ -378,6 +431,19 @@ class Agent:
         tail = parts[root_n:]
         if len(tail) == 3 and tail[0] == "jobs" and tail[2] == "plan":
             await self._on_plan(tail[1], payload)
+            return
+        if len(tail) == 3 and tail[0] == "jobs" and tail[2] == "coordinator":
+            await self._on_coordinator(tail[1], topic, payload)
+            return
+        if tail == ["devices", self.cfg.device_id, "probe"]:
+            try:
+                probe = decode(Probe, payload, topic=topic)
+            except MessageError as e:  # no job to report it on: the log says it
+                log.warning("%s", e)
+                return
+            if not probe.answer:  # a would-be twin asks: this id is taken
+                self._publish_soon(topic, Probe(nonce=probe.nonce, answer=True,
+                                                holder=self.instance))
             return
         job = self.job
         if job is None or len(tail) < 3 or tail[1] != job.plan.job:
@@ -416,6 +482,9 @@ class Agent:
                 await self._leave_job("not in the new plan")
             return
         if current is not None and current.plan.version == plan.version:
+            return
+        if (gone := self._coordinator_gone(job_id)) is not None:
+            log.warning("not joining plan v%d of job %s: %s", plan.version, job_id, gone)
             return
         if current is not None:
             await self._leave_job(f"re-plan to version {plan.version}")
@@ -471,9 +540,68 @@ class Agent:
             await self._client.unsubscribe(self._job_topics(job), timeout=10)
         except Exception as e:  # stale subscriptions are harmless: _dispatch checks the job
             log.warning("unsubscribe from job %s failed: %s", job.plan.job, e)
-        await self._publish_msg(t.status(self.cfg.device_id), self._status("online"),
-                                retain=True)
+        if self.job is None:  # not if a plan was joined meanwhile (the lease ran out as it came)
+            await self._publish_msg(t.status(self.cfg.device_id), self._status("online"),
+                                    retain=True)
         log.info("left job %s: %s", job.plan.job, why)
+
+    # -- the coordinator's lease -------------------------------------------------------------
+    async def _on_coordinator(self, job: str, topic: str, payload: bytes) -> None:
+        """A job's coordinator liveness: ``alive`` renews the lease, ``gone`` does not."""
+        if not payload:  # cleared: the job ended cleanly (its plan is cleared too)
+            self._coordinators.pop(job, None)
+            return
+        try:
+            status = decode(CoordinatorStatus, payload, topic=topic)
+        except MessageError as e:  # what was heard before stands
+            await self._report_error(topic, f"bad coordinator status: {e.reason}", job=job)
+            return
+        heard = self._coordinators.get(job)
+        now = time.monotonic()
+        if heard is None:
+            self._coordinators[job] = _Heard(status.state == "alive", now, status.lease_s)
+        elif status.state == "alive":
+            heard.alive, heard.heard, heard.lease_s = True, now, status.lease_s
+        else:
+            heard.alive = False
+
+    def _lease(self, heard: _Heard) -> float:
+        own = self.cfg.lease
+        return heard.lease_s if own is None else min(own, heard.lease_s)
+
+    def _expired(self, heard: _Heard) -> bool:
+        """Silent for longer than the lease allows (``wire.liveness.allowed_silence``)."""
+        silent = time.monotonic() - heard.heard
+        return silent > allowed_silence(self._lease(heard), heard.lease_s)
+
+    def _coordinator_gone(self, job: str) -> str | None:
+        """Why ``job``'s coordinator counts as gone (None: alive, or it has no lease)."""
+        heard = self._coordinators.get(job)
+        if heard is None:
+            return None
+        if self._expired(heard):
+            return (f"its coordinator was not heard alive for "
+                    f"{time.monotonic() - heard.heard:.0f}s (lease {self._lease(heard):g}s)")
+        if not heard.alive:
+            return "its coordinator is gone (its Last Will)"
+        return None
+
+    async def _watch_lease(self) -> None:
+        """Leave the current job once its coordinator's lease ran out (checked twice a
+        second, only while connected: the lease counts while this agent can hear)."""
+        while True:
+            await asyncio.sleep(0.5)
+            job = self.job
+            if job is None or self._client is None:
+                continue
+            heard = self._coordinators.get(job.plan.job)
+            if heard is None or not self._expired(heard):
+                continue
+            try:
+                await self._leave_job(f"its coordinator was not heard alive for the lease "
+                                      f"({self._lease(heard):g}s)")
+            except aiomqtt.MqttError as e:  # the reader reconnects; the lease counts anew
+                log.warning("leaving job %s: %s", job.plan.job, e)
 
     async def _on_sync(self, payload: bytes) -> None:
         job = self.job
@@ -502,7 +630,9 @@ class Agent:
                        version=job.plan.version, gen=job.gen, tensors=checkpoint.pack(state),
                        optim=checkpoint.pack(opt) if optim else None)
         assert self._link is not None
-        self._link.send(self.topics.weights(job.plan.job, job.k), encode(body), "weights")
+        topic = self.topics.weights(job.plan.job, job.k)
+        for piece in chunks.split(body, _message_limit(job.plan)):  # below the broker's limit
+            self._link.send(topic, piece, "weights")
 
     async def _rewind(self, job: _Job, cmd: SyncRewind) -> None:
         """Back to the start of step ``cmd.step`` in generation ``cmd.gen``.
@@ -527,12 +657,18 @@ class Agent:
         job = self.job
         assert job is not None
         try:
-            body = decode(Weights, payload, topic=topic)
+            chunk = decode(WeightsChunk, payload, topic=topic)
+            if chunk.purpose != "restore":
+                return  # our own checkpoint upload echoed back
+            body = self._chunks.add(chunk, topic)
         except MessageError as e:
             await self._report_error(topic, f"bad weights message: {e.reason}")
             return
-        if body.purpose != "restore":
-            return  # our own checkpoint upload echoed back
+        except chunks.ChunkError as e:
+            await self._report_error(topic, f"bad weights message: {e}")
+            return
+        if body is None:
+            return  # more chunks to come
         if body.version != job.plan.version:
             return  # for another plan version
         try:
@@ -717,8 +853,9 @@ class Agent:
             n=None if result is None else int(result[2]))
         if self.cfg.timing_every and step % self.cfg.timing_every == 0:
             samples = _aggregate(job.runner.drain_timings())
-            self._publish_soon(self.topics.timing(job.plan.job, self.cfg.device_id), samples,
-                               qos=0)
+            topic = self.topics.timing(job.plan.job, self.cfg.device_id)
+            for part in _fitting(samples, _message_limit(job.plan)):  # grows with the stage
+                self._publish_soon(topic, part, qos=0)
 
     def _send_tensor(self, job: _Job, t: torch.Tensor, src: codec.TensorFrame, kind: str,
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
@@ -757,6 +894,17 @@ class Agent:
             return
         with contextlib.suppress(Exception):
             await self._publish_msg(self.topics.metrics(job_id), err)
+
+
+def _live_instance(payload: bytes) -> str | None:
+    """The agent a retained device status names as live (None: offline, or unreadable)."""
+    try:
+        status = decode(DeviceStatus, payload)
+    except MessageError:
+        return None
+    if status.state == "offline":
+        return None
+    return status.instance or "an agent of an older version"
 
 
 def memory_refusal(plan: Plan, device: str, limit_mb: float | None,
@@ -819,6 +967,21 @@ def _building(fn: Callable[..., T], *args: Any) -> T:
     a submodule", twice in two full test runs)."""
     with BUILD_LOCK:
         return fn(*args)
+
+
+def _message_limit(plan: Plan) -> int:
+    """The largest payload to publish in this plan's job (plans of earlier versions: the
+    default)."""
+    return plan.max_message_bytes or chunks.DEFAULT_MAX_MESSAGE_BYTES
+
+
+def _fitting(samples: list[TimingSample], limit: int) -> list[list[TimingSample]]:
+    """``samples`` as lists that each encode to at most ``limit`` bytes (halved until they
+    do; a single sample is a few hundred bytes, far below any limit a chunk allows)."""
+    if len(samples) <= 1 or len(encode(samples)) <= limit:
+        return [samples]
+    half = len(samples) // 2
+    return _fitting(samples[:half], limit) + _fitting(samples[half:], limit)
 
 
 def _frame_seed(seed: int, step: int, mb: int, stage: int) -> int:

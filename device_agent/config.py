@@ -88,6 +88,12 @@ def _slowdown(v: float) -> float:
     return v
 
 
+def _positive(v: float) -> float:
+    if not v > 0:  # also refuses NaN
+        raise ValueError("must be > 0")
+    return v
+
+
 def _broker(v: str) -> str:
     parse_broker_url(v)
     return v
@@ -154,6 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_path", "list", "directories a user's model (MODULE:FACTORY) is imported "
             "from or its .py file found in (flag repeatable; env: separated by "
             f"'{os.pathsep}')", [], _dirs, metavar="DIR"),
+    Setting("lease", "float", "leave a job whose coordinator was not heard alive for this "
+            "long, if shorter than the coordinator's own lease (default: the coordinator's)",
+            None, _positive, metavar="SECONDS"),
     Setting("verbose", "bool", "debug logging", False, flag="--verbose"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -268,7 +277,7 @@ class Resolved:
             broker=v["broker"], device_id=v["device_id"], root=v["root"], threads=v["threads"],
             slowdown=v["slowdown"], bandwidth_bps=v["bandwidth"], keepalive=v["keepalive"],
             pace=v["pace"], trace_steps=v["trace_steps"], memory_limit=v["memory_limit"],
-            model_path=v["model_path"], latency_s=v["latency"])
+            model_path=v["model_path"], latency_s=v["latency"], lease=v["lease"])
 
     def client_env(self) -> dict[str, str]:
         """What ``BrokerUrl.client_kwargs`` reads from the environment at each (re)connect:

@@ -41,6 +41,24 @@ def broker() -> Iterator[MosquittoBroker]:
         b.cleanup()
 
 
+SMALL_MESSAGE_LIMIT = 131072  # bytes: what small_broker accepts in one publish
+
+
+@pytest.fixture
+def small_broker() -> Iterator[MosquittoBroker]:
+    """A broker with a small ``message_size_limit``, as fleets set one: above it Mosquitto
+    acknowledges a publish and delivers it to nobody (the last setting in the config wins)."""
+    if not _have_mosquitto():
+        pytest.fail("mosquitto is not installed: run 'make test' (it installs it) or "
+                    "'apt-get install mosquitto'")
+    b = MosquittoBroker(extra_config=f"message_size_limit {SMALL_MESSAGE_LIMIT}\n")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
 @contextlib.asynccontextmanager
 async def running_agents(url: str | Callable[[str], str], ids: list[str],
                          **kw: Any) -> AsyncIterator[list[Any]]:

@@ -128,6 +128,31 @@ def test_every_partition_method_gives_a_valid_plan(method: str) -> None:
     if method == "dp":  # the fastest device gets the most work
         work = {s.device: sum(d.flops for d in descs[s.start:s.end]) for s in plan.stages}
         assert max(work, key=work.__getitem__) == "d0"
+    # each width on its own links: gradients are not sent at the activations' width
+    cfg = TrainConfig(model="cnn", devices=3, act_bits=4, grad_bits=8)
+    res = make_partition(descs, devs, cfg, method=method)
+    assert list(res.act_bits[:-1]) == [4, 4] and list(res.grad_bits[1:]) == [8, 8]
+
+
+def test_a_width_the_partition_does_not_honour_is_refused() -> None:
+    from dataclasses import replace
+
+    from accept_mqtt.coordinator.config import TrainConfig
+    from accept_mqtt.coordinator.planner import (
+        DeviceInfo,
+        PlanningError,
+        honoured_widths,
+        make_partition,
+    )
+
+    cfg = TrainConfig(model="cnn", devices=3, act_bits=4, grad_bits=8)
+    descs = describe(build_model("cnn", seed=0))
+    devs = [DeviceInfo(f"d{i}", {"bench_gflops": 1.0, "memory_mb": 4096}) for i in range(3)]
+    res = make_partition(descs, devs, cfg, method="equal")
+    assert honoured_widths(res, cfg, "equal") is res
+    with pytest.raises(PlanningError, match=r"put grad_bits \[4, 4\] on the links, not the "
+                                            r"configured 8"):
+        honoured_widths(replace(res, grad_bits=(32, 4, 4)), cfg, "equal")
 
 
 def test_auto_micro_batches_is_the_predicted_fastest_count_that_fits(
@@ -163,6 +188,8 @@ def test_auto_micro_batches_is_the_predicted_fastest_count_that_fits(
     for bad in (0, "many", True):
         with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):
             TrainConfig(micro_batches=bad).validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="micro_batches 16 is more than batch_size 8"):
+        TrainConfig(micro_batches=16, batch_size=8).validate()  # never quietly 8 of one sample
     # the way a config file and the command line arrive
     assert TrainConfig.from_dict({"micro_batches": "auto"}).micro_batches == "auto"
     with pytest.raises(ConfigError, match="micro_batches must be an int >= 1 or 'auto'"):
@@ -277,5 +304,7 @@ def test_slowdown_lasts_s_times_the_cpu_time_and_reports_what_it_lasted() -> Non
     elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
     reported = sum(ms for _, _, _, ms in runner.timings) / 1e3
     assert elapsed >= 0.95 * 3.0 * cpu  # its own time (at least its CPU time) + 2x CPU
-    assert elapsed == pytest.approx(3.0 * cpu, rel=0.2)  # nothing else running: ~3x CPU
+    # idle, ~3x CPU; the absolute slack is for a loaded machine (a wait for a core is kept
+    # once, not multiplied: the doctest checks the rule), not for a pause applied twice
+    assert elapsed <= 1.2 * 3.0 * cpu + 0.2
     assert reported == pytest.approx(elapsed, rel=0.2)  # what the emulated device took

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import msgpack
@@ -129,9 +130,15 @@ def test_bad_frames_are_rejected_and_training_finishes(broker: MosquittoBroker,
 
 
 def test_weights_message_is_msgpack(broker: MosquittoBroker, tmp_path: Path) -> None:
-    """Checkpoint/migration payloads on weights/{k} follow docs/protocol.md."""
-    cfg = _cfg(tmp_path, max_steps=1)
-    captured: list[bytes] = []
+    """Checkpoint/migration payloads on weights/{k} follow docs/protocol.md: msgpack chunks
+    that an outside subscriber reassembles with msgpack and hashlib alone."""
+    import hashlib
+
+    cfg = _cfg(tmp_path, max_steps=1, max_message_bytes=8192)  # several chunks per stage
+    transfers: dict[str, list[dict[str, Any]]] = {}
+
+    def complete() -> int:
+        return sum(len(cs) == cs[0]["count"] for cs in transfers.values())
 
     async def main() -> None:
         async with running_agents(broker.url, DEVICES):
@@ -141,14 +148,26 @@ def test_weights_message_is_msgpack(broker: MosquittoBroker, tmp_path: Path) -> 
                     await coord.run()
                 async with asyncio.timeout(5):
                     async for msg in c.messages:
-                        captured.append(bytes(msg.payload or b""))
-                        if len(captured) == 3:
+                        chunk = msgpack.unpackb(bytes(msg.payload or b""), raw=False)
+                        transfers.setdefault(chunk["transfer"], []).append(chunk)
+                        if complete() == 3:
                             break
 
     asyncio.run(main())
-    bodies = sorted((msgpack.unpackb(p, raw=False) for p in captured), key=lambda b: b["stage"])
+    bodies = []
+    for cs in transfers.values():
+        cs.sort(key=lambda c: c["seq"])
+        assert [c["seq"] for c in cs] == list(range(cs[0]["count"]))
+        whole = b"".join(c["data"] for c in cs)
+        assert len(whole) == cs[0]["size"]
+        assert hashlib.sha256(whole).hexdigest() == cs[0]["sha256"]
+        body = msgpack.unpackb(whole, raw=False)
+        assert (body["stage"], body["purpose"]) == (cs[0]["stage"], cs[0]["purpose"])
+        bodies.append(body)
+    bodies.sort(key=lambda b: b["stage"])
     assert [b["stage"] for b in bodies] == [0, 1, 2]
     assert bodies[0]["tensors"]["0.weight"]["shape"] == [16, 1, 3, 3]
+    assert max(len(cs) for cs in transfers.values()) > 1
 
 
 def test_control_from_mosquitto_pub(broker: MosquittoBroker, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ rewind) and restore messages the way docs/protocol.md says agents do.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,12 @@ import pytest
 import torch
 
 from accept_mqtt.coordinator.config import TrainConfig
-from accept_mqtt.coordinator.errors import CoordinatorError, StepTimeout
+from accept_mqtt.coordinator.errors import BrokerLost, CoordinatorError, DeviceLost, StepTimeout
 from accept_mqtt.coordinator.planner import DeviceInfo
 from accept_mqtt.coordinator.record import RunState
 from accept_mqtt.coordinator.recovery import Recovery
 from accept_mqtt.model.checkpoint import Checkpoint, pack, stage_slice, unpack
+from accept_mqtt.wire.chunks import Reassembler
 from accept_mqtt.wire.messages import (
     Event,
     Metric,
@@ -29,6 +31,7 @@ from accept_mqtt.wire.messages import (
     SyncRewind,
     SyncWeights,
     Weights,
+    WeightsChunk,
     decode,
 )
 from accept_mqtt.wire.plan import Plan, cuts_to_stages
@@ -93,6 +96,7 @@ class FakeAgents:
         self.gone: set[str] = set()  # devices that answer nothing
         self.recovery: Recovery | None = None
         self.restored: dict[int, Weights] = {}
+        self.chunks = Reassembler()
 
     def on_publish(self, topic: str, payload: bytes | str) -> None:
         plan = self.steps.plan
@@ -116,7 +120,10 @@ class FakeAgents:
                         device=s.device, time=0.0, stage=s.index, step=cmd.step, ok=ok,
                         rewind_gen=cmd.gen, reason=None if ok else "no saved state"))
         elif topic.startswith(f"accept/jobs/{JOB}/weights/"):
-            w = decode(Weights, raw)
+            got = self.chunks.add(decode(WeightsChunk, raw), topic)
+            if got is None:
+                return  # more chunks to come
+            w = got
             self.restored[w.stage] = w
             self.recovery.on_weights(w)  # the coordinator's own echo: must be ignored
             self.steps.events.put_nowait(Restored(device=plan.stages[w.stage].device, time=0.0,
@@ -265,6 +272,35 @@ def test_a_stage_that_cannot_rewind_falls_back_to_the_checkpoint(tmp_path: Path)
     assert rec["lost"] == ["c"] and rec["restored_step"] == 0 and rec["redo_steps"] == 4
     assert rig.state.step == 0 and rig.state.history == []  # no checkpoint: from the start
     assert rig.steps.published[-1].devices == ["a", "b", "d"]
+
+
+def test_a_device_lost_while_weights_are_collected_is_a_device_loss(tmp_path: Path) -> None:
+    """Not a 60 s wait ending in "no weights": the loss is raised at once, as during a step,
+    so that the coordinator recovers it; the checkpoint being taken is not written."""
+    async def main(collect: str) -> float:
+        rig = Rig(tmp_path, step=6, states=dict(ALL_BACK))
+        rig.agents.gone.add("b")  # killed: it answers nothing ...
+        rig.fleet.states["b"] = "offline"  # ... and its Last Will says so
+        t0 = time.monotonic()
+        with pytest.raises(DeviceLost) as e:
+            await (rig.recovery.checkpoint() if collect == "checkpoint"
+                   else rig.recovery.collect_weights())
+        assert e.value.device == "b"
+        assert rig.state.checkpoints == [] and rig.recovery.last_ckpt is None
+        return time.monotonic() - t0
+
+    for collect in ("checkpoint", "final"):
+        assert asyncio.run(main(collect)) < 2.0
+    assert not (tmp_path / JOB / "checkpoint.pt").exists()
+
+    async def broker_gone() -> None:
+        rig = Rig(tmp_path, step=6, states=dict(ALL_BACK))
+        rig.agents.gone.add("b")
+        rig.session.alive = False
+        await rig.recovery.collect_weights()
+
+    with pytest.raises(BrokerLost):
+        asyncio.run(broker_gone())
 
 
 def test_checkpoint_refuses_stages_at_different_steps(tmp_path: Path) -> None:

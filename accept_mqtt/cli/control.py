@@ -1,8 +1,14 @@
 """``accept-mqtt control JOB CMD``: send a control command to a running job and show the reply.
 
 The same JSON works from a shell: ``mosquitto_pub -t accept/jobs/JOB/control -m '{"cmd":"pause"}'``.
-The coordinator answers on ``accept/jobs/JOB/metrics`` with ``{"type": "status", ...}``, or
-``{"type": "error", ...}`` for a command it refuses (nothing changes then).
+The coordinator answers on ``accept/jobs/JOB/metrics`` (QoS 1) with ``{"type": "status", ...}``,
+or ``{"type": "error", ...}`` for a command it refuses (nothing changes then).
+
+Each command goes out with a fresh ``request_id``, and only a reply carrying it is taken for
+the answer: another user's command, its refusal, or an agent's error on the same topic are not.
+A coordinator from before request ids refuses the unknown key; the command is then sent again
+without one and answered the old way (a ``status`` naming the command, or an ``error`` about
+the control topic).
 
 The command is a ``messages.ControlCommand`` and is checked here exactly as the coordinator
 checks it (decoded from its own JSON), so a bad one fails at once, before any network.
@@ -14,9 +20,11 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from typing import Any
 
 import aiomqtt
+import msgspec
 
 from accept_mqtt.wire import messages
 from accept_mqtt.wire.broker_url import BrokerUrlError, parse_broker_url
@@ -34,9 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
 
 
-def command(cmd: str, args: list[str]) -> ControlCommand:
+def command(cmd: str, args: list[str], request_id: str | None = None) -> ControlCommand:
     """The ``ControlCommand`` of ``cmd`` and ``--arg KEY=VALUE`` strings (values as JSON when
-    they parse: numbers, true/false, lists; else the plain string).
+    they parse: numbers, true/false, lists; else the plain string), with ``request_id``
+    unless ``--arg request_id=...`` names one.
 
     Raises ``ValueError`` for a malformed ``--arg`` and ``messages.MessageError`` (a
     ``ValueError`` too) for a command the coordinator would refuse: unknown command or key,
@@ -51,25 +60,43 @@ def command(cmd: str, args: list[str]) -> ControlCommand:
             body[k] = json.loads(v)
         except ValueError:
             body[k] = v  # a plain word stays a string
+    if request_id is not None:
+        body.setdefault("request_id", request_id)
     # Decoding the command's own JSON, rather than ``ControlCommand(**body)``, applies every
     # check the receiving side applies (unknown keys, field types, not only __post_init__).
     return messages.decode(ControlCommand, messages.encode(body))
 
 
 def _reply(payload: bytes, cmd: ControlCommand, control_topic: str) -> JobStatus | Error | None:
-    """The coordinator's answer to ``cmd`` if ``payload`` is one, else None: a ``status``
-    for this command (older coordinators do not name it), or an ``error`` about a control
-    message. Other metrics (steps, an agent's error about a frame) and payloads that do not
-    decode are not the answer."""
+    """The coordinator's answer to ``cmd`` if ``payload`` is one, else None.
+
+    With a ``request_id``: only a ``status`` or an ``error`` carrying it, or an older
+    coordinator's refusal of the ``request_id`` key itself (``_OLD``). Without one (the old
+    way): a ``status`` for this command (older coordinators do not name it), or an ``error``
+    about a control message. Other metrics and payloads that do not decode are not the
+    answer."""
     try:
         m = messages.decode(Metric, payload)
     except messages.MessageError:
+        return None
+    if not isinstance(m, JobStatus | Error):
+        return None
+    if cmd.request_id is not None:
+        if m.request_id == cmd.request_id:
+            return m
+        if (isinstance(m, Error) and m.request_id is None and m.topic == control_topic
+                and "request_id" in m.reason):
+            return _OLD
         return None
     if isinstance(m, JobStatus) and m.command in (None, cmd.cmd):
         return m
     if isinstance(m, Error) and m.topic == control_topic:
         return m
     return None
+
+
+# marks an older coordinator's refusal of the ``request_id`` key (see the module docstring)
+_OLD = Error(device="coordinator", topic="", reason="request ids not supported")
 
 
 async def send(broker: str, root: str, job: str, cmd: ControlCommand,
@@ -80,14 +107,19 @@ async def send(broker: str, root: str, job: str, cmd: ControlCommand,
     u = parse_broker_url(broker)
     async with aiomqtt.Client(**u.client_kwargs()) as c:
         await c.subscribe(t.metrics(job), qos=1)  # before publishing, not to miss the reply
-        # unset widths are left out (``omit_defaults``): {"cmd": "set", "act_bits": 4}
-        await c.publish(t.control(job), messages.encode(cmd), qos=1)
         try:
             async with asyncio.timeout(timeout):
-                async for msg in c.messages:
-                    reply = _reply(bytes(msg.payload or b""), cmd, t.control(job))
-                    if reply is not None:
+                while True:
+                    # unset fields are left out (``omit_defaults``): {"cmd": "set", ...}
+                    await c.publish(t.control(job), messages.encode(cmd), qos=1)
+                    reply = None
+                    async for msg in c.messages:
+                        reply = _reply(bytes(msg.payload or b""), cmd, t.control(job))
+                        if reply is not None:
+                            break
+                    if reply is not _OLD:
                         return reply
+                    cmd = msgspec.structs.replace(cmd, request_id=None)  # the old way
         except TimeoutError:
             return None
     return None
@@ -98,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         check_id("job", args.job)
         Topics(args.root)
         url = str(parse_broker_url(args.broker))
-        cmd = command(args.cmd, args.arg)
+        cmd = command(args.cmd, args.arg, uuid.uuid4().hex[:16])
     except messages.MessageError as e:
         print(f"accept-mqtt control: {e.reason}", file=sys.stderr)
         return 2

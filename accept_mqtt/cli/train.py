@@ -42,7 +42,7 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--epochs", "epochs", int, "epochs to train"),
     ("--batch-size", "batch_size", int, "mini-batch size (one optimizer step each)"),
     ("--micro-batches", "micro_batches", micro_batch_count,
-     "micro-batches per mini-batch, or 'auto' (the planner chooses)"),
+     "micro-batches per mini-batch (at most --batch-size), or 'auto' (the planner chooses)"),
     ("--schedule", "schedule", str, "gpipe or 1f1b"),
     ("--optimizer", "optimizer", str, "sgd or adam"),
     ("--lr", "lr", float, "learning rate"),
@@ -63,6 +63,12 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "file the latency predictor is restored from and saved to (survives restarts)"),
     ("--checkpoint-every", "checkpoint_every", int,
      "optimizer steps between checkpoints (a lost device costs at most this many)"),
+    ("--max-message-bytes", "max_message_bytes", int,
+     "largest payload the job publishes; weights go in chunks below it (default 262144): "
+     "keep it under the broker's message_size_limit"),
+    ("--lease", "lease", float,
+     "seconds agents keep this job's stages without hearing this coordinator (default 60); "
+     "--resume within it finds them still holding the job"),
 ]
 
 

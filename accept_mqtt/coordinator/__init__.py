@@ -22,8 +22,16 @@ What the coordinator itself guarantees:
   compression off the arithmetic is the one-process reference's (``reference.train_reference``).
 * Pause, checkpoints (every ``checkpoint_every`` steps) and live re-plans (``repartition``,
   ``set``, drift that moves the partition) happen between steps, never with a step in flight.
-* A fault during training or during its recovery is recovered (``Recovery.recover``) and
-  training goes on; the same step timing out twice ends the job with ``StepTimeout``.
+* A fault during training, during its recovery, or while a checkpoint or the final weights
+  are collected is recovered (``Recovery.recover``) and training goes on (after a loss during
+  the final collection: from the last checkpoint to the end again); the same step timing
+  out twice ends the job with ``StepTimeout``. The run ends with the held-out evaluation of
+  its last step, also when a fault during that evaluation was recovered.
+* So is a fault during start-up: a lost broker while waiting for devices is reconnected and
+  the wait goes on; a device lost or a broker restart while the first plan loads, or while
+  ``--resume`` restores its checkpoint, goes through the same ``Recovery.recover`` as a fault
+  in a step (the plan's devices get ``rejoin_grace`` to come back, else a re-plan over those
+  here, restored from the resumed checkpoint if there is one).
 * Every error an agent reports, and every message the coordinator cannot decode, is logged
   and kept in the run record; a bad message never stops training.
 * On exit (normal, error or cancel) the retained plan is cleared, so agents go back to idle.
@@ -73,7 +81,7 @@ from .errors import (
     StepTimeout,
 )
 from .fleet import Fleet
-from .planner import Planner
+from .planner import DeviceInfo, Planner
 from .record import RunState, as_metric, make_record, stage_counters, write_run
 from .recovery import Recovery
 from .session import Session
@@ -112,10 +120,11 @@ class Coordinator:
         say = self.progress
         self.state = RunState()
         self.session = Session(self.url, self.topics, self.job, self,
-                               reconnect_timeout=cfg.reconnect_timeout,
+                               reconnect_timeout=cfg.reconnect_timeout, lease=cfg.lease,
                                say=lambda msg: say("status", {"msg": msg}),
                                delay_s=cfg.emulate_latency_ms / 1e3)
-        self.fleet = Fleet(self.job, str(self.url), say)
+        self.fleet = Fleet(self.job, str(self.url), say,
+                           connected=lambda: self.session.alive)
         self.steps = StepDriver(self.job, self.topics, self.state, self.session, self.fleet,
                                 step_timeout=cfg.step_timeout, eval_batch=cfg.eval_batch,
                                 say=say)
@@ -125,7 +134,7 @@ class Coordinator:
                                  fleet=self.fleet, planner=self.planner, steps=self.steps,
                                  say=say)
         self.control = Control(self.topics.control(self.job), self.state, self.planner,
-                               current=lambda: self.steps.plan, reply=self.session.emit,
+                               current=lambda: self.steps.plan, reply=self.session.reply,
                                say=say)
 
     # -- what tests, tools and benchmarks look at --------------------------------------------
@@ -199,8 +208,9 @@ class Coordinator:
         if error.topic == self.topics.plan(self.job):
             self.steps.plan_refused(error.device, error.reason)
 
-    def on_control(self, command: ControlCommand | MessageError) -> None:
-        self.control.on_command(command)
+    def on_control(self, command: ControlCommand | MessageError,
+                   request_id: str | None = None) -> None:
+        self.control.on_command(command, request_id)
 
     def on_timing(self, device: str,
                   samples: Sequence[TimingSample] | Sequence[Mapping[str, Any]]) -> None:
@@ -235,12 +245,15 @@ class Coordinator:
         resume = self.recovery.load_resume()
         self.planner.load_costs()
         self.progress("status", {"msg": f"waiting for {cfg.devices} device agents"})
-        devices = await self.fleet.wait_for_devices(cfg.devices, cfg.device_timeout)
+        devices = await self._discover()
         self.planner.start_with(devices)
-        if resume is None:
-            await self.steps.publish_plan(self.planner.make_plan(devices))
-        else:
-            await self.recovery.resume(resume, devices)
+        try:
+            if resume is None:
+                await self.steps.publish_plan(self.planner.make_plan(devices))
+            else:
+                await self.recovery.resume(resume, devices)
+        except (DeviceLost, BrokerLost) as e:  # before step 0: recovered like a step's fault
+            await self._recover(self._fault(e))
         t_start = time.time()
         # the coordinator's own torch work (slicing batches) is tiny: more intra-op threads
         # only spin against the agents on a small machine (measured: 15.6 -> 5.7 ms of CPU
@@ -248,10 +261,9 @@ class Coordinator:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            await self._train(data)
+            weights = await self._train_and_collect(data)
         finally:
             torch.set_num_threads(threads)
-        weights = await self.recovery.collect_weights()
         self.learn_pending()  # the record and the saved predictor include every sample
         plan = self.steps.plan
         assert plan is not None
@@ -274,6 +286,17 @@ class Coordinator:
             total = min(total, cfg.max_steps)
         return per_epoch, total
 
+    async def _train_and_collect(self, data: Dataset) -> dict[str, torch.Tensor]:
+        """Train to the end and collect the final weights. A fault while they are collected
+        is recovered as one during a step (back to the last checkpoint), and training goes
+        on from there to the end again."""
+        while True:
+            await self._train(data)
+            try:
+                return await self.recovery.collect_weights()
+            except (DeviceLost, BrokerLost) as e:
+                await self._recover(self._fault(e))
+
     async def _train(self, data: Dataset) -> None:
         """Steps until done; faults are recovered here and training goes on."""
         per_epoch, total = self._total_steps(len(data.train_x))
@@ -294,13 +317,28 @@ class Coordinator:
                     raise
                 timed_out_at = self.state.step
                 why = str(e)
-            while True:  # a fault during recovery starts the recovery again
-                try:
-                    await self.recovery.recover(why)
-                    break
-                except (DeviceLost, BrokerLost) as e:
-                    why = self._fault(e)
-                    await asyncio.sleep(0.2)  # let the reader see what happened
+            await self._recover(why)
+
+    async def _discover(self) -> list[DeviceInfo]:
+        """The job's first devices; a broker lost meanwhile is reconnected and the wait
+        starts again (statuses and profiles are retained: they come again)."""
+        cfg = self.cfg
+        while True:
+            try:
+                return await self.fleet.wait_for_devices(cfg.devices, cfg.device_timeout)
+            except BrokerLost as e:
+                self.progress("status", {"msg": f"{e} while waiting for devices; reconnecting"})
+                await self.session.reconnect()
+
+    async def _recover(self, why: str) -> None:
+        """``Recovery.recover``; a fault during recovery starts the recovery again."""
+        while True:
+            try:
+                await self.recovery.recover(why)
+                return
+            except (DeviceLost, BrokerLost) as e:
+                why = self._fault(e)
+                await asyncio.sleep(0.2)  # let the reader see what happened
 
     def _fault(self, e: DeviceLost | BrokerLost) -> str:
         """What to say about a fault; a lost broker means: reconnect before anything else."""
@@ -356,7 +394,11 @@ class Coordinator:
                                    if k not in ("job", "time")})
             if st.step % per_epoch == 0 or st.step == total:
                 await self._end_of_epoch(data, epoch)
-        if self.control.stop_requested and (not st.history or st.history[-1]["step"] != st.step):
+        # the held-out evaluation of the last step, unless done: a stop ends training early,
+        # and a fault during that evaluation, recovered by a rewind to this very step, left
+        # the loop above with nothing to run
+        unevaluated = not st.history or st.history[-1]["step"] != st.step
+        if unevaluated and (self.control.stop_requested or st.step >= total):
             await self._end_of_epoch(data, st.epoch)
 
     def _plain_boundary(self, step: int, per_epoch: int, total: int) -> bool:

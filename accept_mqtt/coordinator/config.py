@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from accept_mqtt.model.schedule import LR_SCHEDULES, default_recipe
 from accept_mqtt.model.user import is_user_model
+from accept_mqtt.wire.chunks import DEFAULT_MAX_MESSAGE_BYTES, check_limit
 from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
 from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
 
@@ -78,9 +79,16 @@ class TrainConfig:
     replan_min_steps: int = 10  # at least this many steps between two drift re-plans
     reconnect_timeout: float = 120.0  # seconds to retry a lost broker before giving up
     rejoin_grace: float = 15.0  # seconds a device that went offline has to come back
+    # seconds agents keep their stages without hearing this coordinator alive (it renews
+    # every lease / 3 s): a --resume within it finds them still holding the job; after it
+    # they are idle again, free for other jobs (docs/faults.md)
+    lease: float = 60.0
     # emulated one-way latency of the coordinator's own sends (a delay line, wire.aio), so
     # that with agents run with ``--latency`` every hop of a step pays it (bench e2e)
     emulate_latency_ms: float = 0.0
+    # the largest payload this job's coordinator and agents publish (set it below the broker's
+    # message_size_limit): a stage's weights travel in chunks of at most this (wire/chunks.py)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
@@ -91,6 +99,10 @@ class TrainConfig:
                 isinstance(self.micro_batches, int) and self.micro_batches >= 1)):
             raise ConfigError(f"micro_batches must be an int >= 1 or 'auto', got "
                               f"{self.micro_batches!r}")
+        if isinstance(self.micro_batches, int) and self.micro_batches > self.batch_size:
+            # the split would quietly make fewer, one-sample micro-batches instead
+            raise ConfigError(f"micro_batches {self.micro_batches} is more than batch_size "
+                              f"{self.batch_size}: every micro-batch needs a sample")
         if self.devices < 1:
             raise ConfigError(f"devices must be >= 1, got {self.devices}")
         for name in ("act_bits", "grad_bits"):
@@ -122,6 +134,12 @@ class TrainConfig:
                     for d in self.input_shape)):
             raise ConfigError(f"input_shape must be a list of positive ints, got "
                               f"{self.input_shape!r}")
+        try:
+            check_limit(self.max_message_bytes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not self.lease > 0.0:  # NaN too
+            raise ConfigError(f"lease must be > 0 seconds, got {self.lease}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         return self

@@ -12,6 +12,9 @@ Guarantees:
 * A rejected command (not JSON, unknown, a ``set`` with another key or a value the config
   refuses) changes nothing; it is answered with an ``error`` (``device: "coordinator"``),
   logged, and kept in the run record's errors.
+* A reply carries the command's ``request_id`` (that of a refused one too, when its JSON has
+  a usable one) and goes out at QoS 1 (``reply``), so a sender can wait for its own answer;
+  a command without one is answered all the same.
 """
 
 from __future__ import annotations
@@ -67,9 +70,11 @@ class Control:
         self.running.set()
         self.stop_requested = False
 
-    def on_command(self, cmd: ControlCommand | MessageError) -> None:
+    def on_command(self, cmd: ControlCommand | MessageError,
+                   request_id: str | None = None) -> None:
+        """Do ``cmd`` and answer it; ``request_id``: that of a command that did not decode."""
         if isinstance(cmd, MessageError):
-            self._reject(rejection(cmd))
+            self._reject(rejection(cmd), request_id)
             return
         log.info("control: %s", cmd)
         match cmd.cmd:
@@ -88,20 +93,23 @@ class Control:
                 try:
                     self.planner.set_widths(changes)
                 except ValueError as e:
-                    self._reject(f"set: {e}; nothing changed")
+                    self._reject(f"set: {e}; nothing changed", cmd.request_id)
                     return
-        self.reply(self.status(cmd.cmd))
+        self.reply(self.status(cmd.cmd, cmd.request_id))
 
-    def status(self, command: str | None = None) -> JobStatus:
+    def status(self, command: str | None = None, request_id: str | None = None) -> JobStatus:
         plan = self.current()
-        return JobStatus(command=command, step=self.state.step, epoch=self.state.epoch,
+        return JobStatus(command=command, request_id=request_id, step=self.state.step,
+                         epoch=self.state.epoch,
                          paused=not self.running.is_set(), stopping=self.stop_requested,
                          plan_version=plan.version if plan else None,
                          devices=plan.devices if plan else [])
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, request_id: str | None) -> None:
         log.warning("control message rejected: %s", reason)
-        err = {"type": "error", "device": "coordinator", "topic": self.topic, "reason": reason}
+        err = {"type": "error", "device": "coordinator", "topic": self.topic, "reason": reason,
+               **({"request_id": request_id} if request_id else {})}
         self.state.errors.append(err)
         self.say("error", err)
-        self.reply(Error(device="coordinator", topic=self.topic, reason=reason))
+        self.reply(Error(device="coordinator", topic=self.topic, reason=reason,
+                         request_id=request_id))

@@ -11,6 +11,8 @@ Guarantees:
   id, so the choice is reproducible; after its timeout ``at_least`` devices will do, fewer
   raise ``DevicesTimeout`` naming what was seen and how to start an agent.
 * ``wait_changed`` wakes on any status or profile update.
+* ``wait_for_devices`` raises ``BrokerLost`` when the session's connection is gone (nothing
+  would arrive any more: the caller reconnects).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from accept_mqtt.wire.messages import DeviceProfile, DeviceStatus, to_builtins
 
-from .errors import DevicesTimeout
+from .errors import BrokerLost, DevicesTimeout
 from .planner import DeviceInfo
 
 
@@ -39,8 +41,10 @@ class Fleet:
     """Devices' statuses and profiles as the session delivers them (module docstring)."""
 
     def __init__(self, job: str, broker: str,
-                 say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> None:
+                 say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None, *,
+                 connected: Callable[[], bool] = lambda: True) -> None:
         self.job = job
+        self.connected = connected
         self.broker = broker  # for messages only
         self.say = say
         self._devices: dict[str, _Device] = {}
@@ -111,6 +115,8 @@ class Fleet:
         """
         deadline = time.monotonic() + timeout
         while True:
+            if not self.connected():
+                raise BrokerLost("connection to the broker lost")
             online = self.online_devices(exclude)
             self.say("devices", {"online": len(online), "wanted": n})
             left = deadline - time.monotonic()

@@ -124,7 +124,7 @@ def make_partition(
                             f"the model has {len(descs)}")
     if method in ("equal", "flops"):
         split = equal_split if method == "equal" else flops_split
-        res = split(problem, bits=cfg.act_bits)
+        res = split(problem, bits=cfg.act_bits, grad_bits=cfg.grad_bits)
         for i, (dev, need) in enumerate(zip(res.devices, res.memory_bytes, strict=True)):
             limit = problem.devices[problem.index_of(dev)].memory_bytes
             if limit is not None and need > limit:
@@ -132,8 +132,21 @@ def make_partition(
                     f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
                     f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f}; "
                     "--partition auto places layers by memory")
-        return res
-    return partition(problem, objective="minibatch")
+        return honoured_widths(res, cfg, method)
+    return honoured_widths(partition(problem, objective="minibatch"), cfg, method)
+
+
+def honoured_widths(res: PartitionResult, cfg: TrainConfig, method: str) -> PartitionResult:
+    """``res`` if every link carries the configured widths (activations ``act_bits`` from
+    stage i to i+1, gradients ``grad_bits`` back), else ``PlanningError``: a width the plan
+    would not honour is refused, never replaced by another one."""
+    k = res.num_stages
+    act, grad = list(res.act_bits[: k - 1]), list(res.grad_bits[1:])
+    for name, want, got in (("act_bits", cfg.act_bits, act), ("grad_bits", cfg.grad_bits, grad)):
+        if any(b != want for b in got):
+            raise PlanningError(f"the {method} partition put {name} {got} on the links, not the "
+                                f"configured {want}; refusing a plan that does not honour it")
+    return res
 
 
 def predicted_step_ms(res: PartitionResult, micro_batches: int) -> float:
@@ -191,6 +204,7 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
         method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step, fingerprint=fingerprint,
+        max_message_bytes=cfg.max_message_bytes,
     )
 
 

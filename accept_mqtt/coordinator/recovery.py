@@ -9,6 +9,9 @@ final parameters with a one-process run, and in ``tests/test_recovery.py`` again
 * ``checkpoint`` collects every stage's weights, buffers and optimizer state between steps,
   checks that all stages are at the same step (the coordinator's), and saves them atomically
   to ``runs/<job>/checkpoint.pt`` (every ``checkpoint_every`` steps, by the coordinator).
+  A device lost or the broker connection dropped while it collects (a checkpoint, a live
+  re-plan's, the final weights) raises ``DeviceLost``/``BrokerLost`` within half a second,
+  as during a step, and is recovered the same way (``recover``).
 * ``replan`` publishes a new plan version and ``restore`` gives each new stage its slice of a
   checkpoint by whole-model names: weights migrate to whichever device now holds them.
 * ``recover`` brings training back after a fault losing as little as possible. A lost broker
@@ -17,8 +20,11 @@ final parameters with a one-process run, and in ``tests/test_recovery.py`` again
   (agents keep the start-of-step state), so no step is lost or applied twice. Otherwise (a
   device went offline, or a stage cannot rewind) it re-plans over the devices still online
   (newly joined ones included), restores every stage from the last checkpoint and replays
-  from there: at most the steps since that checkpoint are redone, none is skipped, and with
-  compression off the final parameters are those of an undisturbed run.
+  from there: at most ``checkpoint_every`` steps are redone (the steps since the last
+  checkpoint, fewer than ``checkpoint_every``, unless the device was lost while the
+  checkpoint due at this step was being collected: then the one before it is the last, and
+  exactly ``checkpoint_every`` steps are redone), none is skipped, and with compression off
+  the final parameters are those of an undisturbed run.
 * ``live_replan`` (``repartition``, ``set``, drift that moves the partition) checkpoints first,
   so it loses nothing; if the partition comes out the same, nothing moves.
 * ``resume`` restarts a job from its checkpoint after a coordinator restart (``load_resume``
@@ -37,6 +43,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from accept_mqtt.model.checkpoint import Checkpoint, CheckpointError, pack, unpack
+from accept_mqtt.wire import chunks
 from accept_mqtt.wire.messages import (
     Checkpointed,
     Event,
@@ -55,7 +62,7 @@ from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
 from .config import TrainConfig
-from .errors import BrokerLost, CoordinatorError, StepTimeout
+from .errors import BrokerLost, CoordinatorError, DeviceLost, StepTimeout
 from .planner import DeviceInfo
 from .record import RunState, as_metric
 
@@ -139,6 +146,9 @@ class Recovery:
         self.steps = steps
         self.say = say
         self.last_ckpt: Checkpoint | None = None
+        # a restore is under way: the stages may hold freshly built weights, not the state of
+        # ``state.step``, so a rewind cannot bring them back (``recover`` restores instead)
+        self.restoring = False
         self._weights: asyncio.Queue[Weights] = asyncio.Queue()
 
     @property
@@ -162,7 +172,10 @@ class Recovery:
         """Every stage's tensors (whole-model names), its optimizer state and their step.
 
         Called between steps, so every stage reports the same step; a stage that does not
-        is an error rather than a silently inconsistent checkpoint.
+        is an error rather than a silently inconsistent checkpoint. A fault while waiting is
+        raised as during a step, so that it is recovered the same way: ``DeviceLost`` as soon
+        as the device of a stage still missing is offline, ``BrokerLost`` when the connection
+        drops; ``CoordinatorError`` after ``timeout`` seconds without them.
         """
         plan = self._plan()
         while not self._weights.empty():
@@ -173,12 +186,16 @@ class Recovery:
         steps: dict[int, int] = {}
         deadline = time.monotonic() + timeout
         while len(steps) < len(plan.stages):
+            missing = sorted(set(range(len(plan.stages))) - set(steps))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CoordinatorError(f"no weights from stages {missing}")
             try:
-                w = await asyncio.wait_for(self._weights.get(),
-                                           max(0.1, deadline - time.monotonic()))
+                # short waits: a device lost meanwhile is noticed within one
+                w = await asyncio.wait_for(self._weights.get(), min(left, 0.5))
             except TimeoutError:
-                missing = sorted(set(range(len(plan.stages))) - set(steps))
-                raise CoordinatorError(f"no weights from stages {missing}") from None
+                self._check_alive(plan, missing)
+                continue
             if w.version != plan.version:
                 continue
             steps[w.stage] = w.step
@@ -187,6 +204,16 @@ class Recovery:
         if len(set(steps.values())) != 1:
             raise CoordinatorError(f"stages report different steps {steps}")
         return weights, opt, next(iter(steps.values()))
+
+    def _check_alive(self, plan: Plan, stages: list[int]) -> None:
+        """``BrokerLost`` without a connection; ``DeviceLost`` for the first of ``stages``
+        whose device is offline now."""
+        if not self.session.alive:
+            raise BrokerLost("connection lost while collecting the stages' weights")
+        for k in stages:
+            device = plan.stages[k].device
+            if self.fleet.device_state(device) == "offline":
+                raise DeviceLost(device)
 
     async def collect_weights(self, timeout: float = 60.0) -> dict[str, torch.Tensor]:
         """Every stage's parameters and buffers, named as in the whole model."""
@@ -214,12 +241,16 @@ class Recovery:
     async def restore(self, ck: Checkpoint, timeout: float = 60.0) -> None:
         """Send each stage of the current plan its slice of ``ck``; wait until all load it."""
         plan = self._plan()
+        self.restoring = True
         for s in plan.stages:
             w, o = ck.stage(s.start, s.end)
             body = Weights(job=self.job, stage=s.index, step=ck.step, purpose="restore",
                            version=plan.version, gen=self.steps.gen, tensors=_packed(w),
                            optim=_packed(o))
-            await self.session.publish(self.topics.weights(self.job, s.index), encode(body))
+            topic = self.topics.weights(self.job, s.index)
+            # in chunks below the broker's size limit, all in flight at once (wire/chunks.py)
+            await asyncio.gather(*(self.session.publish(topic, c) for c in
+                                   chunks.split(body, self.cfg.max_message_bytes)))
         done: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(done) < len(plan.stages):
@@ -230,6 +261,7 @@ class Recovery:
         self.state.step = ck.step
         self.state.epoch = int(ck.meta.get("epoch", self.state.epoch))
         self.state.history = list(ck.meta.get("history", self.state.history))
+        self.restoring = False
 
     # -- plans -----------------------------------------------------------------------------
     async def replan(self, devices: list[DeviceInfo], reason: str,
@@ -283,8 +315,9 @@ class Recovery:
         2. Give the plan's devices ``rejoin_grace`` seconds to be back in this job (a broker
            restart fires every device's Will, and the devices reconnect by themselves).
         3. All back: rewind every stage to the start of the step in flight (no step lost).
-        4. Otherwise (or a stage cannot rewind): re-plan over the devices still here plus
-           idle ones, restore the last checkpoint, replay the steps since it.
+        4. Otherwise (or a stage cannot rewind, or a restore was under way): re-plan over the
+           devices still here plus idle ones, restore the last checkpoint, replay the steps
+           since it.
         """
         plan = self._plan()
         st = self.state
@@ -294,7 +327,10 @@ class Recovery:
             await self.session.reconnect()
             await self.steps.republish_plan()
         missing = await self.wait_back(self.cfg.rejoin_grace)
-        if not missing:
+        # the re-plan leaves out only devices that are not there: one still loading the plan
+        # (idle, or busy with this job: a fault at start-up) or back as a fresh process is kept
+        lost = {d for d in missing if self.fleet.device_state(d) not in ("online", "busy")}
+        if not missing and not self.restoring:
             failed = await self.rewind_all(at)
             if not failed:
                 rec: dict[str, Any] = {
@@ -304,15 +340,15 @@ class Recovery:
                 self.say("replan", {"reason": f"{why}; all stages back, step {at} redone"})
                 await self.session.metric(as_metric(Recovered, rec))
                 return
-            missing = failed
+            lost = failed
         ck = self.last_ckpt
         back_to = ck.step if ck is not None else 0
         devices = await self.fleet.wait_for_devices(
-            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=missing, at_least=1)
+            self.cfg.devices, min(self.cfg.device_timeout, 5.0), exclude=lost, at_least=1)
         plan = await self.replan(devices, why, ck)
         st.replayed_steps += at - back_to
-        rec = {"type": "recovered", "reason": why, "lost": sorted(missing),
-               "device": sorted(missing)[0], "at_step": at, "restored_step": back_to,
+        rec = {"type": "recovered", "reason": why, "lost": sorted(lost),
+               "device": min(lost, default=None), "at_step": at, "restored_step": back_to,
                "redo_steps": at - back_to, "action": "re-plan from checkpoint",
                "plan_version": plan.version, "devices": plan.devices}
         st.recoveries.append(rec)
@@ -373,9 +409,10 @@ class Recovery:
     async def resume(self, ck: Checkpoint, devices: list[DeviceInfo]) -> None:
         """Continue the job from ``ck`` over ``devices``: a new plan version, restored."""
         plan = self.planner.make_plan(devices, version=ck.plan_version + 1, start_step=ck.step)
+        # a fault before the restore is done re-plans from ``ck`` (``recover``), at its step
+        self.last_ckpt, self.state.step, self.restoring = ck, ck.step, True
         await self.steps.publish_plan(plan)
         await self.restore(ck)
-        self.last_ckpt = ck
         self.state.recoveries.append({"type": "resumed", "restored_step": ck.step,
                                       "plan_version": plan.version})
         self.say("status", {"msg": f"resumed job {self.job} at step {ck.step}"})

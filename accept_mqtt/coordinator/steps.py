@@ -45,8 +45,21 @@ from accept_mqtt.wire.messages import Eval, Event, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
-from .errors import BrokerLost, DeviceLost, PlanRefused, StepTimeout
+from .errors import BrokerLost, CoordinatorError, DeviceLost, PlanRefused, StepTimeout
 from .record import RunState, StageTotals
+
+
+def plan_payload(plan: Plan) -> str:
+    """The plan's JSON; ``CoordinatorError`` if it is above the plan's own message limit
+    (the broker would acknowledge it and deliver it to nobody: agents never get ready)."""
+    text = plan.to_json()
+    size = len(text.encode())
+    if plan.max_message_bytes is not None and size > plan.max_message_bytes:
+        raise CoordinatorError(
+            f"plan v{plan.version} is {size} bytes, above max_message_bytes "
+            f"{plan.max_message_bytes}: raise --max-message-bytes (and the broker's "
+            "message_size_limit) to at least that")
+    return text
 
 
 class Publisher(Protocol):
@@ -125,7 +138,10 @@ class StepDriver:
             self._events.put_nowait(Lost(device))
 
     def disconnected(self, reason: str) -> None:
-        self._events.put_nowait(Disconnected(reason))
+        """The connection dropped: a fault once there is a plan (before, whoever waits for
+        devices checks the connection itself, and a reconnect makes this one stale)."""
+        if self.plan is not None:
+            self._events.put_nowait(Disconnected(reason))
 
     def plan_refused(self, device: str, reason: str) -> None:
         """A device says it cannot take the plan: a fault if the plan uses it."""
@@ -181,12 +197,17 @@ class StepDriver:
 
     # -- the plan --------------------------------------------------------------------------
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
-        """Publish ``plan`` retained and wait until every stage's agent says it is ready."""
+        """Publish ``plan`` retained and wait until every stage's agent says it is ready;
+        ``CoordinatorError`` (nothing published) if it is above its ``max_message_bytes``."""
+        plan_payload(plan)
         if self.plan is None or self.plan.version != plan.version:
             self.gen = 0
             self.state.stages = {}  # the new stages count from zero
             self.drain()
         self.plan = plan
+        for dev in plan.devices:  # offline before the plan existed: its Will was not a loss
+            if self.devices.device_state(dev) == "offline":
+                self._events.put_nowait(Lost(dev))
         await self.republish_plan()
         ready: set[int] = set()
         deadline = time.monotonic() + timeout
@@ -200,7 +221,7 @@ class StepDriver:
     async def republish_plan(self) -> None:
         """Publish the current plan retained again (after a reconnect), without waiting."""
         assert self.plan is not None
-        await self.publisher.publish(self.topics.plan(self.job), self.plan.to_json(),
+        await self.publisher.publish(self.topics.plan(self.job), plan_payload(self.plan),
                                      retain=True)
 
     # -- training --------------------------------------------------------------------------

@@ -14,8 +14,9 @@ Guarantees:
   and nothing else changed. Known fields are checked strictly (a bool is not an int; an int
   is accepted where a float is expected); fields this version does not know are ignored, so
   a newer peer may add keys (docs/protocol.md, "Extensions").
-* ``encode(msg)`` is the inverse: JSON for everything but ``Weights`` (msgpack, because it
-  carries raw tensor bytes). ``decode(type(m), encode(m)) == m`` for every message.
+* ``encode(msg)`` is the inverse: JSON for everything but ``Weights`` and ``WeightsChunk``
+  (msgpack, because they carry raw tensor bytes). ``decode(type(m), encode(m)) == m`` for
+  every message.
 * The facts several parts need live here: ``CONTROL_COMMANDS`` and ``SYNC_OPS`` (the ids and
   bit widths live in ``topics`` and ``codec``, the lowest modules that need them).
 
@@ -38,17 +39,17 @@ Expected `int`, got `str` - at `$.version`
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Annotated, Any, Literal, TypedDict, TypeVar
 
 import msgspec
 
 __all__ = [
-    "CONTROL_COMMANDS", "SYNC_OPS", "Checkpointed", "ControlCommand", "DeviceProfile",
-    "DeviceStatus", "DoneMetric", "Drift", "Epoch", "Error", "Eval", "Event",
-    "JobStatus", "LayerInfo", "MessageError", "Metric", "PackedTensor", "Pong",
+    "CONTROL_COMMANDS", "SYNC_OPS", "Checkpointed", "ControlCommand", "CoordinatorStatus",
+    "DeviceProfile", "DeviceStatus", "DoneMetric", "Drift", "Epoch", "Error", "Eval", "Event",
+    "JobStatus", "LayerInfo", "MessageError", "Metric", "PackedTensor", "Pong", "Probe",
     "Ready", "Recovered", "Replan", "Restored", "Rewound", "Span", "StageCounters", "StepMetric",
     "Stepped", "SyncOp", "SyncPing", "SyncRewind", "SyncWeights", "TimingSample", "Trace",
-    "Weights", "decode", "encode", "message_classes",
+    "Weights", "WeightsChunk", "decode", "encode", "message_classes", "peek_request_id",
 ]
 
 CONTROL_COMMANDS = ("start", "pause", "resume", "stop", "status", "repartition", "set")
@@ -80,6 +81,9 @@ class DeviceStatus(_Msg, kw_only=True):
     job: str | None = None
     stage: int | None = None
     reason: str | None = None
+    # the agent process that holds the device id (``wire.liveness.instance_id``); a status
+    # of another instance tells a reconnecting agent that a twin took its id over
+    instance: str | None = None
 
 
 class DeviceProfile(_Msg, kw_only=True):
@@ -97,6 +101,32 @@ class DeviceProfile(_Msg, kw_only=True):
     bench_gflops: float | None = None  # matmul GFLOP/s divided by the emulated slowdown
     slowdown: float = 1.0
     bandwidth_bps: float | None = None
+
+
+# -- liveness (retained, with a Last Will) and twin probes ---------------------------------
+class CoordinatorStatus(_Msg, kw_only=True):
+    """``{root}/jobs/{job}/coordinator`` (retained): is the job's coordinator there?
+
+    ``alive`` is published on every connect and renewed every ``lease_s / 3`` seconds; the
+    Last Will (and nothing else) says ``gone``. Agents leave a job whose coordinator they have
+    not heard ``alive`` for ``lease_s`` seconds plus one renewal interval (docs/faults.md)."""
+
+    v: int = 1
+    state: Literal["alive", "gone"]
+    job: str
+    owner: str  # the coordinator process (``wire.liveness.instance_id``)
+    time: float  # when published (the Will's: when its connection was opened)
+    lease_s: float
+    reason: str | None = None
+
+
+class Probe(_Msg, kw_only=True):
+    """``{root}/devices/{device}/probe`` and ``{root}/jobs/{job}/probe``: "is anyone holding
+    this id?" (``answer`` false), and the holder's reply with the same ``nonce``."""
+
+    nonce: str
+    answer: bool = False
+    holder: str | None = None  # the answering process (its ``instance``/``owner``)
 
 
 # -- agents' events (agent -> coordinator) -----------------------------------------------
@@ -185,13 +215,19 @@ SyncOp = SyncWeights | SyncRewind | SyncPing
 
 
 # -- control (a user -> coordinator) ---------------------------------------------------
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class ControlCommand(_Msg, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """``{root}/jobs/{job}/control``. Unknown keys are refused here: a typo in a command must
-    not be silently dropped. Only ``set`` takes ``act_bits``/``grad_bits``."""
+    not be silently dropped. Only ``set`` takes ``act_bits``/``grad_bits``. ``request_id``
+    (optional, the sender's choice) comes back in the reply, so a sender takes only its own
+    reply for the answer."""
 
     cmd: str
     act_bits: int | None = None
     grad_bits: int | None = None
+    request_id: RequestId | None = None
 
     def __post_init__(self) -> None:
         if self.cmd not in CONTROL_COMMANDS:
@@ -248,11 +284,13 @@ class DoneMetric(_Metric, tag="done", kw_only=True):
 
 
 class Error(_Metric, tag="error", kw_only=True):
-    """A message a device (or the coordinator, ``device: "coordinator"``) rejected."""
+    """A message a device (or the coordinator, ``device: "coordinator"``) rejected; the
+    refusal of a control command carries the command's ``request_id`` (when it had one)."""
 
     device: str
     topic: str
     reason: str
+    request_id: str | None = None
 
 
 class Checkpointed(_Metric, tag="checkpoint", kw_only=True):
@@ -291,9 +329,10 @@ class Drift(_Metric, tag="drift", kw_only=True):
 
 
 class JobStatus(_Metric, tag="status", kw_only=True):
-    """The answer to an accepted control command."""
+    """The answer to an accepted control command (with the command's ``request_id``)."""
 
     command: str | None = None
+    request_id: str | None = None
     step: int
     epoch: int
     paused: bool
@@ -354,6 +393,26 @@ class Weights(_Msg, kw_only=True):
     optim: dict[str, PackedTensor] | None = None
 
 
+class WeightsChunk(_Msg, kw_only=True):
+    """``{root}/jobs/{job}/weights/{k}``: one piece of a msgpack ``Weights`` message.
+
+    A broker drops a publish above its ``message_size_limit`` after acknowledging it, so a
+    ``Weights`` message (it grows with the model) travels as ``count`` chunks of at most the
+    plan's ``max_message_bytes`` each (``wire.chunks``). ``stage`` and ``purpose`` repeat the
+    whole message's, so a receiver skips what is not for it without reassembling it."""
+
+    v: int = 1
+    job: str
+    stage: int
+    purpose: Literal["checkpoint", "restore"]
+    transfer: str  # the whole message's id: every chunk of it carries the same
+    seq: int  # 0 .. count-1: the chunk's place in the whole message
+    count: int
+    size: int  # bytes of the whole message
+    sha256: str  # hex SHA-256 of the whole message
+    data: bytes
+
+
 # -- trace (agent -> anyone, opt-in) ---------------------------------------------------
 class Span(_Msg, omit_defaults=True, kw_only=True):
     kind: Literal["fwd", "bwd", "opt", "send"]
@@ -380,12 +439,13 @@ M = TypeVar("M")
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _decoders: dict[Any, msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {}
+_MSGPACK = (Weights, WeightsChunk)  # they carry raw tensor bytes
 
 
 def _decoder(kind: Any) -> msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]:
     dec = _decoders.get(kind)
     if dec is None:
-        dec = (msgspec.msgpack.Decoder(kind) if kind is Weights else msgspec.json.Decoder(kind))
+        dec = (msgspec.msgpack.Decoder(kind) if kind in _MSGPACK else msgspec.json.Decoder(kind))
         _decoders[kind] = dec
     return dec
 
@@ -400,10 +460,22 @@ def decode(kind: type[M] | Any, payload: bytes | str, *, topic: str = "") -> M:
 
 
 def encode(msg: Any) -> bytes:
-    """JSON bytes of a message (msgpack for ``Weights``); lists of messages too."""
-    if isinstance(msg, Weights):
+    """JSON bytes of a message (msgpack for ``Weights`` and its chunks); lists of messages
+    too."""
+    if isinstance(msg, _MSGPACK):
         return _msgpack_encoder.encode(msg)
     return _json_encoder.encode(msg)
+
+
+def peek_request_id(payload: bytes | str) -> str | None:
+    """The ``request_id`` of a control command that does not decode as one (an unknown key,
+    a bad value), if it has a usable one: so that even its refusal reaches its sender."""
+    try:
+        body = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
 
 
 def to_builtins(msg: Any) -> Any:

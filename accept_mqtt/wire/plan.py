@@ -20,6 +20,8 @@ import msgspec
 
 from .codec import BITS_TEXT, VALID_BITS
 
+MIN_MESSAGE_BYTES = 1024  # the smallest max_message_bytes a chunk's header leaves room in
+
 SCHEDULES = ("gpipe", "1f1b")
 GRAD_SCHEMES = ("minmax", "minmax0")  # codec schemes for k-bit gradients (docs/codec.md)
 
@@ -62,6 +64,9 @@ class Plan:
     # one digest per unit of the model the coordinator built (model/fingerprint.py): an agent
     # whose own build differs refuses the plan; empty: not checked
     fingerprint: tuple[str, ...] = ()
+    # the largest payload the job's peers publish: weights travel in chunks of at most this
+    # (wire/chunks.py); None: the receiver's default (plans of earlier versions)
+    max_message_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +101,9 @@ class Plan:
             expect = s.end
         if expect != self.num_layers:
             raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
+        if self.max_message_bytes is not None and self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise PlanError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got "
+                            f"{self.max_message_bytes}")
         if self.fingerprint and len(self.fingerprint) != self.num_layers:
             raise PlanError(f"fingerprint has {len(self.fingerprint)} digests for "
                             f"{self.num_layers} layers")

@@ -51,6 +51,10 @@ class Topics:
     def all_profiles(self) -> str:
         return f"{self.root}/devices/+/profile"
 
+    def device_probe(self, device: str) -> str:
+        """Twin probes of a device id and the holder's answers (``wire.liveness``)."""
+        return f"{self.root}/devices/{check_id('device', device)}/probe"
+
     # jobs
     def job(self, job: str) -> str:
         return f"{self.root}/jobs/{check_id('job', job)}"
@@ -60,6 +64,18 @@ class Topics:
 
     def plan(self, job: str) -> str:
         return f"{self.job(job)}/plan"
+
+    def coordinator(self, job: str) -> str:
+        """The coordinator's retained liveness (``CoordinatorStatus``, with a Last Will)."""
+        return f"{self.job(job)}/coordinator"
+
+    @property
+    def all_coordinators(self) -> str:
+        return f"{self.root}/jobs/+/coordinator"
+
+    def job_probe(self, job: str) -> str:
+        """Twin probes of a job's coordinator and its answers (``wire.liveness``)."""
+        return f"{self.job(job)}/probe"
 
     def fwd(self, job: str, stage: int) -> str:
         return f"{self.job(job)}/stage/{int(stage)}/fwd"

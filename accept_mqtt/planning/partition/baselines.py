@@ -9,7 +9,8 @@
 
 Guarantee: every baseline returns a ``PartitionResult`` whose numbers come from ``evaluate``
 on the true problem (``feasible`` says whether it fits memory; baselines other than
-``dp_flops`` do not look at memory).
+``dp_flops`` do not look at memory). Its links carry exactly the widths asked for:
+activations at ``bits``, gradients at ``grad_bits`` (default: ``bits``).
 """
 
 from __future__ import annotations
@@ -47,27 +48,31 @@ def proportional_cuts(work: Sequence[float], shares: Sequence[float]) -> list[in
     return cuts
 
 
-def _fixed(p: PartitionProblem, cuts: list[int], bits: int, method: str,
-           t0: float) -> PartitionResult:
+def _fixed(p: PartitionProblem, cuts: list[int], bits: int, grad_bits: int | None,
+           method: str, t0: float) -> PartitionResult:
     k = len(cuts) - 1
     ids = p.device_ids[:k]
-    return evaluate(p, ids, cuts, [bits] * k, [bits] * k, method=method,
+    grad = bits if grad_bits is None else grad_bits
+    return evaluate(p, ids, cuts, [bits] * k, [grad] * k, method=method,
                     plan_seconds=time.perf_counter() - t0)
 
 
-def equal_split(p: PartitionProblem, bits: int = 32) -> PartitionResult:
+def equal_split(p: PartitionProblem, bits: int = 32,
+                grad_bits: int | None = None) -> PartitionResult:
     t0 = time.perf_counter()
     k = min(len(p.devices), p.num_layers)
     cuts = [round(i * p.num_layers / k) for i in range(k + 1)]
-    return _fixed(p, cuts, bits, "equal", t0)
+    return _fixed(p, cuts, bits, grad_bits, "equal", t0)
 
 
-def flops_split(p: PartitionProblem, bits: int = 32) -> PartitionResult:
+def flops_split(p: PartitionProblem, bits: int = 32,
+                grad_bits: int | None = None) -> PartitionResult:
     if p.flops is None:
         raise ValueError("flops_split needs the problem's per-layer flops")
     t0 = time.perf_counter()
     k = min(len(p.devices), p.num_layers)
-    return _fixed(p, proportional_cuts(p.flops, [1.0] * k), bits, "flops-equal", t0)
+    return _fixed(p, proportional_cuts(p.flops, [1.0] * k), bits, grad_bits, "flops-equal",
+                  t0)
 
 
 def dp_flops(p: PartitionProblem, bits: int = 32) -> PartitionResult:
