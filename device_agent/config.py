@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     for s in SETTINGS:
         if s.flag_name is None:
             continue
-        env = f" (env {s.env_name})"
+        shown = s.default not in (None, [], "0") and s.name != "verbose"
+        env = f" (default {s.default}; env {s.env_name})" if shown else f" (env {s.env_name})"
         if s.kind == "bool":
             names = [s.flag_name, "-v"] if s.name == "verbose" else [s.flag_name]
             p.add_argument(*names, dest=s.name, default=None,
