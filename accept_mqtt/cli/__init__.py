@@ -35,6 +35,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "partition": ("accept_mqtt.bench.partition", "partitioner vs baselines, predicted"),
     "e2e": ("accept_mqtt.bench.e2e", "end-to-end speed-up on an emulated cluster"),
     "overhead": ("accept_mqtt.bench.overhead", "accept-mqtt vs torch pipelining vs one process"),
+    "chaos": ("accept_mqtt.bench.chaos", "one job under random faults: survived, replayed, "
+              "accuracy, memory"),
 }
 
 
