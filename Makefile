@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # The CPU build of torch that Debian/x86 machines here carry; pyproject keeps a wide range.
+# The venv gets every extra (coordinator, plot, dev): `pip install accept-mqtt` alone is the
+# device agent's lean set (docs/deployment.md).
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test lint setup mosquitto datasets bench clean
@@ -24,7 +26,7 @@ chromium:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(PY) -m pip install -q -e ".[coordinator,plot,dev]"
 	@touch $(STAMP)
 
 demo: setup

@@ -3,12 +3,18 @@
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them, importing a module when its command runs so
 ``accept-mqtt --help`` stays fast and a device without River can still run the agent.
+
+The plain ``pip install accept-mqtt`` is the device agent's; the commands here need the
+``coordinator`` extra (``NEEDS``). A command run without the packages of its extra stops
+before doing anything, with exit status 2 and a message naming the extra to install; a
+module of an extra first imported later (a lazy import) is reported the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -36,12 +42,50 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
+# top-level module -> the extra (pyproject's optional-dependencies) whose package provides it
+EXTRA_MODULES: dict[str, str] = {"river": "coordinator", "sklearn": "coordinator",
+                                 "rich": "coordinator", "matplotlib": "plot"}
+# command (or "bench") -> the extra it cannot start without; unlisted: the plain install
+NEEDS: dict[str, str] = {"train": "coordinator", "monitor": "coordinator",
+                         "profile": "coordinator", "bench": "coordinator"}
+
+
+class MissingExtra(RuntimeError):
+    def __init__(self, command: str, extra: str, module: str) -> None:
+        super().__init__(f"'accept-mqtt {command}' needs the {extra!r} extra (module "
+                         f"{module!r} is not installed): pip install 'accept-mqtt[{extra}]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked (sys.modules[name] is None)
+        return False
+
+
+def check_extra(command: str) -> None:
+    """Raise ``MissingExtra`` if a module of the extra ``command`` needs is not importable."""
+    extra = NEEDS.get(command)
+    for module, of in EXTRA_MODULES.items():
+        if of == extra and not _importable(module):
+            raise MissingExtra(command, extra, module)
+
+
+def _missing_extra(command: str, e: ModuleNotFoundError) -> MissingExtra | None:
+    root = (e.name or "").split(".")[0]
+    return MissingExtra(command, EXTRA_MODULES[root], root) if root in EXTRA_MODULES else None
+
+
 def _add(sub: argparse._SubParsersAction, name: str, module: str, help_: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_)
     p.set_defaults(_module=module)
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
+        missing = _missing_extra(name, e)
+        if missing is not None:
+            p.set_defaults(_missing=str(missing))
+            return
         if e.name and module.startswith(e.name):
             p.set_defaults(_missing=f"'{name}' is not available in this build ({module} missing)")
             return
@@ -74,18 +118,32 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before parsing: a command whose module cannot load has no flags to parse
+        check_extra(next((a for a in argv if not a.startswith("-")), ""))
+    except MissingExtra as e:
+        print(f"accept-mqtt: {e}", file=sys.stderr)
+        return 2
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if getattr(args, "_missing", None):
-        print(f"accept-mqtt: {args._missing}", file=sys.stderr)
-        return 2
-    mod = importlib.import_module(args._module)
     try:
+        if getattr(args, "_missing", None):
+            print(f"accept-mqtt: {args._missing}", file=sys.stderr)
+            return 2
+        mod = importlib.import_module(args._module)
         return int(mod.run(args) or 0)
+    except MissingExtra as e:
+        print(f"accept-mqtt: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        missing = _missing_extra(args.command, e)
+        if missing is None:
+            raise
+        print(f"accept-mqtt: {missing}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("accept-mqtt: interrupted", file=sys.stderr)
         return 130

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
 import uuid
@@ -693,9 +694,11 @@ def _payload(p: Any) -> bytes:
 
 async def watch(url: str, root: str = "accept", job: str | None = None, *,
                 view: FleetView | None = None, duration: float | None = None,
-                ready: asyncio.Event | None = None) -> FleetView:
+                ready: asyncio.Event | None = None,
+                on_message: Callable[[FleetView], None] | None = None) -> FleetView:
     """Subscribe and feed every message into ``view`` (a new one if None) until ``duration``
-    seconds have passed (None: until cancelled); returns the view.
+    seconds have passed (None: until cancelled); returns the view. ``on_message(view)`` is
+    called after each message is folded in (e.g. a TensorBoard writer).
 
     Guarantees: read-only (never publishes; no Last Will; clean session; random client id);
     ``ready`` is set once the subscriptions are acknowledged, so retained state is on its way.
@@ -720,6 +723,8 @@ async def watch(url: str, root: str = "accept", job: str | None = None, *,
             async with asyncio.timeout(duration):
                 async for msg in client.messages:
                     view.ingest(msg.topic.value, _payload(msg.payload))
+                    if on_message is not None:
+                        on_message(view)
         except TimeoutError:
             pass
         finally:
@@ -741,6 +746,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to collect with --once/--json (default 2)")
     p.add_argument("--refresh", type=float, default=4.0,
                    help="live view redraws per second (default 4)")
+    p.add_argument("--prometheus", metavar="[HOST]:PORT", default=None,
+                   help="also serve the jobs' figures at http://HOST:PORT/metrics in "
+                        "Prometheus text format (:PORT: every interface)")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also write the jobs' figures as TensorBoard event files, one "
+                        "directory per job under DIR")
+    p.add_argument("--no-view", action="store_true",
+                   help="draw nothing (e.g. only --prometheus / --tensorboard, as a service)")
 
 
 def _finite(obj: Any) -> Any:
@@ -754,12 +767,28 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+async def follow(url: str, root: str, job: str | None, view: FleetView, *,
+                 retry: float = 2.0,
+                 on_message: Callable[[FleetView], None] | None = None) -> None:
+    """``watch`` until cancelled: a connection lost later is noted in ``view.notice`` and
+    retried every ``retry`` seconds, keeping what the view knows; a first connection that
+    fails raises ``aiomqtt.MqttError``."""
+    while True:
+        try:
+            await watch(url, root, job, view=view, on_message=on_message)
+        except aiomqtt.MqttError as e:
+            if view.connections == 0:
+                raise
+            view.notice = f"connection to {view.broker} lost ({e}); reconnecting"
+            await asyncio.sleep(retry)
+
+
 async def live(url: str, root: str, job: str | None, *, refresh: float = 4.0,
                console: Console | None = None, view: FleetView | None = None,
-               retry: float = 2.0) -> None:
+               retry: float = 2.0,
+               on_message: Callable[[FleetView], None] | None = None) -> None:
     """Draw ``view`` (a new one if None) on ``console`` ``refresh`` times a second until
-    cancelled. A connection lost later is shown and retried every ``retry`` seconds, keeping
-    what the view knows; a first connection that fails raises ``aiomqtt.MqttError``."""
+    cancelled, while ``follow`` feeds it."""
     from rich.live import Live
 
     if view is None:
@@ -776,19 +805,51 @@ async def live(url: str, root: str, job: str | None, *, refresh: float = 4.0,
 
         painter = asyncio.create_task(redraw())
         try:
-            while True:
-                try:
-                    await watch(url, root, job, view=view)
-                except aiomqtt.MqttError as e:
-                    if view.connections == 0:
-                        raise
-                    view.notice = f"connection to {view.broker} lost ({e}); reconnecting"
-                    await asyncio.sleep(retry)
+            await follow(url, root, job, view, retry=retry, on_message=on_message)
         finally:
             painter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await painter
             screen.update(render(view))  # the last frame shows the latest state
+
+
+async def _run(args: argparse.Namespace) -> None:
+    """The command's work in one event loop: the exporters asked for, then ``--once``'s
+    collection, the live view or (``--no-view``) only the exporters, until interrupted."""
+    from accept_mqtt.cli import figures
+
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM (a service manager stopping it) ends it like Ctrl-C
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    view = FleetView(args.root, args.job, broker=str(parse_broker_url(args.broker)))
+    sink = figures.TensorBoardSink(args.tensorboard) if args.tensorboard else None
+    server = None
+    if args.prometheus:
+        host, port = figures.parse_listen(args.prometheus)
+        server = await figures.serve_prometheus(view, host, port)
+        bound = server.sockets[0].getsockname()
+        print(f"accept-mqtt monitor: Prometheus metrics at http://{bound[0]}:{bound[1]}"
+              "/metrics", file=sys.stderr, flush=True)
+    try:
+        if args.once or args.json:
+            await watch(args.broker, args.root, args.job, view=view, duration=args.timeout,
+                        on_message=sink.update if sink else None)
+            if args.json:
+                print(json.dumps(_finite(view.snapshot()), indent=2))
+            else:
+                Console().print(render(view))
+        elif args.no_view:
+            await follow(args.broker, args.root, args.job, view,
+                         on_message=sink.update if sink else None)
+        else:
+            await live(args.broker, args.root, args.job, refresh=args.refresh, view=view,
+                       on_message=sink.update if sink else None)
+    finally:
+        if server is not None:
+            server.close()
+        if sink is not None:
+            sink.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -799,18 +860,15 @@ def run(args: argparse.Namespace) -> int:
         url = str(parse_broker_url(args.broker))
         if args.timeout <= 0 or args.refresh <= 0:
             raise ValueError("--timeout and --refresh must be positive")
+        if args.prometheus:
+            from accept_mqtt.cli.figures import parse_listen
+
+            parse_listen(args.prometheus)
     except (TopicError, BrokerUrlError, ValueError) as e:
         print(f"accept-mqtt monitor: {e}", file=sys.stderr)
         return 2
     try:
-        if args.once or args.json:
-            view = asyncio.run(watch(args.broker, args.root, args.job, duration=args.timeout))
-            if args.json:
-                print(json.dumps(_finite(view.snapshot()), indent=2))
-            else:
-                Console().print(render(view))
-            return 0
-        asyncio.run(live(args.broker, args.root, args.job, refresh=args.refresh))
+        asyncio.run(_run(args))
         return 0
     except aiomqtt.MqttError as e:
         print(f"accept-mqtt monitor: cannot reach the broker at {url}: {e}", file=sys.stderr)
@@ -818,5 +876,8 @@ def run(args: argparse.Namespace) -> int:
     except BrokerUrlError as e:  # e.g. an unreadable CA file for mqtts://
         print(f"accept-mqtt monitor: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 0  # Ctrl-C is how the live view ends
+    except OSError as e:  # the --prometheus port is taken, --tensorboard not writable
+        print(f"accept-mqtt monitor: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0  # Ctrl-C (or SIGTERM) is how the live view ends

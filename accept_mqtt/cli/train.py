@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the run record to this path")
     p.add_argument("--no-progress", action="store_true",
                    help="plain progress lines instead of a live bar")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write the run's figures (loss, accuracy, samples/s, per-stage busy, "
+                        "link bytes) as TensorBoard event files in DIR/<job>/")
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -120,6 +124,31 @@ async def run_job(cfg: TrainConfig, broker: str, *, job: str | None, root: str,
         return await coord.run()
 
 
+class _TensorBoardFeed:
+    """The coordinator's progress calls -> the monitor's view of the job -> TensorBoard.
+
+    A step's and an epoch's progress call carries the fields of the metrics message the
+    coordinator publishes (``StepMetric``, ``Epoch``), so they are folded in as that message,
+    decoded by the vocabulary like any subscriber's: the figures written here are those
+    ``accept-mqtt monitor --tensorboard`` writes from the wire."""
+
+    def __init__(self, logdir: str, root: str) -> None:
+        from .figures import TensorBoardSink
+        from .monitor import FleetView
+
+        self.view = FleetView(root)
+        self.sink = TensorBoardSink(logdir)
+        self.job: str | None = None
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "start":
+            self.job = info["job"]
+        elif kind in ("step", "epoch") and self.job is not None:
+            body = {"type": kind, **info, "job": self.job, "time": time.time()}
+            self.view.ingest(self.view.topics.metrics(self.job), json.dumps(body).encode())
+            self.sink.update(self.view)
+
+
 def run(args: argparse.Namespace) -> int:
     from accept_mqtt.coordinator import CoordinatorError
     from accept_mqtt.harness.local import LocalCluster, default_agents
@@ -140,11 +169,17 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     view = ProgressView(enabled=not args.no_progress)
+    tb = _TensorBoardFeed(args.tensorboard, args.root) if args.tensorboard else None
+
+    def progress(kind: str, info: dict[str, Any]) -> None:
+        view.update(kind, info)
+        if tb is not None:
+            tb(kind, info)
     try:
         with view:
             if args.broker:
                 record = asyncio.run(run_job(cfg, args.broker, job=args.job, root=args.root,
-                                             progress=view.update))
+                                             progress=progress))
             else:
                 specs = default_agents(cfg.devices, [float(s) for s in slow] if slow else None,
                                        bws)  # type: ignore[arg-type]
@@ -153,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                 with LocalCluster(specs, root=args.root) as cluster:
                     view.update("status", {"msg": f"broker at {cluster.url}"})
                     record = asyncio.run(run_job(cfg, cluster.url, job=args.job,
-                                                 root=args.root, progress=view.update))
+                                                 root=args.root, progress=progress))
     except (CoordinatorError, DatasetError, BrokerError, ConfigError, ValueError) as e:
         print(f"accept-mqtt train: {e}", file=sys.stderr)
         return 1
@@ -165,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"accept-mqtt train: MQTT error: {e}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if tb is not None:
+            tb.sink.close()
     print_summary(record)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")

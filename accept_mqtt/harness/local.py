@@ -56,7 +56,10 @@ class LocalCluster:
 
     def start_agent(self, spec: AgentSpec) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"agent-{spec.device_id}.log", "ab")  # noqa: SIM115
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), PYTHONUNBUFFERED="1")
+        # the harness alone configures its agents: a device's ACCEPT_MQTT_* settings (or
+        # the TOML file $ACCEPT_MQTT_CONFIG names) in this shell must not leak into them
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACCEPT_MQTT_")}
+        env.update(OMP_NUM_THREADS=str(spec.threads), PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(self.agent_cmd(spec), stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
         log.close()
