@@ -70,39 +70,18 @@ class Setting:
         return "ACCEPT_MQTT_" + self.name.upper() if self.env == "" else self.env
 
 
-def _positive_int(v: int) -> int:
-    if v < 1:
-        raise ValueError("must be >= 1")
-    return v
+def _at_least(lo: float, *, above: bool = False) -> Callable[[Any], Any]:
+    """A check that a number is ``>= lo`` (``> lo`` with ``above``); NaN fails either way."""
+    def check(v: Any) -> Any:
+        if not (v > lo if above else v >= lo):  # `not`: a NaN compares false, and fails
+            raise ValueError(f"must be {'>' if above else '>='} {lo:g}")
+        return v
+    return check
 
 
 def _keepalive(v: int) -> int:
     if not 1 <= v <= 65535:
         raise ValueError("must be 1..65535 seconds")
-    return v
-
-
-def _slowdown(v: float) -> float:
-    if not v >= 1.0:  # also refuses NaN
-        raise ValueError("must be >= 1")
-    return v
-
-
-def _positive(v: float) -> float:
-    if not v > 0:  # also refuses NaN
-        raise ValueError("must be > 0")
-    return v
-
-
-def _non_negative(v: float) -> float:
-    if not v >= 0:  # also refuses NaN
-        raise ValueError("must be >= 0")
-    return v
-
-
-def _non_negative_int(v: int) -> int:
-    if v < 0:
-        raise ValueError("must be >= 0")
     return v
 
 
@@ -153,9 +132,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device_id", "str", "[A-Za-z0-9_-]{1,64}; default: the host name",
             None, _device_id, metavar="ID"),
     Setting("root", "str", "topic root", "accept", _root),
-    Setting("threads", "int", "torch threads for compute", 1, _positive_int, metavar="N"),
+    Setting("threads", "int", "torch threads for compute", 1, _at_least(1), metavar="N"),
     Setting("slowdown", "float", "emulate a device this many times slower (sleeps after "
-            "compute)", 1.0, _slowdown, metavar="S"),
+            "compute)", 1.0, _at_least(1.0), metavar="S"),
     Setting("bandwidth", "str", "emulate a slower uplink, e.g. 20mbit (paces this agent's "
             "sends)", None, parse_bandwidth, metavar="RATE"),
     Setting("pace", "bool", "pace sends to --bandwidth; --no-pace only advertises it (the "
@@ -174,13 +153,13 @@ SETTINGS: tuple[Setting, ...] = (
             f"'{os.pathsep}')", [], _dirs, metavar="DIR"),
     Setting("lease", "float", "leave a job whose coordinator was not heard alive for this "
             "long, if shorter than the coordinator's own lease (default: the coordinator's)",
-            None, _positive, metavar="SECONDS"),
+            None, _at_least(0, above=True), metavar="SECONDS"),
     Setting("heartbeat", "float", "seconds between progress heartbeats while in a job (how "
             "the coordinator tells a hung device from a slow one); 0: none", 1.0,
-            _non_negative, metavar="SECONDS"),
+            _at_least(0.0), metavar="SECONDS"),
     Setting("fault_hang_at_step", "int", "FAULT INJECTION for tests and drills: from "
             "optimizer step N on, the stage's compute blocks for ever while the connection "
-            "stays up", None, _non_negative_int, metavar="N"),
+            "stays up", None, _at_least(0), metavar="N"),
     Setting("verbose", "bool", "debug logging", False, flag="--verbose"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
