@@ -151,6 +151,10 @@ class AgentConfig:
     # None: the coordinator's own lease (CoordinatorStatus.lease_s)
 
 
+class _Transient(Exception):
+    """A first connection that failed in a way worth retrying (its cause: the MqttError)."""
+
+
 class DeviceIdTaken(RuntimeError):
     """Another live agent holds this device id (a twin): this one does not start."""
 
@@ -275,7 +279,7 @@ class Agent:
         self.profile = DeviceProfile(**device_profile(
             self.cfg.device_id, threads=self.cfg.threads, slowdown=self.cfg.slowdown,
             bandwidth_bps=self.cfg.bandwidth_bps, memory_limit_bytes=self.cfg.memory_limit))
-        await self._connect()
+        await self._first_connect()
         self._link = Link(self._publish_frame, self.cfg.bandwidth_bps if self.cfg.pace else None,
                           window=self.cfg.uplink_window, delay_s=self.cfg.latency_s)
         self._link.start()
@@ -325,6 +329,34 @@ class Agent:
         await client.subscribe(self.topics.device_probe(dev), qos=1)
         if job is not None:
             await client.subscribe([(t, 1) for t in self._job_topics(job)], timeout=10)
+
+    async def _first_connect(self) -> None:
+        """The first connection, retried like a lost one (``reconnect_timeout``) while the
+        broker is not there yet or too busy to answer in time: a device may boot before its
+        broker, and a loaded broker may miss one CONNECT or SUBSCRIBE (seen with amqtt in CI:
+        "Operation timed out" ended an agent before its job). A refusal by the broker (bad
+        credentials, not authorised: ``MqttCodeError``) and a twin are final."""
+        async def attempt() -> None:
+            try:
+                await self._connect()
+            except aiomqtt.MqttCodeError:
+                raise
+            except aiomqtt.MqttError as e:
+                half, self._client = self._client, None  # a session half set up
+                if half is not None:
+                    with contextlib.suppress(Exception):
+                        await half.__aexit__(None, None, None)
+                raise _Transient(e) from e
+
+        def say(e: BaseException, delay: float) -> None:
+            log.info("broker %s unreachable (%s); retrying in %.1fs", self.url, e.__cause__,
+                     delay)
+
+        try:
+            await retry(attempt, self.cfg.reconnect_timeout, _Transient, say)
+        except _Transient as e:
+            assert isinstance(e.__cause__, aiomqtt.MqttError)
+            raise e.__cause__ from None
 
     async def _reconnect(self) -> None:
         """Retry the broker until ``reconnect_timeout``; raise the last error after that."""

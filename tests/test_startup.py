@@ -123,3 +123,34 @@ def test_broker_restart_while_waiting_for_devices(broker: MosquittoBroker,
     record = asyncio.run(main())
     assert record["steps"] == 3 and record["recoveries"] == []
     _assert_same_as_reference(record["model_path"], cfg, 3)
+
+
+def test_an_agent_started_before_its_broker_connects_once_it_is_up(tmp_path: Path) -> None:
+    """A device may boot before its broker (or meet one too busy to answer a CONNECT in
+    time): the agent process keeps trying instead of exiting, and comes online when the
+    broker does. (An agent refused by the broker is not retried: test_security.)"""
+    import subprocess
+    import sys
+    import time
+
+    from broker import free_port
+
+    from .conftest import wait_retained
+
+    port = free_port()
+    log = (tmp_path / "agent.log").open("w")
+    agent = subprocess.Popen([sys.executable, "-m", "device_agent", "--broker",
+                              f"mqtt://127.0.0.1:{port}", "--device-id", "early-bird"],
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(2.0)
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+        with MosquittoBroker(port=port, workdir=tmp_path / "broker") as b:
+            status = asyncio.run(wait_retained(b.url, "accept/devices/early-bird/status",
+                                               lambda s: s.get("state") == "online", 30))
+            assert status["state"] == "online"
+        assert "unreachable" in (tmp_path / "agent.log").read_text()  # it said why it waited
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        log.close()
