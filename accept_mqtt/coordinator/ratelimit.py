@@ -1,0 +1,58 @@
+"""How many of the coordinator's rejections of bad input reach the job's metrics topic.
+
+Every payload the coordinator cannot decode is logged and kept in the run record; it is
+also published as an ``error`` on the job's metrics topic, but a flood of garbage must not
+become a flood of metrics. ``RejectLimiter`` admits at most ``per_window`` rejections per
+``window_s`` seconds (fixed windows) and counts the rest, which the coordinator then
+publishes as one summary ``error`` (``suppressed``: how many) when the window ends.
+
+Guarantees: ``admit`` is true for the first ``per_window`` calls of each window and false
+after; ``drain`` returns the number refused since the last ``drain`` and resets it. Pure: no
+I/O, the clock is injected.
+
+>>> t = [0.0]
+>>> lim = RejectLimiter(per_window=2, window_s=1.0, clock=lambda: t[0])
+>>> [lim.admit() for _ in range(4)], lim.drain(), lim.drain()
+([True, True, False, False], 2, 0)
+>>> t[0] = 1.0
+>>> lim.admit(), round(lim.window_left(), 3)
+(True, 1.0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class RejectLimiter:
+    """At most ``per_window`` admitted per ``window_s``; the refused ones are counted."""
+
+    def __init__(self, per_window: int = 5, window_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self.clock = clock
+        self._start = -float("inf")
+        self._admitted = 0
+        self._suppressed = 0
+
+    def admit(self) -> bool:
+        """One more rejection: publish it (true) or count it (false)?"""
+        now = self.clock()
+        if now - self._start >= self.window_s:
+            self._start, self._admitted = now, 0
+        if self._admitted < self.per_window:
+            self._admitted += 1
+            return True
+        self._suppressed += 1
+        return False
+
+    def window_left(self) -> float:
+        """Seconds until the current window ends (when the summary is due)."""
+        return max(0.0, self._start + self.window_s - self.clock())
+
+    def drain(self) -> int:
+        """How many were refused since the last call (and forget them)."""
+        n, self._suppressed = self._suppressed, 0
+        return n
