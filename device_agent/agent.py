@@ -15,7 +15,14 @@ Lifecycle::
   naming the first differing unit, and the agent stays idle.
 * Frames are validated before use; a bad frame is logged and reported on the job's metrics
   topic (``{"type": "error", ...}``, naming topic and reason) and dropped. Nothing else
-  changes: the stage's stash, weights and step counter are untouched.
+  changes: the stage's stash, weights and step counter are untouched. A second frame for a
+  micro-batch already computed is such a frame too (nothing of the job sends one twice; the
+  chaos bench's wrong-shape gradients were dropped as "duplicates" without a word).
+* Plans: a payload on a plan topic that is no plan is reported (an ``error`` without
+  ``plan_version``) and changes nothing; a refusal of a plan it could read names the plan's
+  version and owner. A plan is the one running when version and ``owner`` match, so a
+  resumed coordinator's plan is taken even at the version a dead one left behind; a plan of
+  another owner than the job's live coordinator (its liveness names it) is refused.
 * Compute runs on the event loop's own thread, one work item at a time, between which the
   loop services the connection: measured, a worker thread that competes with the loop for
   the GIL stretched 2 ms convolutions to 5-11 ms. Only where the loop must keep time while
@@ -795,9 +802,9 @@ class Agent:
                                    "'bsz' keys")
         if not 0 <= frame.mb < nmb:
             raise codec.FrameError(work.topic, f"mb {frame.mb} out of range for nmb {nmb}")
-        if frame.mb in job.fwd_done[frame.step]:
-            log.warning("duplicate forward frame %s mb %d dropped", work.topic, frame.mb)
-            return
+        if frame.mb in job.fwd_done[frame.step]:  # reported: nothing sends a frame twice
+            raise codec.FrameError(work.topic, f"duplicate forward frame: step {frame.step} "
+                                   f"mb {frame.mb} was already computed; dropped")
         key = (frame.step, frame.mb)
         res = await self._compute_call(job.runner.forward, key, x, labels, 1.0 / bsz)
         job.fwd_done[frame.step].add(frame.mb)
@@ -828,9 +835,9 @@ class Agent:
         if frame.step != job.step:
             raise codec.FrameError(work.topic, f"gradient for step {frame.step} but this stage "
                                    f"is at step {job.step}")
-        if frame.mb in job.bwd_done[frame.step]:
-            log.warning("duplicate gradient frame %s mb %d dropped", work.topic, frame.mb)
-            return
+        if frame.mb in job.bwd_done[frame.step]:  # reported: nothing sends a frame twice
+            raise codec.FrameError(work.topic, f"duplicate gradient frame: step {frame.step} "
+                                   f"mb {frame.mb} was already computed; dropped")
         g = codec.decode(frame)
         await self._run_backward(job, (frame.step, frame.mb), g)
 
