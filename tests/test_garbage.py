@@ -121,7 +121,8 @@ def test_garbage_on_job_topics_is_reported_and_training_goes_on(broker: Mosquitt
                           for e in events), events
     assert len(events) < GARBAGE, "a flood is rate-limited"
     assert _summaries(errors), "the suppressed ones are counted in a summary"
-    assert all("more rejected messages" in s["reason"] for s in _summaries(errors))
+    assert all("more rejected messages" in s["reason"]
+               and s["suppressed_topics"] == [f"{jt}/events/g-a"] for s in _summaries(errors))
     # the run record keeps every one of them, and the agents' refusals once each
     assert sum(e["device"] == "coordinator" for e in record["errors"]) == GARBAGE + 1
 

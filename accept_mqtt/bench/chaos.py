@@ -450,6 +450,9 @@ class Chaos:
         if row.kind == "garbage":
             # a topic that got garbage and no error naming it: silently dropped, or taken in
             named = {b.get("topic") for _, b in msgs if b.get("type") == "error"}
+            # the coordinator's rate-limited rejections: a summary names their topics
+            named |= {t for _, b in msgs if b.get("type") == "error"
+                      for t in b.get("suppressed_topics") or []}
             silent = sorted("/".join(self.topics.parse_tail(t, job))
                             for t in self.garbage_topics if t not in named)
             how.append(f"{len(self.garbage_topics) - len(silent)}/{len(self.garbage_topics)} "

@@ -244,22 +244,23 @@ class Coordinator:
                "reason": error.reason}
         self.state.errors.append(err)
         self.progress("error", err)
-        if self._rejects.admit():
+        if self._rejects.admit(error.topic):
             self.session.emit(Error(device="coordinator", topic=error.topic,
                                     reason=error.reason))
         elif self._rejects_summary is None:  # the first one over the limit in this window
             self._rejects_summary = asyncio.get_running_loop().call_later(
-                self._rejects.window_left(), self._publish_rejects_summary, error.topic)
+                self._rejects.window_left(), self._publish_rejects_summary)
 
-    def _publish_rejects_summary(self, topic: str) -> None:
+    def _publish_rejects_summary(self) -> None:
         self._rejects_summary = None
-        n = self._rejects.drain()
+        n, topics = self._rejects.drain()
         if n:
             lim = self._rejects
             self.session.emit(Error(
-                device="coordinator", topic=topic, suppressed=n,
-                reason=f"{n} more rejected messages not published here (at most "
-                       f"{lim.per_window} per {lim.window_s:g} s; the first on {topic}); the "
+                device="coordinator", topic=topics[0], suppressed=n, suppressed_topics=topics,
+                reason=f"{n} more rejected messages not published one by one (at most "
+                       f"{lim.per_window} per {lim.window_s:g} s), on {', '.join(topics)}"
+                       f"{' and more' if len(topics) == lim.max_topics else ''}; the "
                        "coordinator's log and the run record have each"))
 
     def on_disconnected(self, reason: str) -> None:

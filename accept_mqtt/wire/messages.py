@@ -290,7 +290,8 @@ class Error(_Metric, tag="error", kw_only=True):
     An agent's refusal of a plan it could read carries that plan's ``plan_version`` (and
     ``plan_owner``): only such an error refuses the coordinator's plan; a payload on the plan
     topic that is no plan at all carries neither, and is just bad input. ``suppressed``: the
-    coordinator's rejections are rate-limited; a summary says how many were not published."""
+    coordinator's rejections are rate-limited; a summary says how many were not published
+    one by one, and on which topics (``suppressed_topics``, at most 10)."""
 
     device: str
     topic: str
@@ -299,6 +300,7 @@ class Error(_Metric, tag="error", kw_only=True):
     plan_version: int | None = None
     plan_owner: str | None = None
     suppressed: int | None = None
+    suppressed_topics: list[str] | None = None
 
 
 class Checkpointed(_Metric, tag="checkpoint", kw_only=True):
