@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,16 @@ from accept_mqtt.coordinator.config import TrainConfig
 from accept_mqtt.model.checkpoint import Checkpoint
 from broker import MosquittoBroker
 
-from .conftest import running_agents
+from .conftest import collect_json, running_agents
 from .test_faults import _assert_same_as_reference
+from .test_faults import _cfg as _faults_cfg
 
 DEVICES = ["g-a", "g-b", "g-c"]
 GARBAGE = 30  # undecodable events: more than REJECTS_PER_SECOND, in well under a second
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(model="cnn", dataset="digits", epochs=1, batch_size=32,
-                                micro_batches=4, max_steps=6, seed=7, runs_dir=str(tmp_path),
-                                device_timeout=20, step_timeout=30, partition="flops",
-                                checkpoint_every=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return _faults_cfg(tmp_path, **{"max_steps": 6, "checkpoint_every": 0, **kw})
 
 
 async def _eventually(cond: Any, timeout: float, what: str) -> None:
@@ -52,22 +47,17 @@ def test_garbage_on_job_topics_is_reported_and_training_goes_on(broker: Mosquitt
     job = "junkyard"
     jt = f"accept/jobs/{job}"
     cfg = _cfg(tmp_path)
-    errors: list[dict[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
     kept: dict[str, Any] = {}
 
-    async def watch() -> None:
-        async with aiomqtt.Client(broker.host, broker.port) as c:
-            await c.subscribe(f"{jt}/metrics")
-            async for msg in c.messages:
-                body = json.loads(bytes(msg.payload or b"{}"))
-                if body.get("type") == "error":
-                    errors.append(body)
+    def errors() -> list[dict[str, Any]]:
+        return [m for m in metrics if m.get("type") == "error"]
 
     def from_coordinator() -> list[dict[str, Any]]:
-        return [e for e in errors if e["device"] == "coordinator"]
+        return [e for e in errors() if e["device"] == "coordinator"]
 
     def on_plan() -> list[dict[str, Any]]:
-        return [e for e in errors if e["topic"] == f"{jt}/plan"]
+        return [e for e in errors() if e["topic"] == f"{jt}/plan"]
 
     async def attack(coord: Coordinator, agents: list[Any]) -> None:
         while coord.state.step < 2:
@@ -85,15 +75,15 @@ def test_garbage_on_job_topics_is_reported_and_training_goes_on(broker: Mosquitt
                                 qos=1)
         # every agent refuses both plans; the coordinator's rejections are all accounted for
         await _eventually(lambda: len(on_plan()) == 2 * len(DEVICES), 15, "plan refusals")
-        await _eventually(lambda: len(from_coordinator()) - len(_summaries(errors))
-                          + sum(s["suppressed"] for s in _summaries(errors)) == GARBAGE + 1,
+        await _eventually(lambda: len(from_coordinator()) - len(_summaries(errors()))
+                          + sum(s["suppressed"] for s in _summaries(errors())) == GARBAGE + 1,
                           15, "coordinator rejections on the metrics topic")
         kept["plans"] = [(a.job.plan.version, a.job.plan.owner) for a in agents]
         kept["owner"] = coord.session.owner
         coord._running.set()
 
     async def main() -> dict[str, Any]:
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(collect_json(broker, f"{jt}/metrics", metrics))
         await asyncio.sleep(0.2)
         async with running_agents(broker.url, DEVICES) as agents:
             async with Coordinator(broker.url, cfg, job=job) as coord:
@@ -120,9 +110,10 @@ def test_garbage_on_job_topics_is_reported_and_training_goes_on(broker: Mosquitt
     assert events and all("Expected `str`, got `int` - at `$.device`" in e["reason"]
                           for e in events), events
     assert len(events) < GARBAGE, "a flood is rate-limited"
-    assert _summaries(errors), "the suppressed ones are counted in a summary"
+    summaries = _summaries(errors())
+    assert summaries, "the suppressed ones are counted in a summary"
     assert all("more rejected messages" in s["reason"]
-               and s["suppressed_topics"] == [f"{jt}/events/g-a"] for s in _summaries(errors))
+               and s["suppressed_topics"] == [f"{jt}/events/g-a"] for s in summaries)
     # the run record keeps every one of them, and the agents' refusals once each
     assert sum(e["device"] == "coordinator" for e in record["errors"]) == GARBAGE + 1
 
