@@ -43,6 +43,7 @@ What the coordinator itself guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -194,8 +195,13 @@ class Coordinator:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._rejects_summary is not None:
+        if self._rejects_summary is not None:  # what the rate limit held back goes out now
             self._rejects_summary.cancel()
+            self._rejects_summary = None
+            summary = self._held_back()
+            if summary is not None:
+                with contextlib.suppress(Exception):  # the broker may be gone: logged anyway
+                    await self.session.metric(summary)
         await self.planner.close()
         await self.session.close()
 
@@ -253,15 +259,22 @@ class Coordinator:
 
     def _publish_rejects_summary(self) -> None:
         self._rejects_summary = None
+        summary = self._held_back()
+        if summary is not None:
+            self.session.emit(summary)
+
+    def _held_back(self) -> Error | None:
+        """The summary of the rejections the rate limit held back (None: there were none)."""
         n, topics = self._rejects.drain()
-        if n:
-            lim = self._rejects
-            self.session.emit(Error(
-                device="coordinator", topic=topics[0], suppressed=n, suppressed_topics=topics,
-                reason=f"{n} more rejected messages not published one by one (at most "
-                       f"{lim.per_window} per {lim.window_s:g} s), on {', '.join(topics)}"
-                       f"{' and more' if len(topics) == lim.max_topics else ''}; the "
-                       "coordinator's log and the run record have each"))
+        if not n:
+            return None
+        lim = self._rejects
+        return Error(device="coordinator", topic=topics[0], suppressed=n,
+                     suppressed_topics=topics,
+                     reason=f"{n} more rejected messages not published one by one (at most "
+                            f"{lim.per_window} per {lim.window_s:g} s), on {', '.join(topics)}"
+                            f"{' and more' if len(topics) == lim.max_topics else ''}; the "
+                            "coordinator's log and the run record have each")
 
     def on_disconnected(self, reason: str) -> None:
         self.steps.disconnected(reason)
