@@ -168,3 +168,13 @@ def test_resume_is_obeyed_when_agents_run_its_plan_version(broker: MosquittoBrok
                                        "plan_version": 2}
     assert record["steps"] == 6
     _assert_same_as_reference(record["model_path"], cfg, 6)
+
+
+def test_reject_limiter_doctests() -> None:
+    """The rate limit's rule (admit the first N of each window, count and name the rest)."""
+    import doctest
+
+    from accept_mqtt.coordinator import ratelimit
+
+    res = doctest.testmod(ratelimit)
+    assert res.attempted >= 4 and res.failed == 0
