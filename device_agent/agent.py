@@ -15,7 +15,14 @@ Lifecycle::
   naming the first differing unit, and the agent stays idle.
 * Frames are validated before use; a bad frame is logged and reported on the job's metrics
   topic (``{"type": "error", ...}``, naming topic and reason) and dropped. Nothing else
-  changes: the stage's stash, weights and step counter are untouched.
+  changes: the stage's stash, weights and step counter are untouched. A second frame for a
+  micro-batch already computed is such a frame too (nothing of the job sends one twice; the
+  chaos bench's wrong-shape gradients were dropped as "duplicates" without a word).
+* Plans: a payload on a plan topic that is no plan is reported (an ``error`` without
+  ``plan_version``) and changes nothing; a refusal of a plan it could read names the plan's
+  version and owner. A plan is the one running when version and ``owner`` match, so a
+  resumed coordinator's plan is taken even at the version a dead one left behind; a plan of
+  another owner than the job's live coordinator (its liveness names it) is refused.
 * Compute runs on the event loop's own thread, one work item at a time, between which the
   loop services the connection: measured, a worker thread that competes with the loop for
   the GIL stretched 2 ms convolutions to 5-11 ms. Only where the loop must keep time while
@@ -166,6 +173,7 @@ class _Heard:
     alive: bool
     heard: float  # monotonic: the last ``alive`` (or the first word, or the last reconnect)
     lease_s: float
+    owner: str  # the coordinator process it names
 
 
 @dataclass
@@ -556,23 +564,29 @@ class Agent:
             return
         try:
             plan = Plan.from_json(payload)
-        except PlanError as e:
-            log.error("rejected plan on job %s: %s", job_id, e)
+        except PlanError as e:  # bad input: reported, and the current stage goes on
             if current is None or current.plan.job == job_id:
                 await self._report_error(self.topics.plan(job_id), str(e), job=job_id)
+            else:
+                log.error("rejected plan on job %s: %s", job_id, e)
             return
         mine = plan.stage_of(self.cfg.device_id)
         if current is not None and current.plan.job != job_id:
-            if mine is not None:
+            if mine is not None:  # the current job goes on; the other job hears why not
                 await self._report_error(self.topics.plan(job_id),
-                                         f"device is busy with job {current.plan.job}", job=job_id)
+                                         f"device is busy with job {current.plan.job}",
+                                         job=job_id, plan=plan)
+            return
+        if (other := self._not_from_coordinator(job_id, plan)) is not None:
+            # a well-formed plan someone else published: refused, the job goes on
+            await self._report_error(self.topics.plan(job_id), other, job=job_id, plan=plan)
             return
         if mine is None:
             if current is not None:
                 await self._leave_job("not in the new plan")
             return
-        if current is not None and current.plan.version == plan.version:
-            return
+        if current is not None and _same_plan(current.plan, plan):
+            return  # republished (a reconnect): the stage goes on
         if (gone := self._coordinator_gone(job_id)) is not None:
             log.warning("not joining plan v%d of job %s: %s", plan.version, job_id, gone)
             return
@@ -593,7 +607,8 @@ class Agent:
                         "its memory is not checked", plan.version, type(e).__name__, e)
             refusal = None
         if refusal is not None:  # before a single weight of the stage is allocated
-            await self._report_error(self.topics.plan(plan.job), refusal, job=plan.job)
+            await self._report_error(self.topics.plan(plan.job), refusal, job=plan.job,
+                                     plan=plan)
             return
         try:
             job = await asyncio.to_thread(_building, _Job, plan, self.cfg.device_id,
@@ -601,7 +616,7 @@ class Agent:
                                           self.cfg.model_path)
         except Exception as e:
             await self._report_error(self.topics.plan(plan.job), f"cannot build stage: {e}",
-                                     job=plan.job)
+                                     job=plan.job, plan=plan)
             return
         self.job = job
         if self._link is not None:  # the link's counters live as long as the connection
@@ -649,9 +664,11 @@ class Agent:
         heard = self._coordinators.get(job)
         now = time.monotonic()
         if heard is None:
-            self._coordinators[job] = _Heard(status.state == "alive", now, status.lease_s)
+            self._coordinators[job] = _Heard(status.state == "alive", now, status.lease_s,
+                                             status.owner)
         elif status.state == "alive":
             heard.alive, heard.heard, heard.lease_s = True, now, status.lease_s
+            heard.owner = status.owner
         else:
             heard.alive = False
 
@@ -663,6 +680,16 @@ class Agent:
         """Silent for longer than the lease allows (``wire.liveness.allowed_silence``)."""
         silent = time.monotonic() - heard.heard
         return silent > allowed_silence(self._lease(heard), heard.lease_s)
+
+    def _not_from_coordinator(self, job: str, plan: Plan) -> str | None:
+        """Why ``plan`` is not the plan of ``job``'s coordinator (None: it is, or the plan
+        or the coordinator names no owner: older versions). The job's liveness names its
+        coordinator; a plan of another process is someone else's (a stale or forged one)."""
+        heard = self._coordinators.get(job)
+        if heard is None or plan.owner is None or plan.owner == heard.owner:
+            return None
+        return (f"plan v{plan.version} of job {job} comes from {plan.owner}, but the job's "
+                f"coordinator is {heard.owner}: not taken")
 
     def _coordinator_gone(self, job: str) -> str | None:
         """Why ``job``'s coordinator counts as gone (None: alive, or it has no lease)."""
@@ -865,9 +892,9 @@ class Agent:
                                    "'bsz' keys")
         if not 0 <= frame.mb < nmb:
             raise codec.FrameError(work.topic, f"mb {frame.mb} out of range for nmb {nmb}")
-        if frame.mb in job.fwd_done[frame.step]:
-            log.warning("duplicate forward frame %s mb %d dropped", work.topic, frame.mb)
-            return
+        if frame.mb in job.fwd_done[frame.step]:  # reported: nothing sends a frame twice
+            raise codec.FrameError(work.topic, f"duplicate forward frame: step {frame.step} "
+                                   f"mb {frame.mb} was already computed; dropped")
         key = (frame.step, frame.mb)
         res = await self._compute_call(job.runner.forward, key, x, labels, 1.0 / bsz)
         job.fwd_done[frame.step].add(frame.mb)
@@ -898,9 +925,9 @@ class Agent:
         if frame.step != job.step:
             raise codec.FrameError(work.topic, f"gradient for step {frame.step} but this stage "
                                    f"is at step {job.step}")
-        if frame.mb in job.bwd_done[frame.step]:
-            log.warning("duplicate gradient frame %s mb %d dropped", work.topic, frame.mb)
-            return
+        if frame.mb in job.bwd_done[frame.step]:  # reported: nothing sends a frame twice
+            raise codec.FrameError(work.topic, f"duplicate gradient frame: step {frame.step} "
+                                   f"mb {frame.mb} was already computed; dropped")
         g = codec.decode(frame)
         await self._run_backward(job, (frame.step, frame.mb), g)
 
@@ -977,15 +1004,26 @@ class Agent:
                   **fields)
         self._publish_soon(self.topics.events(job.plan.job, self.cfg.device_id), ev)
 
-    async def _report_error(self, topic: str, reason: str, job: str | None = None) -> None:
+    async def _report_error(self, topic: str, reason: str, job: str | None = None,
+                            plan: Plan | None = None) -> None:
+        """Log and publish on the job's metrics topic why a message was rejected; ``plan``:
+        the plan refused (its version and owner say which plan the refusal is about)."""
         log.error("rejected message on %s: %s", topic, reason)
-        err = Error(device=self.cfg.device_id, topic=topic, reason=reason, time=time.time())
+        err = Error(device=self.cfg.device_id, topic=topic, reason=reason, time=time.time(),
+                    plan_version=None if plan is None else plan.version,
+                    plan_owner=None if plan is None else plan.owner)
         self.errors.append(err)
         job_id = job or (self.job.plan.job if self.job else None)
         if job_id is None or self._client is None:
             return
         with contextlib.suppress(Exception):
             await self._publish_msg(self.topics.metrics(job_id), err)
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    """The same plan: same version from the same coordinator. A resumed coordinator (another
+    owner) may publish the version a dead one left the agents running: that is a new plan."""
+    return a.version == b.version and a.owner == b.owner
 
 
 def _live_instance(payload: bytes) -> str | None:

@@ -4,8 +4,8 @@ The short run (30 steps, an agent SIGKILLed and restarted, a garbage burst) uses
 parts the bench uses: the fixture's Mosquitto, agents and the coordinator as OS processes.
 It checks what the report says about each fault against what must be true of it: the job
 finished all its steps, a killed agent costs at most the steps since the last checkpoint, a
-garbage burst is answered with errors on the metrics topic and costs no step if survived,
-and one not survived is a row with its cause and the bench's rescue.
+garbage burst is survived (it used to end the job: a malformed plan was taken for a refusal),
+answered with errors on the metrics topic, and costs no step.
 """
 
 from __future__ import annotations
@@ -112,11 +112,10 @@ def test_short_chaos_run_reports_each_fault(broker: MosquittoBroker, tmp_path: P
     assert kill["back_after_s"] is not None and not kill["rescue"]
     junk = rows["garbage"]
     assert junk["errors_reported"] > 0 and "answered with an error" in junk["how"]
-    if junk["survived"]:
-        assert junk["replayed"] == 0 and junk["within_bound"] and not junk["rescue"]
-    else:  # a row saying why, and what the bench did about it: never a crash of the bench
-        assert junk["rescue"] and junk["how"].split(";")[0], junk
-    assert res["survived"] == 1 + bool(junk["survived"])
+    # garbage never stops training (a malformed plan used to end the job: issue 14)
+    assert junk["survived"] is True, junk
+    assert junk["replayed"] == 0 and junk["within_bound"] and not junk["rescue"]
+    assert res["survived"] == 2
     acc = res["accuracy"]
     assert acc["undisturbed"] is None and 0.0 < acc["disturbed"] <= 1.0
     mem = res["peak_rss_mb"]

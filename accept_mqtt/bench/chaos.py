@@ -68,6 +68,7 @@ from broker import MosquittoBroker
 
 from .overhead import machine
 
+GARBAGE_SETTLE_S = 1.5  # past the coordinator's 1 s window of rate-limited rejections
 KINDS = ("agent-kill", "broker-restart", "coordinator-kill", "device-hang", "garbage")
 CONFIRM_STEPS = 3  # steps past the fault's step that count as "training goes on"
 MAX_RESCUES = 3
@@ -419,6 +420,9 @@ class Chaos:
                 self._progress_line(job)
                 shown = time.monotonic()
             time.sleep(0.05)
+        if row.kind == "garbage":  # the coordinator publishes what its rate limit held back
+            # as one summary when its window ends (docs/protocol.md, "error"): wait for it
+            time.sleep(max(0.0, self.t_end + GARBAGE_SETTLE_S - time.monotonic()))
         msgs = self.monitor.since(job, self.t_fault)
         # steps replayed: each time the counter goes back, how far (from the step stream)
         prev, replayed, first_back = row.at_step, 0, None
@@ -450,6 +454,9 @@ class Chaos:
         if row.kind == "garbage":
             # a topic that got garbage and no error naming it: silently dropped, or taken in
             named = {b.get("topic") for _, b in msgs if b.get("type") == "error"}
+            # the coordinator's rate-limited rejections: a summary names their topics
+            named |= {t for _, b in msgs if b.get("type") == "error"
+                      for t in b.get("suppressed_topics") or []}
             silent = sorted("/".join(self.topics.parse_tail(t, job))
                             for t in self.garbage_topics if t not in named)
             how.append(f"{len(self.garbage_topics) - len(silent)}/{len(self.garbage_topics)} "

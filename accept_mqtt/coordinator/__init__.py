@@ -33,13 +33,17 @@ What the coordinator itself guarantees:
   in a step (the plan's devices get ``rejoin_grace`` to come back, else a re-plan over those
   here, restored from the resumed checkpoint if there is one).
 * Every error an agent reports, and every message the coordinator cannot decode, is logged
-  and kept in the run record; a bad message never stops training.
+  and kept in the run record; a bad message never stops training. The coordinator's own
+  rejections are also published on the job's metrics topic (``device: "coordinator"``), at
+  most ``REJECTS_PER_SECOND`` a second, the rest as one summary with their count. Only an
+  agent's refusal of *this* plan (its version and owner) stops the job (``PlanRefused``).
 * On exit (normal, error or cancel) the retained plan is cleared, so agents go back to idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -82,6 +86,7 @@ from .errors import (
 )
 from .fleet import Fleet
 from .planner import DeviceInfo, Planner
+from .ratelimit import RejectLimiter
 from .record import RunState, as_metric, make_record, stage_counters, write_run
 from .recovery import Recovery
 from .session import Session
@@ -96,6 +101,9 @@ log = logging.getLogger("accept_mqtt.coordinator")
 def new_job_id() -> str:
     return "job-" + uuid.uuid4().hex[:8]
 
+
+# the coordinator's rejections of bad input published per second (docs/protocol.md)
+REJECTS_PER_SECOND = 5
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -127,12 +135,15 @@ class Coordinator:
                            connected=lambda: self.session.alive)
         self.steps = StepDriver(self.job, self.topics, self.state, self.session, self.fleet,
                                 step_timeout=cfg.step_timeout, eval_batch=cfg.eval_batch,
-                                hang_timeout=cfg.hang_timeout, say=say)
+                                hang_timeout=cfg.hang_timeout, say=say,
+                                owner=self.session.owner)
         self.planner = Planner(self.job, cfg, self.state, current=lambda: self.steps.plan,
                                emit=self.session.emit, say=say)
         self.recovery = Recovery(self.job, self.topics, self.state, session=self.session,
                                  fleet=self.fleet, planner=self.planner, steps=self.steps,
                                  say=say)
+        self._rejects = RejectLimiter(per_window=REJECTS_PER_SECOND, window_s=1.0)
+        self._rejects_summary: asyncio.TimerHandle | None = None
         self.control = Control(self.topics.control(self.job), self.state, self.planner,
                                current=lambda: self.steps.plan, reply=self.session.reply,
                                say=say)
@@ -186,6 +197,13 @@ class Coordinator:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._rejects_summary is not None:  # what the rate limit held back goes out now
+            self._rejects_summary.cancel()
+            self._rejects_summary = None
+            summary = self._held_back()
+            if summary is not None:
+                with contextlib.suppress(Exception):  # the broker may be gone: logged anyway
+                    await self.session.metric(summary)
         await self.planner.close()
         await self.session.close()
 
@@ -202,12 +220,17 @@ class Coordinator:
         self.steps.on_event(event)
 
     def on_error_metric(self, error: Error) -> None:
+        if error.device == "coordinator":
+            return  # our own, back from the broker: recorded when it was sent
         body = to_builtins(error)
         self.state.errors.append(body)
         log.warning("device %s rejected %s: %s", error.device, error.topic, error.reason)
         self.progress("error", body)
-        if error.topic == self.topics.plan(self.job):
-            self.steps.plan_refused(error.device, error.reason)
+        if error.topic == self.topics.plan(self.job) and error.plan_version is not None:
+            # a refusal of a plan the device could read (an error without a version is
+            # about a payload that was no plan at all: bad input, training goes on)
+            self.steps.plan_refused(error.device, error.reason, error.plan_version,
+                                    error.plan_owner)
 
     def on_control(self, command: ControlCommand | MessageError,
                    request_id: str | None = None) -> None:
@@ -223,10 +246,37 @@ class Coordinator:
         self.recovery.on_weights(weights)
 
     def on_bad_message(self, error: MessageError) -> None:
+        """Logged (by the session), recorded, and published on the job's metrics topic,
+        rate-limited (``ratelimit``): the ones over the limit go out as one summary."""
         err = {"type": "error", "device": "coordinator", "topic": error.topic,
                "reason": error.reason}
         self.state.errors.append(err)
         self.progress("error", err)
+        if self._rejects.admit(error.topic):
+            self.session.emit(Error(device="coordinator", topic=error.topic,
+                                    reason=error.reason))
+        elif self._rejects_summary is None:  # the first one over the limit in this window
+            self._rejects_summary = asyncio.get_running_loop().call_later(
+                self._rejects.window_left(), self._publish_rejects_summary)
+
+    def _publish_rejects_summary(self) -> None:
+        self._rejects_summary = None
+        summary = self._held_back()
+        if summary is not None:
+            self.session.emit(summary)
+
+    def _held_back(self) -> Error | None:
+        """The summary of the rejections the rate limit held back (None: there were none)."""
+        n, topics = self._rejects.drain()
+        if not n:
+            return None
+        lim = self._rejects
+        return Error(device="coordinator", topic=topics[0], suppressed=n,
+                     suppressed_topics=topics,
+                     reason=f"{n} more rejected messages not published one by one (at most "
+                            f"{lim.per_window} per {lim.window_s:g} s), on {', '.join(topics)}"
+                            f"{' and more' if len(topics) == lim.max_topics else ''}; the "
+                            "coordinator's log and the run record have each")
 
     def on_disconnected(self, reason: str) -> None:
         self.steps.disconnected(reason)

@@ -2,8 +2,9 @@
 
 Guarantees:
 
-* ``publish_plan`` publishes a plan retained and returns once every stage's agent says it is
-  ready for it; a new plan version starts at generation 0 with fresh per-stage counters.
+* ``publish_plan`` publishes a plan retained, naming this coordinator as its ``owner``, and
+  returns once every stage's agent says it is ready for it; a new plan version starts at
+  generation 0 with fresh per-stage counters.
 * ``train_step`` is one optimizer step on every stage: the coordinator is the data source, it
   publishes every micro-batch of the step (inputs + labels) to ``stage/0/fwd`` at once (under
   1F1B stage 0 itself keeps at most one micro-batch per stage in flight, so no stage waits
@@ -27,9 +28,10 @@ Guarantees:
   events carry both, docs/faults.md); events without them count as current.
 * ``next_event`` raises ``DeviceLost`` for a plan device that is offline *now* (a Last Will
   followed by the device's return is not a loss), ``PlanRefused`` when a plan device
-  reported that it cannot build its stage, ``BrokerLost`` when the connection dropped and
-  ``StepTimeout`` when nothing arrives for ``timeout`` seconds; faults are never lost when
-  queued events are dropped (``drain``).
+  reported that it cannot build its stage of the current plan (its error names the plan's
+  version and owner; an error about anything else on the plan topic is not a refusal),
+  ``BrokerLost`` when the connection dropped and ``StepTimeout`` when nothing arrives for
+  ``timeout`` seconds; faults are never lost when queued events are dropped (``drain``).
 * Hung devices: during a training step or an evaluation, a plan device that has sent a
   ``progress`` heartbeat under the current plan and then nothing at all (no heartbeat, no
   event) for ``hang_timeout`` seconds (at least three of its heartbeat intervals) is marked
@@ -44,6 +46,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,10 +115,12 @@ class Disconnected:
 
 @dataclass(frozen=True)
 class Refused:
-    """Internal: a device reported an error on the plan topic (it cannot build its stage)."""
+    """Internal: a device refused plan ``version`` of ``owner`` (it cannot build its stage)."""
 
     device: str
     reason: str
+    version: int
+    owner: str | None
 
 
 Queued = Event | Lost | Disconnected | Refused
@@ -127,8 +132,10 @@ class StepDriver:
     def __init__(self, job: str, topics: Topics, state: RunState, publisher: Publisher,
                  devices: DeviceStates, *, step_timeout: float, eval_batch: int,
                  hang_timeout: float = 0.0,
-                 say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> None:
+                 say: Callable[[str, dict[str, Any]], None] = lambda kind, info: None,
+                 owner: str | None = None) -> None:
         self.job = job
+        self.owner = owner  # this coordinator process: every plan it publishes names it
         self.topics = topics
         self.state = state
         self.publisher = publisher
@@ -189,9 +196,11 @@ class StepDriver:
         if self.plan is not None:
             self._events.put_nowait(Disconnected(reason))
 
-    def plan_refused(self, device: str, reason: str) -> None:
-        """A device says it cannot take the plan: a fault if the plan uses it."""
-        self._events.put_nowait(Refused(device, reason))
+    def plan_refused(self, device: str, reason: str, version: int,
+                     owner: str | None = None) -> None:
+        """A device says it cannot take plan ``version`` (published by ``owner``): a fault if
+        that is the current plan and it uses the device."""
+        self._events.put_nowait(Refused(device, reason, version, owner))
 
     def _stale(self, ev: Event) -> bool:
         """An event of an earlier plan version or rewind generation (absent keys: current)."""
@@ -246,8 +255,11 @@ class StepDriver:
                         raise DeviceLost(dev)
                 case Disconnected(reason=reason):
                     raise BrokerLost(reason)
-                case Refused(device=dev, reason=reason):
-                    if self.plan is not None and dev in self.plan.devices:
+                case Refused(device=dev, reason=reason, version=version, owner=owner):
+                    plan = self.plan  # a refusal of another plan (an older one, a forged
+                    # one) is not a refusal of this one: logged where it arrived, no more
+                    if (plan is not None and dev in plan.devices and version == plan.version
+                            and owner in (None, plan.owner)):
                         raise PlanRefused(dev, reason)
                 case _:
                     return ev
@@ -272,7 +284,11 @@ class StepDriver:
     # -- the plan --------------------------------------------------------------------------
     async def publish_plan(self, plan: Plan, timeout: float = 60.0) -> None:
         """Publish ``plan`` retained and wait until every stage's agent says it is ready;
-        ``CoordinatorError`` (nothing published) if it is above its ``max_message_bytes``."""
+        ``CoordinatorError`` (nothing published) if it is above its ``max_message_bytes``.
+        The plan goes out naming this coordinator (``owner``): agents take a plan whose
+        version they run when another coordinator published it (a resume after a crash)."""
+        if self.owner is not None and plan.owner != self.owner:
+            plan = dataclasses.replace(plan, owner=self.owner)
         plan_payload(plan)
         if self.plan is None or self.plan.version != plan.version:
             self.gen = 0

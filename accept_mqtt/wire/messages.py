@@ -296,12 +296,22 @@ class DoneMetric(_Metric, tag="done", kw_only=True):
 
 class Error(_Metric, tag="error", kw_only=True):
     """A message a device (or the coordinator, ``device: "coordinator"``) rejected; the
-    refusal of a control command carries the command's ``request_id`` (when it had one)."""
+    refusal of a control command carries the command's ``request_id`` (when it had one).
+
+    An agent's refusal of a plan it could read carries that plan's ``plan_version`` (and
+    ``plan_owner``): only such an error refuses the coordinator's plan; a payload on the plan
+    topic that is no plan at all carries neither, and is just bad input. ``suppressed``: the
+    coordinator's rejections are rate-limited; a summary says how many were not published
+    one by one, and on which topics (``suppressed_topics``, at most 10)."""
 
     device: str
     topic: str
     reason: str
     request_id: str | None = None
+    plan_version: int | None = None
+    plan_owner: str | None = None
+    suppressed: int | None = None
+    suppressed_topics: list[str] | None = None
 
 
 class Checkpointed(_Metric, tag="checkpoint", kw_only=True):

@@ -67,6 +67,10 @@ class Plan:
     # the largest payload the job's peers publish: weights travel in chunks of at most this
     # (wire/chunks.py); None: the receiver's default (plans of earlier versions)
     max_message_bytes: int | None = None
+    # the coordinator process that published it (``wire.liveness.instance_id``): a plan is
+    # the one an agent runs only if version *and* owner match, so a resumed coordinator's
+    # plan is taken even when its version equals the one a dead coordinator left behind
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
