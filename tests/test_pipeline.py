@@ -308,7 +308,11 @@ def test_a_device_that_slows_down_is_noticed_and_work_moves_off_it(
     assert record["timing_samples"] > 100
     drifted = [d for d in record["drifts"] if d["device"] == slow_id]
     assert drifted, (record["drifts"], record["predictor_error"])
-    assert drifted[0]["speed_factor"] > 2.0
+    # 6x the CPU time of each call; the factor the detector reports when it fires is the
+    # mean of its newer window, which can still hold pre-change samples, and a layer's time
+    # also holds what the slowdown does not stretch (the call's own overhead): measured 1.9x
+    # once in a clean-clone CI run, 3-6x usually. Noise alone stays well under 1.5x.
+    assert drifted[0]["speed_factor"] > 1.5
     assert drifted[0]["step"] > 25
     assert record["plan"]["version"] >= 2, "the partition moved: a live re-plan"
     # one epoch of the 1438 digits training samples at batch 32: 45 steps, none replayed
