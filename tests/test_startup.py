@@ -149,8 +149,11 @@ def test_an_agent_started_before_its_broker_connects_once_it_is_up(tmp_path: Pat
             status = asyncio.run(wait_retained(b.url, "accept/devices/early-bird/status",
                                                lambda s: s.get("state") == "online", 30))
             assert status["state"] == "online"
+            agent.terminate()  # while its broker is up: a clean goodbye
+            assert agent.wait(20) == 0
         assert "unreachable" in (tmp_path / "agent.log").read_text()  # it said why it waited
     finally:
-        agent.terminate()
-        agent.wait(20)
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
         log.close()
