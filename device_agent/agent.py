@@ -158,10 +158,6 @@ class AgentConfig:
     # None: the coordinator's own lease (CoordinatorStatus.lease_s)
 
 
-class _Transient(Exception):
-    """A first connection that failed in a way worth retrying (its cause: the MqttError)."""
-
-
 class DeviceIdTaken(RuntimeError):
     """Another live agent holds this device id (a twin): this one does not start."""
 
@@ -322,8 +318,20 @@ class Agent:
             will=will, keepalive=self.cfg.keepalive, max_inflight_messages=100,
         )
         await client.__aenter__()
-        widen_socket_buffers(client._client.socket())  # aiomqtt keeps paho's client there
         self._client = client
+        try:
+            await self._announce(client)
+        except BaseException:
+            # a session half set up is closed, not left to a retry that opens another with
+            # the same client id (which the broker would then take over)
+            self._client = None
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+            raise
+
+    async def _announce(self, client: Client) -> None:
+        """Profile, status and subscriptions on a fresh session."""
+        widen_socket_buffers(client._client.socket())  # aiomqtt keeps paho's client there
         job = self.job
         state = self._status("busy", job=job.plan.job, stage=job.k) if job else self._status(
             "online")
@@ -334,7 +342,7 @@ class Agent:
         # liveness first: its retained messages then arrive before the plans they govern
         await client.subscribe(self.topics.all_coordinators, qos=1)
         await client.subscribe(f"{self.topics.root}/jobs/+/plan", qos=1)
-        await client.subscribe(self.topics.device_probe(dev), qos=1)
+        await client.subscribe(self.topics.device_probe(self.cfg.device_id), qos=1)
         if job is not None:
             await client.subscribe([(t, 1) for t in self._job_topics(job)], timeout=10)
 
@@ -344,27 +352,11 @@ class Agent:
         broker, and a loaded broker may miss one CONNECT or SUBSCRIBE (seen with amqtt in CI:
         "Operation timed out" ended an agent before its job). A refusal by the broker (bad
         credentials, not authorised: ``MqttCodeError``) and a twin are final."""
-        async def attempt() -> None:
-            try:
-                await self._connect()
-            except aiomqtt.MqttCodeError:
-                raise
-            except aiomqtt.MqttError as e:
-                half, self._client = self._client, None  # a session half set up
-                if half is not None:
-                    with contextlib.suppress(Exception):
-                        await half.__aexit__(None, None, None)
-                raise _Transient(e) from e
+        await retry(self._connect, self.cfg.reconnect_timeout, aiomqtt.MqttError,
+                    self._say_unreachable, final=aiomqtt.MqttCodeError)
 
-        def say(e: BaseException, delay: float) -> None:
-            log.info("broker %s unreachable (%s); retrying in %.1fs", self.url, e.__cause__,
-                     delay)
-
-        try:
-            await retry(attempt, self.cfg.reconnect_timeout, _Transient, say)
-        except _Transient as e:
-            assert isinstance(e.__cause__, aiomqtt.MqttError)
-            raise e.__cause__ from None
+    def _say_unreachable(self, e: BaseException, delay: float) -> None:
+        log.info("broker %s unreachable (%s); retrying in %.1fs", self.url, e, delay)
 
     async def _reconnect(self) -> None:
         """Retry the broker until ``reconnect_timeout``; raise the last error after that."""
@@ -373,10 +365,8 @@ class Agent:
             with contextlib.suppress(Exception):
                 await old.__aexit__(None, None, None)
 
-        def say(e: BaseException, delay: float) -> None:
-            log.info("broker %s unreachable (%s); retrying in %.1fs", self.url, e, delay)
-
-        await retry(self._connect, self.cfg.reconnect_timeout, aiomqtt.MqttError, say)
+        await retry(self._connect, self.cfg.reconnect_timeout, aiomqtt.MqttError,
+                    self._say_unreachable)
         self.reconnects += 1
         log.warning("reconnected to %s (reconnect #%d)", self.url, self.reconnects)
 

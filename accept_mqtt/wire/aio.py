@@ -31,9 +31,11 @@ async def cancel_and_wait(*tasks: asyncio.Task[object] | None, retry: float = 0.
 
 async def retry(connect: Callable[[], Awaitable[None]], timeout: float,
                 retry_on: type[BaseException] | tuple[type[BaseException], ...],
-                on_retry: Callable[[BaseException, float], None] | None = None) -> None:
+                on_retry: Callable[[BaseException, float], None] | None = None, *,
+                final: type[BaseException] | tuple[type[BaseException], ...] = ()) -> None:
     """Await ``connect()`` until it succeeds, backing off 0.2 s .. 2 s between tries; after
-    ``timeout`` seconds the last ``retry_on`` error propagates. Other errors propagate at once.
+    ``timeout`` seconds the last ``retry_on`` error propagates. Other errors, and ``final``
+    ones (e.g. a refusal among connection errors), propagate at once.
     """
     deadline = time.monotonic() + timeout
     delay = 0.2
@@ -42,7 +44,7 @@ async def retry(connect: Callable[[], Awaitable[None]], timeout: float,
             await connect()
             return
         except retry_on as e:
-            if time.monotonic() + delay > deadline:
+            if isinstance(e, final) or time.monotonic() + delay > deadline:
                 raise
             if on_retry is not None:
                 on_retry(e, delay)
