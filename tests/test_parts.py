@@ -90,6 +90,18 @@ def test_plan_round_trip_and_validation() -> None:
         Plan.from_json("{nope")
     with pytest.raises(PlanError, match="act_bits must be"):
         Plan(job="j", version=1, model="cnn", num_layers=1, stages=(Stage(0, "a", 0, 1, 9),))
+    # delta coding and error feedback: only on k-bit links; a delta link needs its history size
+    delta = (Stage(0, "a", 0, 3, act_bits=2, act_delta=True),
+             Stage(1, "b", 3, 5, grad_bits=4, grad_feedback=True))
+    p = Plan(job="j", version=1, model="cnn", num_layers=5, stages=delta, train_samples=100)
+    assert Plan.from_json(p.to_json()) == p
+    assert p.layout() != Plan(job="j", version=1, model="cnn", num_layers=5, stages=(
+        Stage(0, "a", 0, 3, act_bits=2), delta[1]), train_samples=100).layout()
+    with pytest.raises(PlanError, match="needs train_samples"):
+        Plan(job="j", version=1, model="cnn", num_layers=5, stages=delta)
+    with pytest.raises(PlanError, match="stage 1 grad_feedback needs grad_bits 1..8, got 32"):
+        Plan(job="j", version=1, model="cnn", num_layers=5, stages=(
+            delta[0], Stage(1, "b", 3, 5, grad_feedback=True)), train_samples=100)
 
 
 def test_topics_refuse_wildcards() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from .codec import BITS_TEXT, VALID_BITS
+from .codec import BITS_TEXT, MINMAX_BITS, VALID_BITS
 
 MIN_MESSAGE_BYTES = 1024  # the smallest max_message_bytes a chunk's header leaves room in
 
@@ -40,6 +40,10 @@ class Stage:
     grad_bits: int = 32  # bits of the gradients this stage sends to stage index-1
     predicted_ms: float | None = None  # predicted fwd+bwd+send per micro-batch
     measured_ms: float | None = None
+    # the activations this stage sends are delta-coded per training sample (wire/delta.py)
+    act_delta: bool = False
+    # the gradients this stage sends carry each step's quantisation residual into the next
+    grad_feedback: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class Plan:
     # the one an agent runs only if version *and* owner match, so a resumed coordinator's
     # plan is taken even when its version equals the one a dead coordinator left behind
     owner: str | None = None
+    # training samples in the data set: the most a delta-coded link's history holds (what an
+    # agent sizes its memory by); None when no link is delta-coded
+    train_samples: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,12 +109,19 @@ class Plan:
                 b = getattr(s, name)
                 if b not in VALID_BITS:
                     raise PlanError(f"stage {i} {name} must be {BITS_TEXT}, got {b}")
+            # a raw frame is exact or float16 already: a history or a residual would only cost
+            for flag, name in (("act_delta", "act_bits"), ("grad_feedback", "grad_bits")):
+                if getattr(s, flag) and getattr(s, name) not in MINMAX_BITS:
+                    raise PlanError(f"stage {i} {flag} needs {name} 1..8, got "
+                                    f"{getattr(s, name)}")
             expect = s.end
         if expect != self.num_layers:
             raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
         if self.max_message_bytes is not None and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise PlanError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got "
                             f"{self.max_message_bytes}")
+        if any(s.act_delta for s in self.stages[:-1]) and not self.train_samples:
+            raise PlanError("a delta-coded link needs train_samples (the size of its history)")
         if self.fingerprint and len(self.fingerprint) != self.num_layers:
             raise PlanError(f"fingerprint has {len(self.fingerprint)} digests for "
                             f"{self.num_layers} layers")
@@ -115,7 +129,8 @@ class Plan:
     def layout(self, bits: bool = True) -> list[tuple[Any, ...]]:
         """Who holds which layers (with the link widths when ``bits``): what two plans are
         compared by to tell whether a re-plan moves anything."""
-        return [(s.device, s.start, s.end, *((s.act_bits, s.grad_bits) if bits else ()))
+        return [(s.device, s.start, s.end,
+                 *((s.act_bits, s.grad_bits, s.act_delta, s.grad_feedback) if bits else ()))
                 for s in self.stages]
 
     def stage_of(self, device: str) -> Stage | None:
@@ -159,15 +174,20 @@ class Plan:
 
 def cuts_to_stages(cuts: list[int], devices: list[str], act_bits: list[int] | None = None,
                    grad_bits: list[int] | None = None,
-                   predicted_ms: list[float] | None = None) -> tuple[Stage, ...]:
+                   predicted_ms: list[float] | None = None,
+                   act_delta: list[bool] | None = None,
+                   grad_feedback: list[bool] | None = None) -> tuple[Stage, ...]:
     """Stages from cut points ``[0, c1, ..., L]`` and the device of each stage, in order."""
     k = len(devices)
     if len(cuts) != k + 1:
         raise PlanError(f"{k} devices need {k + 1} cut points, got {len(cuts)}")
     ab = act_bits or [32] * k
     gb = grad_bits or [32] * k
+    ad = act_delta or [False] * k
+    gf = grad_feedback or [False] * k
     return tuple(
         Stage(i, devices[i], cuts[i], cuts[i + 1], ab[i], gb[i],
-              None if predicted_ms is None else float(predicted_ms[i]))
+              None if predicted_ms is None else float(predicted_ms[i]),
+              act_delta=ad[i], grad_feedback=gf[i])
         for i in range(k)
     )
