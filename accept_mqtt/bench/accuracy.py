@@ -16,6 +16,13 @@ Guarantee: for one seed every bit width starts from the same weights
 ``model/schedule.py``), so the accuracy difference is the codec's alone. One seed is one
 sample: with ``--seeds`` the summary gives the median and the range over them.
 
+``--links`` adds runs whose two directions differ and use the per-link options of
+``wire/delta.py``: ``a2d/g4ef`` is 2-bit delta-coded activations (per training sample, the
+change since it last crossed; its first crossing is a plain 2-bit frame) with 4-bit gradients
+under error feedback; ``a4/g8`` plain 4-bit activations and 8-bit gradients. Held-out
+accuracy over a delta-coded link goes through plain frames of ``delta.EVAL_BITS`` (8) bits at
+least, as the pipeline's evaluation frames do (they carry no history).
+
 ``--dataset fashion-mnist`` prints the published Fashion-MNIST accuracies the Debian package
 ships beside the measured ones (its README's benchmark table: its benchmark/baselines.json
 holds only the scikit-learn hyper-parameter grids, no accuracies).
@@ -29,13 +36,14 @@ import json
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from accept_mqtt.wire import codec
+from accept_mqtt.wire import codec, delta
 
 from .codec import machine_info
 
@@ -62,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="wire variants to compare at every width: default (minmax0 gradients, "
                         "per-channel feature maps), minmax-grads, per-tensor-act")
+    p.add_argument("--links", default="",
+                   help="comma-separated extra runs, each 'a<bits>[d]/g<bits>[ef]': activation "
+                        "width (d: delta-coded), gradient width (ef: error feedback), e.g. "
+                        "a2d/g4ef,a4d/g4ef")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the activations-only / gradients-only runs")
     p.add_argument("--quick", action="store_true", help="2 epochs, no ablation (a smoke test)")
@@ -89,34 +101,98 @@ def balanced_cuts(flops: list[int], stages: int = 3) -> list[int]:
     return [best[1], best[2]]
 
 
+_LINKS = re.compile(r"a(\d+)(d?)/g(\d+)(ef)?")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """What one run sends over every cut: each direction's width and per-link option."""
+
+    act_bits: int
+    grad_bits: int
+    act_delta: bool = False
+    grad_feedback: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> LinkSpec:
+        """``a2d/g4ef`` -> 2-bit delta-coded activations, 4-bit error-feedback gradients.
+
+        >>> LinkSpec.parse("a2d/g4ef")
+        LinkSpec(act_bits=2, grad_bits=4, act_delta=True, grad_feedback=True)
+        >>> LinkSpec.parse("a32d/g8")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'a32d/g8': delta coding needs activation bits 1..8
+        """
+        m = _LINKS.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(f"{text!r}: expected a<bits>[d]/g<bits>[ef], e.g. a2d/g4ef")
+        spec = cls(int(m[1]), int(m[3]), bool(m[2]), bool(m[4]))
+        for name, b in (("activation", spec.act_bits), ("gradient", spec.grad_bits)):
+            if b not in codec.VALID_BITS:
+                raise ValueError(f"{text!r}: {name} bits must be {codec.BITS_TEXT}")
+        if spec.act_delta and spec.act_bits not in codec.MINMAX_BITS:
+            raise ValueError(f"{text!r}: delta coding needs activation bits 1..8")
+        if spec.grad_feedback and spec.grad_bits not in codec.MINMAX_BITS:
+            raise ValueError(f"{text!r}: error feedback needs gradient bits 1..8")
+        return spec
+
+    @property
+    def label(self) -> str:
+        return (f"a{self.act_bits}{' delta' if self.act_delta else ''} / "
+                f"g{self.grad_bits}{' EF' if self.grad_feedback else ''}")
+
+
 class WireLink:
     """One cut: sends activations and gradients through the real codec, counting bytes.
 
     ``compress`` names the directions that use ``bits``; the other goes as raw fp32 frames.
+    ``spec`` (instead of ``bits``/``compress``) sets each direction and the per-link options:
+    a delta-coded link keeps an ``ActHistory`` at each end and needs ``ids``, the training
+    samples of the batch, before each training forward; evaluation (``ids`` None) sends plain frames of at least ``delta.EVAL_BITS``.
     """
 
     def __init__(self, bits: int, cut: int, seed: int,
-                 compress: tuple[str, ...] = ("act", "grad"), variant: str = "default") -> None:
+                 compress: tuple[str, ...] = ("act", "grad"), variant: str = "default",
+                 spec: LinkSpec | None = None) -> None:
         self.bits, self.cut, self.seed, self.compress = bits, cut, seed, compress
+        self.spec = spec or LinkSpec(bits if "act" in compress else 32,
+                                     bits if "grad" in compress else 32)
         self.grad_scheme = "minmax" if variant == "minmax-grads" else "minmax0"
         self.act_per_channel = variant != "per-tensor-act"
         self.step = 0
+        self.ids: torch.Tensor | None = None
+        # the two ends of a delta-coded link, as the pipeline's sender and receiver keep them
+        self.history = delta.ActHistory() if self.spec.act_delta else None
+        self.receiver = delta.ActHistory() if self.spec.act_delta else None
+        self.feedback = delta.ErrorFeedback() if self.spec.grad_feedback else None
         self.bytes = {"act": 0, "grad": 0}
 
     def send(self, t: torch.Tensor, kind: str) -> torch.Tensor:
         grad = kind == "grad"
-        bits = self.bits if kind in self.compress else 32
-        frame = codec.encode(
-            t, bits=bits, job="accuracy", step=self.step, mb=0, kind=kind,
+        bits = self.spec.grad_bits if grad else self.spec.act_bits
+        if not grad and self.history is not None and self.ids is None:
+            bits = max(bits, delta.EVAL_BITS)  # an evaluation frame: plain, no history
+        kw: dict[str, Any] = dict(
+            bits=bits, job="accuracy", step=self.step, mb=0, kind=kind,
             stochastic=grad and bits <= 8, zero=grad and self.grad_scheme == "minmax0",
             axis=None if grad else codec.channel_axis(t.shape, bits, self.act_per_channel),
             # a fresh, reproducible rounding stream per step and cut
             seed=(self.seed * 1_000_003 + self.step * 101 + self.cut) % 2**32,
         )
+        if grad and self.feedback is not None:
+            frame = self.feedback.encode(t, slot=0, **kw)
+        elif not grad and self.history is not None and self.ids is not None:
+            step = kw.pop("step")
+            frame = self.history.encode(t, self.ids, step=step, **kw)
+        else:
+            frame = codec.encode(t, **kw)
         payload = codec.to_bytes(frame)
         self.bytes[kind] += len(payload)
         topic = f"accept/jobs/accuracy/stage/{self.cut + (0 if grad else 1)}/" + (
             "bwd" if grad else "fwd")
+        if not grad and self.receiver is not None and self.ids is not None:
+            return self.receiver.decode(codec.from_bytes(payload, topic), topic)
         return codec.decode(codec.from_bytes(payload, topic))
 
 
@@ -150,7 +226,7 @@ class Pipeline(nn.Module):
 def train_one(name: str, bits: int, epochs: int, seed: int,
               compress: tuple[str, ...] = ("act", "grad"),
               variant: str = "default", dataset: str | None = None,
-              data_path: str | None = None) -> dict[str, Any]:
+              data_path: str | None = None, spec: LinkSpec | None = None) -> dict[str, Any]:
     """Train ``name`` with its cuts at ``bits``; a diverged run reports the step, no accuracy."""
     from accept_mqtt.model.data import load_dataset
     from accept_mqtt.model.descriptors import describe
@@ -161,7 +237,7 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
     model = build_model(name, seed=seed, input_shape=ds.input_shape,
                         num_classes=ds.num_classes)
     a, b = balanced_cuts([d.flops for d in describe(model)])
-    links = [WireLink(bits, k, seed, compress, variant) for k in (0, 1)]
+    links = [WireLink(bits, k, seed, compress, variant, spec) for k in (0, 1)]
     net = Pipeline([model.slice(0, a), model.slice(a, b), model.slice(b, len(model.layers))],
                    links)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
@@ -179,7 +255,7 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
         for i in range(0, len(perm), BATCH):
             idx = perm[i : i + BATCH]
             for link in links:
-                link.step = step
+                link.step, link.ids = step, idx
             try:
                 loss = nn.functional.cross_entropy(net(ds.train_x[idx]), ds.train_y[idx])
                 if not torch.isfinite(loss):
@@ -199,14 +275,19 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
         if diverged is not None:
             break
         last_loss = loss_sum / seen
+    for link in links:
+        link.ids = None  # evaluation: no sample history
     acc = None if diverged is not None else _accuracy(net, ds.test_x, ds.test_y)
     label = "fp32" if bits == 32 else f"{bits}-bit"
     if bits != 32 and compress != ("act", "grad"):
         label += f" {compress[0]} only"
     if bits != 32 and variant != "default":
         label += f" {variant}"
+    if spec is not None:
+        label = spec.label + (f" {variant}" if variant != "default" else "")
     return {
-        "bits": bits,
+        "bits": bits if spec is None else spec.act_bits,
+        "links": None if spec is None else spec.__dict__.copy(),
         "variant": variant if bits != 32 else None,
         "compress": list(compress) if bits != 32 else [],
         "label": label,
@@ -215,6 +296,8 @@ def train_one(name: str, bits: int, epochs: int, seed: int,
         "train_loss_last_epoch": last_loss,
         "steps": step,
         "cut_bytes_per_step": sum(sum(lk.bytes.values()) for lk in links) / max(step, 1),
+        # what the delta histories held at the end, at both ends of every cut
+        "history_bytes": sum(2 * lk.history.nbytes for lk in links if lk.history is not None),
         "elapsed_s": time.perf_counter() - t0,
         "cuts": [a, b],
         "seed": seed,
@@ -296,6 +379,11 @@ def run(args: argparse.Namespace) -> int:
     models = [m for m in args.models.split(",") if m]
     variants = [s for s in args.variants.split(",") if s]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    try:
+        specs = [LinkSpec.parse(t) for t in args.links.split(",") if t.strip()]
+    except ValueError as e:
+        print(f"accept-mqtt bench accuracy: --links {e}")
+        return 2
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         print(f"accept-mqtt bench accuracy: unknown variants {unknown}; use "
@@ -318,17 +406,19 @@ def run(args: argparse.Namespace) -> int:
           f"{record['machine']['cpu']}")
     for name in models:
         both = ("act", "grad")
-        plan: list[tuple[int, tuple[str, ...], str]] = [(32, both, variants[0])]
-        plan += [(b, both, v) for v in variants for b in bits if b != 32]
+        plan: list[tuple[int, tuple[str, ...], str, LinkSpec | None]] = [
+            (32, both, variants[0], None)]
+        plan += [(b, both, v, None) for v in variants for b in bits if b != 32]
         if not (args.quick or args.no_ablation):
-            plan += [(b, (kind,), variants[0]) for b in bits if b != 32
+            plan += [(b, (kind,), variants[0], None) for b in bits if b != 32
                      for kind in ("act", "grad")]
+        plan += [(0, both, variants[0], sp) for sp in specs]
         rows: list[dict[str, Any]] = []
         for seed in seeds:
             mine: list[dict[str, Any]] = []
-            for b, compress, variant in plan:
+            for b, compress, variant, sp in plan:
                 r = train_one(name, b, epochs, seed, compress, variant, args.dataset,
-                              args.data_path)
+                              args.data_path, sp)
                 base = mine[0]["test_acc"] if mine else r["test_acc"]
                 r["delta_pp"] = (None if r["test_acc"] is None or base is None
                                  else 100 * (r["test_acc"] - base))

@@ -23,6 +23,9 @@ Guarantees:
 * ``ErrorFeedback`` is the sender of k-bit gradients on one link: slot ``s`` (the micro-batch
   index) carries the residual of its last frame into its next one of the same shape; a frame
   of another shape starts the slot afresh. ``reset`` drops every residual.
+* Evaluation frames carry no history (a held-out sample never crossed before): over a
+  delta-coded link they go plain, at ``EVAL_BITS`` (8) bits when the link's width is lower,
+  since a plain 2-bit activation is what this scheme exists to avoid.
 * Extension keys on the wire (docs/protocol.md, "Delta frames"): ``ids`` (uint32 LE, one per
   sample), ``delta`` (true on a delta frame), ``base`` (uint32 LE, one per sample). A plain
   frame of a delta link is a v1 frame with ``ids``; any v1 decoder reads it.
@@ -55,6 +58,7 @@ import torch
 from . import codec
 
 IDS_KEY, DELTA_KEY, BASE_KEY = "ids", "delta", "base"
+EVAL_BITS = 8  # the least width of a delta-coded link's evaluation frames (plain, no history)
 _ID_MAX = 2**32 - 1
 
 
