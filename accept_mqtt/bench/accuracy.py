@@ -149,7 +149,8 @@ class WireLink:
     ``compress`` names the directions that use ``bits``; the other goes as raw fp32 frames.
     ``spec`` (instead of ``bits``/``compress``) sets each direction and the per-link options:
     a delta-coded link keeps an ``ActHistory`` at each end and needs ``ids``, the training
-    samples of the batch, before each training forward; evaluation (``ids`` None) sends plain frames of at least ``delta.EVAL_BITS``.
+    samples of the batch, before each training forward; evaluation (``ids`` None) sends plain
+    frames of at least ``delta.EVAL_BITS`` bits.
     """
 
     def __init__(self, bits: int, cut: int, seed: int,
