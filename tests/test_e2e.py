@@ -130,7 +130,8 @@ def test_accept_delta_is_parsed_interleaved_and_plans_delta_links() -> None:
     stages = res.stages()
     assert [(s.act_bits, s.act_delta) for s in stages[:-1]] == [(2, True)] * 2
     assert [(s.grad_bits, s.grad_feedback) for s in stages[1:]] == [(4, True)] * 2
-    plan = replace(build_plan("j", cfg, len(descs), [d for i in res.devices for d in devs
+    bare = replace(cfg, act_delta=False, grad_feedback=False)  # stages from the partition
+    plan = replace(build_plan("j", bare, len(descs), [d for i in res.devices for d in devs
                                                      if d.id == i], list(res.cuts),
                               method="dp", optimizer=cfg.optimizer_cfg(10)),
                    stages=stages, train_samples=1000)

@@ -264,7 +264,7 @@ class Planner:
         self.say = say
         self.costs: Any = None  # predictor.CostModel when planning by prediction
         self.optimizer: dict[str, Any] | None = None  # the plans' optimizer dict (set_run)
-        self.train_samples = 0  # the training set's size (set_run): a delta history's rows
+        self.train_samples: int | None = None  # the training set's size (set_run)
         self.profiles: dict[str, dict[str, Any]] = {}  # devices planned with (the record's)
         # the latest timing samples, for tools and tests: bounded, as a long run sends some
         # 30 per device per step; the predictor learns every one (``_to_learn``) and the
@@ -298,9 +298,9 @@ class Planner:
     def device_info(self, device: str) -> DeviceInfo:
         return self._info[device]
 
-    def set_run(self, total_steps: int, dataset: str, train_samples: int = 0) -> None:
-        """The run's length and data set: they fix the lr schedule every plan carries; its
-        training set's size sizes a delta-coded link's history."""
+    def set_run(self, total_steps: int, dataset: str, train_samples: int | None = None) -> None:
+        """The run's length and data set: they fix the lr schedule every plan carries;
+        ``train_samples``: the training set's size (a delta-coded link's history)."""
         self.optimizer = self.cfg.optimizer_cfg(total_steps, dataset)
         self.train_samples = train_samples
 
@@ -365,11 +365,11 @@ class Planner:
         if cfg.micro_batches == "auto":
             res, m = choose_micro_batches(descs, devices, cfg, method=method,
                                           costs=self.layer_costs,
-                                          train_samples=self.train_samples)
+                                          train_samples=self.train_samples or 0)
         else:
             m = int(cfg.micro_batches)
             res = make_partition(descs, devices, cfg, method=method, costs=self.layer_costs,
-                                 train_samples=self.train_samples)
+                                 train_samples=self.train_samples or 0)
         name = {"dp": f"dp+{self.cost_source}"}.get(method, method)
         return build_plan(self.job, cfg, len(descs), [self._info[d] for d in res.devices],
                           list(res.cuts), method=name, version=version, micro_batches=m,
