@@ -44,6 +44,13 @@ def _descs() -> list:
     return describe(build_model("cnn", seed=SEED))
 
 
+def _delta_job() -> tuple[list, TrainConfig, list[DeviceInfo]]:
+    """The tiny job with both options on 2-bit activations and 4-bit gradients, 2 devices."""
+    cfg = TrainConfig(model="cnn", batch_size=BATCH, micro_batches=M, devices=2, seed=SEED,
+                      act_bits=2, grad_bits=4, act_delta=True, grad_feedback=True)
+    return _descs(), cfg, [DeviceInfo(d, {"bench_gflops": 1.0}) for d in ("a", "b")]
+
+
 def _problem(descs: list, *, delta: bool = True, feedback: bool = True,
              mem: float | None = None, devices: int = 2, train_samples: int = T,
              **kw: object) -> PartitionProblem:
@@ -117,10 +124,7 @@ def test_act_history_after_one_epoch_is_the_models_figure_at_both_ends() -> None
 
 
 def test_the_agent_refuses_a_plan_whose_history_does_not_fit_naming_the_part() -> None:
-    descs = _descs()
-    cfg = TrainConfig(model="cnn", batch_size=BATCH, micro_batches=M, devices=2, seed=SEED,
-                      act_bits=2, grad_bits=4, act_delta=True, grad_feedback=True)
-    devs = [DeviceInfo(d, {"bench_gflops": 1.0}) for d in ("a", "b")]
+    descs, cfg, devs = _delta_job()
     res = make_partition(descs, devs, cfg, method="equal", train_samples=T)
     assert res.act_delta == [True, False] and res.grad_feedback == [False, True]
     # the partition's own stages (flags included) on a plan built without the options, so
@@ -189,10 +193,7 @@ def test_the_options_restrict_widths_need_train_samples_and_cost_codec_time() ->
 
 
 def test_configured_options_are_honoured_never_replaced() -> None:
-    descs = _descs()
-    cfg = TrainConfig(model="cnn", batch_size=BATCH, micro_batches=M, devices=2, seed=SEED,
-                      act_bits=2, grad_bits=4, act_delta=True, grad_feedback=True)
-    devs = [DeviceInfo(d, {"bench_gflops": 1.0}) for d in ("a", "b")]
+    descs, cfg, devs = _delta_job()
     res = make_partition(descs, devs, cfg, method="dp", train_samples=T)
     assert honoured_widths(res, cfg, "dp") is res
     with pytest.raises(PlanningError, match="act_delta"):
