@@ -1041,12 +1041,16 @@ def memory_refusal(plan: Plan, device: str, limit_mb: float | None,
     mb = -(-plan.batch_size // plan.micro_batches)  # the largest micro-batch
     mine = descs[stage.start:stage.end]
     last = stage.index == len(plan.stages) - 1
+    fed = stage.index > 0 and plan.stages[stage.index - 1].act_delta  # delta-coded links
     fp = footprint.stage_footprint(
         [d.params for d in mine], mine[0].in_elems * mb, [d.out_elems * mb for d in mine],
         in_flight=footprint.in_flight(plan.schedule, plan.micro_batches,
                                       len(plan.stages) - 1 - stage.index),
         micro_batches=plan.micro_batches, optimizer_slots=footprint.optimizer_slots(
-            plan.optimizer), first=stage.index == 0, last=last)
+            plan.optimizer), first=stage.index == 0, last=last,
+        train_samples=plan.train_samples or 0, delta_in_elems=mine[0].in_elems * fed,
+        delta_out_elems=mine[-1].out_elems * stage.act_delta,
+        grad_feedback=stage.grad_feedback)
     limit = limit_mb * 2**20
     if fp.total <= limit:
         return None

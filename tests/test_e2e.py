@@ -92,6 +92,56 @@ def test_ideal_bound_takes_the_best_micro_batch_count_that_fits_memory() -> None
         e2e.ideal_bounds(sc, 1.5, layer_ms, tiny)
 
 
+def test_accept_delta_is_parsed_interleaved_and_plans_delta_links() -> None:
+    """The AccEPT-delta method: on by default beside AccEPT, its widths parsed and checked,
+    its plan (the VGG slow-link scenario's devices) delta-coded and error-fed on every link,
+    and its ratio to AccEPT taken repeat against repeat."""
+    import argparse
+    from dataclasses import replace
+
+    from accept_mqtt.coordinator.config import TrainConfig
+    from accept_mqtt.coordinator.planner import DeviceInfo, build_plan, make_partition
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.zoo import build_model
+    from accept_mqtt.wire.broker_url import parse_bandwidth
+
+    ap = argparse.ArgumentParser()
+    e2e.add_arguments(ap)
+    args = ap.parse_args(["--delta-act-bits", "3"])
+    chosen = e2e._check_methods(args.methods)
+    assert chosen.index("accept") < chosen.index("accept-delta")  # interleaved, all by default
+    meths = e2e.methods(args.act_bits, args.grad_bits, args.delta_act_bits,
+                        args.delta_grad_bits)
+    assert meths["accept-delta"] == {"partition": "auto", "act_bits": 3, "grad_bits": 4,
+                                     "act_delta": True, "grad_feedback": True}
+    assert meths["accept"]["act_bits"] == 8 and "act_delta" not in meths["accept"]
+    with pytest.raises(SystemExit, match="--delta-grad-bits must be 1..8"):
+        e2e._check_delta_bits(2, 16)
+    name = "vgg-3dev-speeds-1-1/2-1/4-20mbit"
+    sc = e2e.SCENARIOS[name]
+    cfg = TrainConfig(model=sc.model, width=sc.width, batch_size=sc.batch_size,
+                      micro_batches=4, devices=len(sc.devices),
+                      **e2e.methods(8, 8)["accept-delta"])
+    descs = describe(build_model(sc.model, seed=cfg.seed, width=sc.width))
+    devs = [DeviceInfo(f"e2e-{i}", {"bench_gflops": 10.0 / s,
+                                    "bandwidth_bps": parse_bandwidth(bw)})
+            for i, (s, bw) in enumerate(sc.devices)]
+    res = make_partition(descs, devs, cfg, method="dp", train_samples=1000)
+    stages = res.stages()
+    assert [(s.act_bits, s.act_delta) for s in stages[:-1]] == [(2, True)] * 2
+    assert [(s.grad_bits, s.grad_feedback) for s in stages[1:]] == [(4, True)] * 2
+    bare = replace(cfg, act_delta=False, grad_feedback=False)  # stages from the partition
+    plan = replace(build_plan("j", bare, len(descs), [d for i in res.devices for d in devs
+                                                     if d.id == i], list(res.cuts),
+                              method="dp", optimizer=cfg.optimizer_cfg(10)),
+                   stages=stages, train_samples=1000)
+    plan.validate()  # a plan the agents accept
+    runs = {"accept": [{"samples_per_s": 10.0}, {"samples_per_s": 20.0}],
+            "accept-delta": [{"samples_per_s": 15.0}, {"samples_per_s": 20.0}]}
+    got = e2e._ratios(runs)["AccEPT-delta / AccEPT"]
+    assert got["per_repeat"] == [1.5, 1.0] and got["median"] == 1.25
+
+
 def test_bench_e2e_tiny_run_with_latency_and_the_torch_peer(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from accept_mqtt.cli import main

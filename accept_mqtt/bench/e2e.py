@@ -36,20 +36,26 @@ noise hits all alike, it trains the same model for the same number of steps with
 2. ``flops-fp32``: FLOPs-proportional split, fp32;
 3. ``predictor-fp32``: the DP fed by the online latency predictor, fp32;
 4. ``accept``: the predictor's DP with compressed links (``--act-bits``/``--grad-bits``);
-5. ``torch-equal``: ``torch.distributed.pipelining`` (gloo, the plan's schedule, fp32) on
+5. ``accept-delta``: the same with delta-coded activations and error-feedback gradients
+   (AQ-SGD, ``wire/delta.py``) at ``--delta-act-bits``/``--delta-grad-bits`` (2/4 by
+   default): the DP plans for those widths with the options' memory and codec cost, so its
+   cuts may differ from ``accept``'s; reported beside it as ``AccEPT-delta / AccEPT``
+   (median [min-max] of the same-repeat ratios) with both held-out accuracies;
+6. ``torch-equal``: ``torch.distributed.pipelining`` (gloo, the plan's schedule, fp32) on
    exactly the cuts, device order and micro-batch count that this repeat's ``equal-fp32`` run
    used (read from its run record), each rank on that device: the same slowdown around each
    stage's compute, the same link (under ``tc``: inside that agent's network namespace, gloo
    bound to its shaped uplink, the rendezvous on stage 0's address; under ``pace``: the
    device's uplink rate paced by the torch runner) and the same latency;
-6. ``torch-accept``: the same on the cuts of this repeat's ``accept`` run (its last plan; the
+7. ``torch-accept``: the same on the cuts of this repeat's ``accept`` run (its last plan; the
    JSON says if that run re-planned live), in fp32: what torch pipelining would do with
    AccEPT's partition but without its codec.
 
 It reports measured samples/s (median of repeats, with min-max) over optimizer steps 1..N-1
 of each run (step 0 is an untimed warm-up for every method, as in ``bench overhead``; the
 record's own figure, all steps, is in the JSON), speed-up over the baseline measured side by
-side, ``AccEPT / torch-equal`` (median [min-max] of the same-repeat ratios), the ideal bound,
+side, ``AccEPT / torch-equal`` and ``AccEPT-delta / AccEPT`` (median [min-max] of the
+same-repeat ratios), the ideal bound,
 the fraction of the bound reached, predicted vs measured stage times (compute and uplink per
 micro-batch), and held-out accuracy and loss after the same steps for the accept-mqtt runs
 (fp32 runs are bit-identical whatever the split; the torch runs are not evaluated).
@@ -92,6 +98,7 @@ from accept_mqtt.model.microbatch import split
 from accept_mqtt.model.stage import StageRunner
 from accept_mqtt.model.zoo import build_model
 from accept_mqtt.wire.broker_url import parse_bandwidth, parse_latency
+from accept_mqtt.wire.codec import MINMAX_BITS
 
 from . import timeline, torchpipe
 from .overhead import machine, spread, timed_steps
@@ -140,13 +147,17 @@ SCENARIOS: dict[str, Scenario] = {
 TORCH_METHODS = {"torch-equal": "equal-fp32", "torch-accept": "accept"}
 
 
-def methods(act_bits: int, grad_bits: int) -> dict[str, dict[str, Any]]:
+def methods(act_bits: int, grad_bits: int, delta_act_bits: int = 2,
+            delta_grad_bits: int = 4) -> dict[str, dict[str, Any]]:
     """The accept-mqtt methods and their ``TrainConfig`` settings."""
     return {
         "equal-fp32": {"partition": "equal"},
         "flops-fp32": {"partition": "flops"},
         "predictor-fp32": {"partition": "auto"},
         "accept": {"partition": "auto", "act_bits": act_bits, "grad_bits": grad_bits},
+        "accept-delta": {"partition": "auto", "act_bits": delta_act_bits,
+                         "grad_bits": delta_grad_bits, "act_delta": True,
+                         "grad_feedback": True},
     }
 
 
@@ -163,6 +174,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--grad-bits", type=int, default=8)
+    p.add_argument("--delta-act-bits", type=int, default=2,
+                   help="accept-delta's activation width (delta-coded, 1..8)")
+    p.add_argument("--delta-grad-bits", type=int, default=4,
+                   help="accept-delta's gradient width (error feedback, 1..8)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated names")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"comma-separated, run in this order per repeat (default: all: "
@@ -319,6 +334,14 @@ def _check_methods(text: str) -> list[str]:
             raise SystemExit(f"bench e2e: {peer} runs on the cuts of {src}: list {src} "
                              f"before it in --methods")
     return chosen
+
+
+def _check_delta_bits(act_bits: int, grad_bits: int) -> None:
+    """accept-delta's widths must be k-bit: a raw link has no change to code or residual."""
+    for name, b in (("--delta-act-bits", act_bits), ("--delta-grad-bits", grad_bits)):
+        if b not in MINMAX_BITS:
+            raise SystemExit(f"bench e2e: {name} must be 1..8 (accept-delta codes k-bit "
+                             f"links), got {b}")
 
 
 def _check_torch(sc: Scenario, micro_batches: int, chosen: list[str], name: str) -> None:
@@ -486,6 +509,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown scenarios {unknown}; known: {list(SCENARIOS)}")
         return 2
     chosen = _check_methods(args.methods)
+    if "accept-delta" in chosen:
+        _check_delta_bits(args.delta_act_bits, args.delta_grad_bits)
     repeats = args.repeats
     over: dict[str, Any] = {k: v for k, v in (("model", args.model), ("width", args.width),
                                               ("steps", args.steps),
@@ -515,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
         "torch_timing": torchpipe.TIMING, "torch_emulation": torchpipe.EMULATION,
         "repeats": repeats, "micro_batches": args.micro_batches, "scenarios": {},
     }
-    meths = methods(args.act_bits, args.grad_bits)
+    meths = methods(args.act_bits, args.grad_bits, args.delta_act_bits, args.delta_grad_bits)
     panels: list[tuple[str, list[timeline.Trace]]] = []
     print(f"shaping: {shaping} ({why}); latency: {latency_via} ({latency_why})", flush=True)
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
@@ -607,12 +632,15 @@ def _table(runs: dict[str, list[dict[str, Any]]], bound: float, layer_ms: list[f
         row.update({
             "record_samples_per_s": [x["samples_per_s"] for x in recs],
             "accuracy_median": _median_or_none([x["final_accuracy"] for x in recs]),
+            "accuracy_per_repeat": [x["final_accuracy"] for x in recs],
             "test_loss_median": _median_or_none([x["epochs"][-1]["test_loss"]
                                                  if x["epochs"] else None for x in recs]),
             "steps_done": last["steps"],
             # drift re-plans that moved the cuts, per repeat ("plan" is the last one's)
             "live_replans": [sum(bool(r["changed"]) for r in x["replans"]) for x in recs],
-            "plan": [(s["device"], s["start"], s["end"], s["act_bits"], s["grad_bits"])
+            "plan": [(s["device"], s["start"], s["end"], s["act_bits"], s["grad_bits"],
+                      *(("delta",) if s.get("act_delta") else ()),
+                      *(("ef",) if s.get("grad_feedback") else ()))
                      for s in last["plan"]["stages"]],
             "stage_ms_predicted": [s["predicted_ms"] for s in last["stages"]],
             "stage_ms_measured": [s["measured_ms_per_microbatch"] for s in last["stages"]],
@@ -643,6 +671,7 @@ def _ratio(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str, A
 
 def _ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     pairs = {"AccEPT / torch-equal": ("accept", "torch-equal"),
+             "AccEPT-delta / AccEPT": ("accept-delta", "accept"),
              "AccEPT / torch-accept": ("accept", "torch-accept"),
              "equal-fp32 / torch-equal": ("equal-fp32", "torch-equal")}
     return {k: v for k, (a, b) in pairs.items() if (v := _ratio(runs, a, b)) is not None}
@@ -686,6 +715,11 @@ def _print_scenario(name: str, sc: Scenario, latency: float, shaping: str, laten
     for k, v in ratios.items():
         print(f"{k:26s} {v['median']:6.2f}x [{v['min']:.2f}-{v['max']:.2f}]  "
               f"(median [min-max] of same-repeat ratios)")
+    if "accept-delta" in table and "accept" in table:
+        acc = {m: ["-" if a is None else f"{a:.3f}" for a in table[m]["accuracy_per_repeat"]]
+               for m in ("accept-delta", "accept")}
+        print(f"{'held-out accuracy':26s} AccEPT-delta {acc['accept-delta']}, AccEPT "
+              f"{acc['accept']} (per repeat, after the same {sc.steps} steps)")
 
 
 def _latency_costs(results: dict[str, Any]) -> None:

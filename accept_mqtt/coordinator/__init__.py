@@ -295,7 +295,8 @@ class Coordinator:
             data = reshape_inputs(data, tuple(cfg.input_shape))
         # the model is built and checked here, before any device is touched
         self.planner.use_model(data.input_shape, data.num_classes)
-        self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset)
+        self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset,
+                             train_samples=len(data.train_x))
         resume = self.recovery.load_resume()
         # in a thread: seeding the predictor takes seconds (15 s on a loaded 2-core machine);
         # on the event loop it would starve the MQTT keep-alive and the broker would drop us

@@ -61,6 +61,10 @@ class TrainConfig:
     seed: int = DEFAULT_SEED
     act_bits: int = 32
     grad_bits: int = 32
+    # every link's activations delta-coded per training sample / gradients with error
+    # feedback (wire/delta.py); need k-bit widths (1..8)
+    act_delta: bool = False
+    grad_feedback: bool = False
     stochastic_grad_rounding: bool = True
     grad_scheme: str = "minmax0"  # minmax0: 0 is a code, so sparse gradients stay sparse
     act_per_channel: bool = True  # k-bit feature-map activations: one scale per channel

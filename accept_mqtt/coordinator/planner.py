@@ -41,6 +41,7 @@ from accept_mqtt.planning.partition import (
     flops_split,
     partition,
     problem_from_profiles,
+    stage_footprint,
 )
 from accept_mqtt.wire.aio import cancel_and_wait
 from accept_mqtt.wire.messages import Drift
@@ -99,12 +100,15 @@ def make_partition(
     method: str,
     costs: CostFn = prior_costs,
     micro_batches: int | None = None,
+    train_samples: int = 0,
 ) -> PartitionResult:
     """Cut points, device order and link bits by ``method``: dp | flops | equal.
 
     Every requested device gets a stage (the user asked for ``--devices N``); the bit widths
-    are the configured ones. ``dp`` minimises the time per mini-batch (fill and drain
-    included, ``objective="minibatch"``) under ``costs``. ``micro_batches``: the count to plan
+    and link options (``act_delta``, ``grad_feedback``) are the configured ones, their memory
+    counted (a delta history has ``train_samples`` rows: the training set's size). ``dp``
+    minimises the time per mini-batch (fill and drain included, ``objective="minibatch"``)
+    under ``costs``. ``micro_batches``: the count to plan
     for (default: the configured one, which must then be a number).
     """
     m = micro_batches if micro_batches is not None else cfg.micro_batches
@@ -121,6 +125,8 @@ def make_partition(
         use_all_devices=True, fixed_order=method != "dp", frame_cpu_ms=FRAME_CPU_MS,
         optimizer_slots=optimizer_slots({"name": cfg.optimizer, "momentum": cfg.momentum}),
         snapshot_copies=SNAPSHOT_COPIES, codec_buffers=True,  # what the agents hold
+        act_delta=cfg.act_delta, grad_feedback=cfg.grad_feedback,
+        train_samples=train_samples,
     )
     if len(order) > len(descs):
         raise PlanningError(f"{len(order)} stages need at least {len(order)} layers, "
@@ -128,24 +134,33 @@ def make_partition(
     if method in ("equal", "flops"):
         split = equal_split if method == "equal" else flops_split
         res = split(problem, bits=cfg.act_bits, grad_bits=cfg.grad_bits)
+
+        def parts(i: int) -> Any:
+            return stage_footprint(problem, res.cuts[i], res.cuts[i + 1], res.num_stages - 1 - i)
+
         for i, (dev, need) in enumerate(zip(res.devices, res.memory_bytes, strict=True)):
             limit = problem.devices[problem.index_of(dev)].memory_bytes
             if limit is not None and need > limit:
                 raise PlanningError(
                     f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
-                    f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f}; "
-                    "--partition auto places layers by memory")
+                    f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f} "
+                    f"(by part: {parts(i).text()}); --partition auto places layers by memory")
         return honoured_widths(res, cfg, method)
     return honoured_widths(partition(problem, objective="minibatch"), cfg, method)
 
 
 def honoured_widths(res: PartitionResult, cfg: TrainConfig, method: str) -> PartitionResult:
     """``res`` if every link carries the configured widths (activations ``act_bits`` from
-    stage i to i+1, gradients ``grad_bits`` back), else ``PlanningError``: a width the plan
-    would not honour is refused, never replaced by another one."""
+    stage i to i+1, gradients ``grad_bits`` back) and options (``act_delta``,
+    ``grad_feedback``), else ``PlanningError``: a width or option the plan would not honour
+    is refused, never replaced by another one."""
     k = res.num_stages
     act, grad = list(res.act_bits[: k - 1]), list(res.grad_bits[1:])
-    for name, want, got in (("act_bits", cfg.act_bits, act), ("grad_bits", cfg.grad_bits, grad)):
+    delta = list(res.act_delta[: k - 1]) if res.act_delta else [False] * (k - 1)
+    fed = list(res.grad_feedback[1:]) if res.grad_feedback else [False] * (k - 1)
+    for name, want, got in (("act_bits", cfg.act_bits, act), ("grad_bits", cfg.grad_bits, grad),
+                            ("act_delta", cfg.act_delta, delta),
+                            ("grad_feedback", cfg.grad_feedback, fed)):
         if any(b != want for b in got):
             raise PlanningError(f"the {method} partition put {name} {got} on the links, not the "
                                 f"configured {want}; refusing a plan that does not honour it")
@@ -158,8 +173,8 @@ def predicted_step_ms(res: PartitionResult, micro_batches: int) -> float:
 
 
 def choose_micro_batches(descs: list[LayerDescriptor], devices: list[DeviceInfo],
-                         cfg: TrainConfig, *, method: str, costs: CostFn = prior_costs
-                         ) -> tuple[PartitionResult, int]:
+                         cfg: TrainConfig, *, method: str, costs: CostFn = prior_costs,
+                         train_samples: int = 0) -> tuple[PartitionResult, int]:
     """The partition and micro-batch count with the lowest predicted mini-batch time.
 
     Tries each of ``MICRO_BATCH_CHOICES`` up to the batch size: fewer micro-batches mean a
@@ -172,7 +187,7 @@ def choose_micro_batches(descs: list[LayerDescriptor], devices: list[DeviceInfo]
     for m in (c for c in MICRO_BATCH_CHOICES if c <= cfg.batch_size):
         try:
             res = make_partition(descs, devices, cfg, method=method, costs=costs,
-                                 micro_batches=m)
+                                 micro_batches=m, train_samples=train_samples)
         except ValueError as e:  # PlanningError, InfeasiblePlanError and the problem's own
             errors.append(f"{m}: {e}")
             continue
@@ -249,6 +264,7 @@ class Planner:
         self.say = say
         self.costs: Any = None  # predictor.CostModel when planning by prediction
         self.optimizer: dict[str, Any] | None = None  # the plans' optimizer dict (set_run)
+        self.train_samples: int | None = None  # the training set's size (set_run)
         self.profiles: dict[str, dict[str, Any]] = {}  # devices planned with (the record's)
         # the latest timing samples, for tools and tests: bounded, as a long run sends some
         # 30 per device per step; the predictor learns every one (``_to_learn``) and the
@@ -282,9 +298,11 @@ class Planner:
     def device_info(self, device: str) -> DeviceInfo:
         return self._info[device]
 
-    def set_run(self, total_steps: int, dataset: str) -> None:
-        """The run's length and data set: they fix the lr schedule every plan carries."""
+    def set_run(self, total_steps: int, dataset: str, train_samples: int | None = None) -> None:
+        """The run's length and data set: they fix the lr schedule every plan carries;
+        ``train_samples``: the training set's size (a delta-coded link's history)."""
         self.optimizer = self.cfg.optimizer_cfg(total_steps, dataset)
+        self.train_samples = train_samples
 
     # -- cost model ----------------------------------------------------------------------
     def load_costs(self) -> None:
@@ -346,10 +364,12 @@ class Planner:
         method = {"auto": "dp", "predictor": "dp"}.get(cfg.partition, cfg.partition)
         if cfg.micro_batches == "auto":
             res, m = choose_micro_batches(descs, devices, cfg, method=method,
-                                          costs=self.layer_costs)
+                                          costs=self.layer_costs,
+                                          train_samples=self.train_samples or 0)
         else:
             m = int(cfg.micro_batches)
-            res = make_partition(descs, devices, cfg, method=method, costs=self.layer_costs)
+            res = make_partition(descs, devices, cfg, method=method, costs=self.layer_costs,
+                                 train_samples=self.train_samples or 0)
         name = {"dp": f"dp+{self.cost_source}"}.get(method, method)
         return build_plan(self.job, cfg, len(descs), [self._info[d] for d in res.devices],
                           list(res.cuts), method=name, version=version, micro_batches=m,

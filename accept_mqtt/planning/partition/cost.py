@@ -10,6 +10,17 @@ sends queued on one paced uplink, ``device_agent/link.py``):
   gradient frame (to the previous stage), at *its own* uplink bandwidth. Receivers' downlinks
   are not modelled (the broker fans in; the emulated link paces the sender only).
 
+The link options add codec work (``wire/delta.py``; figures per element of the frame, each
+"pass" an elementwise float32 operation costed as the codec model's raw16 conversion, one
+memory-bound pass over the tensor, ``delta_pass_ms``):
+
+* a delta-coded activation link (``act_delta``): at the sender, its own frame decoded again
+  (``decode(bits)``: the history must hold what the receiver decodes) and four passes
+  (history gather, subtract, add, scatter to float16); at the receiver three (gather, add,
+  scatter); plus ``DELTA_SAMPLE_MS`` per sample at each end (the history is a row per sample);
+* an error-feedback gradient link (``grad_feedback``): at the sender, its own frame decoded
+  again and two passes (add the residual, subtract the decoded frame).
+
 In steady state each resource is a pipeline server, so a stage's time per micro-batch is
 ``max(compute, uplink)`` and the pipeline's is the max over stages (PipeDream's bottleneck).
 Frame size: ``ceil(n * bits / 8) + frame_overhead_bytes`` for ``n`` elements. Stage 0 sends no
@@ -33,6 +44,44 @@ from .memory import fits, memory_table, stage_memory_bytes
 from .problem import PartitionProblem, PartitionResult, _check_bits
 
 Choice = tuple[int, int]  # (act bits, grad bits) at one cut
+
+# Per sample and link end, the Python work of ActHistory (a dict lookup, a row's clone on
+# store, its place in the stack on gather): an estimate of torch's per-call overhead for a
+# small tensor on a laptop-class core (a few microseconds), not measured in the pipeline.
+DELTA_SAMPLE_MS = 0.004
+SEND_PASSES, RECV_PASSES, FEEDBACK_PASSES = 4.0, 3.0, 2.0  # see the module docstring
+
+
+def delta_pass_ms(p: PartitionProblem) -> float:
+    """ms per element of one elementwise float32 pass: the codec model's raw16 cost (a
+    float32 <-> float16 conversion; ``DEFAULT_CODEC``'s 1 ns, ``bench codec`` measures raw16
+    at 0.2-0.4 ns per element on one EPYC core, docs/codec.md)."""
+    return p.codec.encode(16) if 16 in p.codec.encode_ms_per_elem else 0.0
+
+
+def option_in_ms(p: PartitionProblem, grad_bits: np.ndarray | float) -> np.ndarray | float:
+    """Extra codec ms per element at a stage's *incoming* cut for the options: receiving a
+    delta-coded activation, sending an error-feedback gradient of ``grad_bits``."""
+    pas = delta_pass_ms(p)
+    x = RECV_PASSES * pas if p.act_delta else 0.0
+    if p.grad_feedback:
+        dec = np.vectorize(p.codec.decode, otypes=[float])(grad_bits)
+        x = x + (dec + FEEDBACK_PASSES * pas)
+    return x
+
+
+def option_out_ms(p: PartitionProblem, act_bits: np.ndarray | float) -> np.ndarray | float:
+    """Extra codec ms per element at a stage's *outgoing* cut: sending a delta-coded
+    activation of ``act_bits``."""
+    if not p.act_delta:
+        return 0.0
+    dec = np.vectorize(p.codec.decode, otypes=[float])(act_bits)
+    return dec + SEND_PASSES * delta_pass_ms(p)
+
+
+def option_sample_ms(p: PartitionProblem) -> float:
+    """Per-frame ms of a delta link end: ``DELTA_SAMPLE_MS`` per sample of the micro-batch."""
+    return DELTA_SAMPLE_MS * float(p.micro_batch_size) if p.act_delta else 0.0
 
 
 def choices(p: PartitionProblem) -> list[Choice]:
@@ -87,9 +136,12 @@ def device_tables(p: PartitionProblem, d: int, cand: Sequence[Choice]) -> Device
     enc_a = np.array([p.codec.encode(b) for b in act])
     dec_g = np.array([p.codec.decode(b) for b in grad])
     enc_g = np.array([p.codec.encode(b) for b in grad])
-    frames = 2.0 * p.frame_cpu_ms * (n > 0)  # one frame in, one out at every inner cut
-    codec_in = scale * n[:, None] * (dec_a + enc_g)[None, :] + frames[:, None]
-    codec_out = scale * n[:, None] * (enc_a + dec_g)[None, :] + frames[:, None]
+    # one frame in, one out at every inner cut; a delta link's ends each touch every sample
+    frames = (2.0 * p.frame_cpu_ms + scale * option_sample_ms(p)) * (n > 0)
+    codec_in = scale * n[:, None] * (dec_a + enc_g + option_in_ms(p, np.array(grad)))[None, :] \
+        + frames[:, None]
+    codec_out = scale * n[:, None] * (enc_a + dec_g + option_out_ms(p, np.array(act)))[None, :] \
+        + frames[:, None]
     up_in = np.stack([send_ms(p, d, wire_bytes(p, n, b)) for b in grad], axis=1)
     up_out = np.stack([send_ms(p, d, wire_bytes(p, n, b)) for b in act], axis=1)
     prefix = np.concatenate([[0.0], np.cumsum(p.compute_ms[d])])
@@ -160,10 +212,13 @@ def evaluate(p: PartitionProblem, devices: Sequence[str], cuts: Sequence[int],
         scale = p.devices[d].codec_scale
         prefix = np.concatenate([[0.0], np.cumsum(p.compute_ms[d])])
         # same arithmetic, in the same order, as device_tables + stage_cost_array
-        c_in = (scale * float(n[a]) * (p.codec.decode(a_in) + p.codec.encode(g_out))
-                + 2.0 * p.frame_cpu_ms * float(n[a] > 0))
-        c_out = (scale * float(n[b]) * (p.codec.encode(a_out) + p.codec.decode(g_in))
-                 + 2.0 * p.frame_cpu_ms * float(n[b] > 0))
+        per_frame = 2.0 * p.frame_cpu_ms + scale * option_sample_ms(p)
+        c_in = (scale * float(n[a]) * float(p.codec.decode(a_in) + p.codec.encode(g_out)
+                                            + option_in_ms(p, g_out))
+                + per_frame * float(n[a] > 0))
+        c_out = (scale * float(n[b]) * float(p.codec.encode(a_out) + p.codec.decode(g_in)
+                                             + option_out_ms(p, a_out))
+                 + per_frame * float(n[b] > 0))
         comp = float(prefix[b] - prefix[a]) + c_in + c_out
         up = _frame_ms(p, d, float(n[a]), g_out) + _frame_ms(p, d, float(n[b]), a_out)
         mem = stage_memory_bytes(p, a, b, k - 1 - s)
@@ -174,10 +229,13 @@ def evaluate(p: PartitionProblem, devices: Sequence[str], cuts: Sequence[int],
         mem_l.append(mem)
     ab = [int(x) for x in act_bits[:-1]] + [32]
     gb = [32] + [int(x) for x in grad_bits[1:]]
+    ad = [p.act_delta] * (k - 1) + [False]  # a job-wide option: on every link there is
+    gf = [False] + [p.grad_feedback] * (k - 1)
     return PartitionResult(
         devices=list(devices), cuts=[int(c) for c in cuts], act_bits=ab, grad_bits=gb,
         stage_ms=stage_l, bottleneck_ms=max(stage_l), method=method, compute_ms=comp_l,
         uplink_ms=up_l, memory_bytes=mem_l, feasible=feasible, plan_seconds=plan_seconds,
+        act_delta=ad, grad_feedback=gf,
     )
 
 

@@ -190,6 +190,18 @@ def raise_bits(p: PartitionProblem, res: PartitionResult) -> PartitionResult:
     return evaluate(p, res.devices, res.cuts, act, grad, method=res.method)
 
 
+def _options_note(p: PartitionProblem) -> str:
+    """What the link options add to every stage they touch, for an infeasible plan's error."""
+    parts = []
+    if p.act_delta:
+        parts.append(f"delta history: {p.train_samples} samples x 2 bytes per activation "
+                     f"value at both ends of every cut (act_delta)")
+    if p.grad_feedback:
+        parts.append(f"error feedback: {p.micro_batches} micro-batches x 4 bytes per gradient "
+                     f"value at each gradient's sender (grad_feedback)")
+    return f"; the link options add {' and '.join(parts)}" if parts else ""
+
+
 def _diagnose(p: PartitionProblem, suffix_ok: np.ndarray) -> InfeasiblePlanError:
     L = p.num_layers
     mib = 2.0**20
@@ -206,7 +218,7 @@ def _diagnose(p: PartitionProblem, suffix_ok: np.ndarray) -> InfeasiblePlanError
                 f"({need:.0f} bytes: weights, gradients, optimizer state, snapshots, "
                 f"{in_flight(p, 0)} stashed micro-batch(es) of its output) but the largest "
                 f"device memory is {(cap or 0) / mib:.3f} MiB ({cap or 0:.0f} bytes, "
-                f"{p.devices[biggest].id})", layer=layer)
+                f"{p.devices[biggest].id})" + _options_note(p), layer=layer)
     fit_from = [a for a in range(1, L + 1) if suffix_ok[a]]
     first = min(fit_from) if fit_from else L
     layer = first - 1
@@ -215,8 +227,8 @@ def _diagnose(p: PartitionProblem, suffix_ok: np.ndarray) -> InfeasiblePlanError
         f"{p.layer_name(layer)} cannot be placed{extra}: layers {first}..{L - 1} fit on the "
         f"devices but no device has memory left for layer {layer} and the layers before it "
         f"(the whole model needs {stage_memory_bytes(p, 0, L, 0):.0f} bytes on one device; "
-        f"total memory {sum(d.memory_bytes or 0 for d in p.devices) / mib:.3f} MiB)",
-        layer=layer)
+        f"total memory {sum(d.memory_bytes or 0 for d in p.devices) / mib:.3f} MiB)"
+        + _options_note(p), layer=layer)
 
 
 def _heuristic_sets(p: PartitionProblem, m: int) -> list[list[int]]:

@@ -3,7 +3,9 @@
 Parameters, gradients, optimizer state (``optimizer_slots``), the agent's snapshots
 (``snapshot_copies``), the activations stashed for the schedule and micro-batch count
 (GPipe holds all ``M``; 1F1B holds ``min(r + 1, M)`` at a stage with ``r`` stages after it,
-times ``activation_overhead``) and, with ``codec_buffers``, the frames it may hold at once.
+times ``activation_overhead``), with ``codec_buffers`` the frames it may hold at once, with
+``act_delta`` the delta history at both ends of every link (``train_samples`` float16 rows)
+and with ``grad_feedback`` the error-feedback residuals at each gradient's sender.
 A bare ``PartitionProblem`` counts no snapshots and no frames; ``problem_from_profiles`` (what
 the coordinator plans with) counts both, as the agent's own check does.
 
@@ -57,21 +59,54 @@ def codec_table(p: PartitionProblem) -> np.ndarray:
     return 4.0 * ((inp * (m + ~first))[:, None] + (out * ((m + 1) * ~last))[None, :])
 
 
+def _delta_elems(p: PartitionProblem, start: int, end: int) -> tuple[float, float]:
+    """One sample's elements on the stage's delta-coded incoming and outgoing links (0 where
+    the link is not delta-coded or there is none: the first stage's input is the
+    coordinator's, the last stage sends no activation)."""
+    if not p.act_delta:
+        return 0.0, 0.0
+    n, m = p.num_layers, float(p.micro_batch_size)
+    return (float(p.out_elems[start - 1]) / m if start > 0 else 0.0,
+            float(p.out_elems[end - 1]) / m if end < n else 0.0)
+
+
+def option_tables(p: PartitionProblem) -> tuple[np.ndarray, np.ndarray]:
+    """``(history[a, b], feedback[a, b])``: bytes of the link options' state through a stage
+    ``[a, b)``, (L+1) x (L+1): delta history (``act_delta``) and error-feedback residuals
+    (``grad_feedback``); zeros without them."""
+    n = p.num_layers
+    zero = np.zeros(n + 1)
+    # one sample's elements at inner cut c (cuts 0 and L carry no link between stages)
+    d = np.concatenate([[0.0], p.out_elems[:-1] / float(p.micro_batch_size), [0.0]]) \
+        if p.act_delta else zero
+    hist = footprint.HISTORY_BYTES * float(p.train_samples) * (d[:, None] + d[None, :])
+    inp = np.concatenate([_input_elems(p), [0.0]])
+    fb = np.where(np.arange(n + 1) > 0,
+                  footprint.FEEDBACK_BYTES * float(p.micro_batches) * inp, 0.0) \
+        if p.grad_feedback else zero
+    return hist, np.broadcast_to(fb[:, None], hist.shape)
+
+
 def memory_table(p: PartitionProblem, stages_after: int) -> np.ndarray:
     static, act = memory_parts(p)
-    return static + in_flight(p, stages_after) * act + codec_table(p)
+    hist, fb = option_tables(p)
+    # summed in the order of ``StageFootprint.total``, so the two agree bit for bit
+    return static + in_flight(p, stages_after) * act + codec_table(p) + hist + fb
 
 
 def stage_footprint(p: PartitionProblem, start: int, end: int,
                     stages_after: int) -> footprint.StageFootprint:
     """The stage's footprint, by part (``model.footprint``)."""
     inp = float(p.input_elems) if start == 0 else float(p.out_elems[start - 1])
+    din, dout = _delta_elems(p, start, end)
     return footprint.stage_footprint(
         [float(x) for x in p.params[start:end]], inp,
         [float(x) for x in p.out_elems[start:end]], in_flight=in_flight(p, stages_after),
         micro_batches=p.micro_batches, optimizer_slots=p.optimizer_slots, first=start == 0,
         last=end == p.num_layers, snapshot_copies=p.snapshot_copies,
-        activation_overhead=p.activation_overhead, codec=p.codec_buffers)
+        activation_overhead=p.activation_overhead, codec=p.codec_buffers,
+        train_samples=p.train_samples, delta_in_elems=din, delta_out_elems=dout,
+        grad_feedback=p.grad_feedback)
 
 
 def stage_memory_bytes(p: PartitionProblem, start: int, end: int, stages_after: int) -> float:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from accept_mqtt.model.footprint import MEMORY_FRACTION, RESERVED_MB
-from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
+from accept_mqtt.wire.codec import BITS_TEXT, MINMAX_BITS, VALID_BITS
 from accept_mqtt.wire.plan import Stage, cuts_to_stages
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -116,6 +116,13 @@ class PartitionProblem:
       Adam: 2, plain SGD: 0). Memory per stage = params x 4 B x (2 + slots) + stash.
     * ``fixed_order``: stages must follow ``devices`` order (any subsequence of it).
     * ``use_all_devices``: every device gets a stage (else the planner may leave some idle).
+    * ``act_delta`` / ``grad_feedback``: every link's activations are delta-coded / its
+      gradients carry error feedback (``wire/delta.py``): job-wide options, honoured on every
+      link. They restrict the candidate widths of their direction to the k-bit ones (1..8: a
+      raw link has nothing to code a change in or to feed back) and add their memory
+      (``model/footprint.py``: history of ``train_samples`` rows at both ends, residuals at
+      the gradient's sender) and codec work (``cost.py``). ``micro_batch_size``: samples per
+      micro-batch, so ``out_elems / micro_batch_size`` is one sample's activation.
     """
 
     devices: tuple[Device, ...]
@@ -142,6 +149,10 @@ class PartitionProblem:
     frame_cpu_ms: float = 0.0
     fixed_order: bool = False
     use_all_devices: bool = False
+    act_delta: bool = False
+    grad_feedback: bool = False
+    train_samples: int = 0  # rows of a delta history: the training set's size
+    micro_batch_size: int = 1
 
     def __post_init__(self) -> None:
         s = lambda k, v: object.__setattr__(self, k, v)
@@ -175,10 +186,16 @@ class PartitionProblem:
             s("layer_types", tuple(self.layer_types))
         for name in ("act_bits", "grad_bits"):
             s(name, tuple(_check_bits(b, name) for b in getattr(self, name)))
-        if not self.allowed_act_bits:
-            raise ValueError(f"no act bit width in {self.act_bits} is >= {self.min_act_bits}")
-        if not self.allowed_grad_bits:
-            raise ValueError(f"no grad bit width in {self.grad_bits} is >= {self.min_grad_bits}")
+        for name, flag in (("act", "act_delta"), ("grad", "grad_feedback")):
+            if not getattr(self, f"allowed_{name}_bits"):
+                k = " k-bit (1..8, for " + flag + ")" if getattr(self, flag) else ""
+                raise ValueError(f"no{k} {name} bit width in {getattr(self, name + '_bits')} "
+                                 f"is >= {getattr(self, 'min_' + name + '_bits')}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.act_delta and self.train_samples < 1:
+            raise ValueError("act_delta needs train_samples >= 1 (the rows of each link's "
+                             f"delta history), got {self.train_samples}")
         for b in (*self.allowed_act_bits, *self.allowed_grad_bits):
             self.codec.encode(b), self.codec.decode(b)  # fail now, not mid-plan
         if self.micro_batches < 1:
@@ -199,13 +216,13 @@ class PartitionProblem:
 
     @property
     def allowed_act_bits(self) -> tuple[int, ...]:
-        """Candidate act widths meeting the policy, most bits first."""
-        return tuple(sorted({b for b in self.act_bits if b >= self.min_act_bits}, reverse=True))
+        """Candidate act widths meeting the policy (k-bit only with ``act_delta``), most bits
+        first."""
+        return _allowed(self.act_bits, self.min_act_bits, self.act_delta)
 
     @property
     def allowed_grad_bits(self) -> tuple[int, ...]:
-        return tuple(sorted({b for b in self.grad_bits if b >= self.min_grad_bits},
-                            reverse=True))
+        return _allowed(self.grad_bits, self.min_grad_bits, self.grad_feedback)
 
     def layer_name(self, layer: int) -> str:
         t = self.layer_types[layer] if self.layer_types is not None else None
@@ -223,6 +240,11 @@ class PartitionProblem:
         idx = list(indices)
         return _replace(self, devices=tuple(self.devices[i] for i in idx),
                         compute_ms=self.compute_ms[idx])
+
+
+def _allowed(bits: tuple[int, ...], floor: int, kbit_only: bool) -> tuple[int, ...]:
+    return tuple(sorted({b for b in bits if b >= floor and (b in MINMAX_BITS or not kbit_only)},
+                        reverse=True))
 
 
 def _replace(p: PartitionProblem, **changes: Any) -> PartitionProblem:
@@ -255,6 +277,8 @@ class PartitionResult:
     memory_bytes: list[float] = field(default_factory=list)
     feasible: bool = True  # every stage fits its device's memory
     plan_seconds: float = 0.0
+    act_delta: list[bool] = field(default_factory=list)  # per stage: its activations out
+    grad_feedback: list[bool] = field(default_factory=list)  # per stage: its gradients out
 
     @property
     def num_stages(self) -> int:
@@ -262,7 +286,8 @@ class PartitionResult:
 
     def stages(self) -> tuple[Stage, ...]:
         return cuts_to_stages(list(self.cuts), list(self.devices), list(self.act_bits),
-                              list(self.grad_bits), list(self.stage_ms))
+                              list(self.grad_bits), list(self.stage_ms),
+                              list(self.act_delta) or None, list(self.grad_feedback) or None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -335,6 +360,7 @@ def problem_from_profiles(
         flops=np.array([d.flops * micro_batch_size for d in descriptors], np.float64),
         layer_types=tuple(d.type for d in descriptors),
         input_elems=int(descriptors[0].in_elems * micro_batch_size) if descriptors else 0,
+        micro_batch_size=micro_batch_size,
         act_bits=tuple(act_bits), grad_bits=tuple(grad_bits),
         min_act_bits=min_act_bits, min_grad_bits=min_grad_bits,
         codec=codec, micro_batches=micro_batches, schedule=schedule,
