@@ -13,6 +13,8 @@ Guarantees:
   history's dtype, float16 by default, clamped to its finite range), never the sender's own
   input, so two histories that saw the same frames are bit-identical: the decode is the
   codec's exact formula, the sum and the rounding are IEEE operations.
+* A delta frame's codes are on the zero-aligned grid (scheme ``minmax0``) whatever the
+  caller asked: an element that did not change decodes to exactly no change.
 * A frame is delta-coded only when the sender holds history for every sample in it; otherwise
   it goes as a plain k-bit frame of the activation, and both ends (re)start that sample's
   history from it. ``reset`` forgets everything: the next frame of every sample is plain.
@@ -133,8 +135,10 @@ class ActHistory:
             base = self.history(arr).to(torch.float32)
             ext[DELTA_KEY] = True
             ext[BASE_KEY] = pack_ids([self._rows[int(i)][0] for i in arr])
+            # most of a change is close to 0 and stays there: 0 must be a code (minmax0),
+            # or a 2-bit grid (-a, -a/3, a/3, a) moves every unchanged element by a/3
             frame = codec.encode(x.detach().to(torch.float32) - base, step=step, extra=ext,
-                                 **kw)
+                                 **{**kw, "zero": True})
             self._store(arr, step, base + codec.decode(frame))
         else:
             frame = codec.encode(x, step=step, extra=ext, **kw)
