@@ -79,6 +79,7 @@ from .control import Control
 from .errors import (
     BrokerLost,
     CoordinatorError,
+    DeltaMismatch,
     DeviceLost,
     DevicesTimeout,
     PlanRefused,
@@ -231,6 +232,8 @@ class Coordinator:
             # about a payload that was no plan at all: bad input, training goes on)
             self.steps.plan_refused(error.device, error.reason, error.plan_version,
                                     error.plan_owner)
+        if error.resync:  # a delta link out of step: the step in flight is rewound at once
+            self.steps.resync(error.device, error.reason, error.pv, error.gen)
 
     def on_control(self, command: ControlCommand | MessageError,
                    request_id: str | None = None) -> None:
@@ -295,7 +298,8 @@ class Coordinator:
             data = reshape_inputs(data, tuple(cfg.input_shape))
         # the model is built and checked here, before any device is touched
         self.planner.use_model(data.input_shape, data.num_classes)
-        self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset)
+        self.planner.set_run(self._total_steps(len(data.train_x))[1], dataset,
+                             train_samples=len(data.train_x))
         resume = self.recovery.load_resume()
         # in a thread: seeding the predictor takes seconds (15 s on a loaded 2-core machine);
         # on the event loop it would starve the MQTT keep-alive and the broker would drop us
@@ -365,6 +369,10 @@ class Coordinator:
                 return
             except (DeviceLost, BrokerLost) as e:
                 why = self._fault(e)
+            except DeltaMismatch as e:
+                # a rewind resets every delta history: the step's frames go again, plain
+                # ones first (not after step_timeout); a rewind that fails re-plans
+                why = f"{e}; rewinding"
             except StepTimeout as e:
                 # a stage that hangs but keeps its connection fires no Will: the rewind
                 # finds it (it cannot answer) and the re-plan leaves it out. The same step
@@ -428,13 +436,14 @@ class Coordinator:
             if epoch not in order:  # the batches of an epoch are fixed by the seed
                 order = {epoch: epoch_batches(n, cfg.batch_size, cfg.seed, epoch)}
             idx = order[epoch][i]
-            ahead = None
+            ahead, nxt = None, None
             if self._plain_boundary(st.step + 1, per_epoch, total):
                 nxt = order[epoch][i + 1]
                 ahead = (data.train_x[nxt], data.train_y[nxt])
             st.epoch = epoch
             t0 = time.perf_counter()
-            res = await self.steps.train_step(data.train_x[idx], data.train_y[idx], ahead)
+            res = await self.steps.train_step(data.train_x[idx], data.train_y[idx], ahead,
+                                              ids=idx, ahead_ids=nxt)
             dt = time.perf_counter() - t0
             st.train_s += dt
             st.samples += len(idx)

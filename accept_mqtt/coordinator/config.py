@@ -14,7 +14,7 @@ from typing import Any, Literal
 from accept_mqtt.model.schedule import LR_SCHEDULES, default_recipe
 from accept_mqtt.model.user import is_user_model
 from accept_mqtt.wire.chunks import DEFAULT_MAX_MESSAGE_BYTES, check_limit
-from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
+from accept_mqtt.wire.codec import BITS_TEXT, MINMAX_BITS, VALID_BITS
 from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
 
 DEFAULT_SEED = 1234
@@ -61,6 +61,10 @@ class TrainConfig:
     seed: int = DEFAULT_SEED
     act_bits: int = 32
     grad_bits: int = 32
+    # every link's activations delta-coded per training sample / gradients with error
+    # feedback (wire/delta.py); need k-bit widths (1..8)
+    act_delta: bool = False
+    grad_feedback: bool = False
     stochastic_grad_rounding: bool = True
     grad_scheme: str = "minmax0"  # minmax0: 0 is a code, so sparse gradients stay sparse
     act_per_channel: bool = True  # k-bit feature-map activations: one scale per channel
@@ -112,6 +116,11 @@ class TrainConfig:
             b = getattr(self, name)
             if b not in VALID_BITS:
                 raise ConfigError(f"{name} must be {BITS_TEXT}, got {b}")
+        # a raw link carries the value itself: a history or a residual cannot be honoured
+        for flag, name in (("act_delta", "act_bits"), ("grad_feedback", "grad_bits")):
+            if getattr(self, flag) and getattr(self, name) not in MINMAX_BITS:
+                raise ConfigError(f"{flag} needs {name} 1..8, got {getattr(self, name)}: "
+                                  "a raw link keeps no history or residual")
         if self.grad_scheme not in GRAD_SCHEMES:
             raise ConfigError(f"grad_scheme must be minmax or minmax0, got "
                               f"{self.grad_scheme!r}")
