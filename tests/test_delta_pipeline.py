@@ -16,13 +16,18 @@ from typing import Any
 
 import aiomqtt
 import pytest
+import torch
 
 from accept_mqtt.coordinator import Coordinator
 from accept_mqtt.coordinator.config import ConfigError, TrainConfig
 from accept_mqtt.coordinator.planner import Planner
 from accept_mqtt.coordinator.record import RunState
+from accept_mqtt.model.data import load_dataset
+from accept_mqtt.model.microbatch import epoch_batches, split
 from accept_mqtt.wire import codec, delta
+from accept_mqtt.wire.plan import Plan
 from broker import MosquittoBroker
+from device_agent.agent import _frame_seed, _Job
 
 from .conftest import running_agents
 
@@ -73,6 +78,60 @@ async def _watch(url_host: str, port: int, job: str, frames: list[Seen],
                                bool(f.extra.get("train", True)), delta.IDS_KEY in f.extra,
                                bool(f.extra.get(delta.DELTA_KEY, False)),
                                int(f.extra.get("gen", 0)), now))
+
+
+def _one_process(plan: Plan, cfg: TrainConfig, steps: int) -> dict[str, torch.Tensor]:
+    """The pipeline's arithmetic in one process, compression included: every stage's
+    runner, and at every cut what the link does -- the sender's ``ActHistory`` /
+    ``ErrorFeedback`` encode with the frame's stochastic-rounding seed (``_frame_seed``), a
+    trip through the wire format, the receiver's decode. Per stage, forwards and backwards
+    go in micro-batch order as under 1F1B; evaluation changes no state and is left out."""
+    data = load_dataset(cfg.dataset, seed=cfg.seed, synthetic_size=cfg.synthetic_size)
+    jobs = [_Job(plan, s.device, 1, 1.0) for s in plan.stages]
+    n, last = len(data.train_x), len(jobs) - 1
+
+    def cross(t: torch.Tensor, k: int, to: int, step: int, mb: int,
+              ids: torch.Tensor) -> torch.Tensor:
+        grad = to < k
+        bits = plan.stages[k].grad_bits if grad else plan.stages[k].act_bits
+        kw: dict[str, Any] = dict(
+            bits=bits, job=plan.job, step=step, mb=mb, kind="grad" if grad else "act",
+            stochastic=grad and plan.stochastic_grad_rounding,
+            seed=_frame_seed(plan.seed, step, mb, k), zero=grad and plan.grad_scheme == "minmax0",
+            axis=None if grad else codec.channel_axis(t.shape, bits, plan.act_per_channel))
+        ef, tx, rx = jobs[k].grad_ef, jobs[k].act_tx, jobs[to].act_rx
+        if grad:
+            f = ef.encode(t, slot=mb, **kw) if ef is not None else codec.encode(t, **kw)
+        else:
+            f = tx.encode(t, ids, **kw) if tx is not None else codec.encode(t, **kw)
+        f = codec.from_bytes(codec.to_bytes(f))
+        return rx.decode(f) if rx is not None and not grad else codec.decode(f)
+
+    torch.set_num_threads(1)  # as the agents compute
+    per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
+    for step in range(steps):
+        epoch, i = divmod(step, per_epoch)
+        idx = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[i]
+        x, y = data.train_x[idx], data.train_y[idx]
+        mbs = split(len(idx), plan.micro_batches)
+        for mb, (a, b) in enumerate(mbs):
+            h = x[a:b]
+            for k, job in enumerate(jobs):
+                out = job.runner.forward((step, mb), h, y[a:b], 1.0 / len(idx)).out
+                if k < last:
+                    assert out is not None
+                    h = cross(out, k, k + 1, step, mb, idx[a:b])
+        for mb, (a, b) in enumerate(mbs):
+            g = None
+            for k in range(last, -1, -1):
+                gin = jobs[k].runner.backward((step, mb), g)
+                if k > 0:
+                    assert gin is not None
+                    g = cross(gin, k, k - 1, step, mb, idx[a:b])
+        for job in jobs:
+            job.runner.step(step)
+    return {name: t for job in jobs
+            for name, t in job.runner.state_dict(job.stage.start).items()}
 
 
 def _run(broker: MosquittoBroker, cfg: TrainConfig, job: str, frames: list[Seen],
@@ -131,6 +190,12 @@ def test_delta_links_and_error_feedback_train_end_to_end(broker: MosquittoBroker
     assert {f.topic for f in grads} == {"stage/0/bwd", "stage/1/bwd"}
     assert all(f.bits == 4 and not f.ids for f in grads)
     assert record["errors"] == []
+    # the strongest check: exactly the parameters of the same arithmetic in one process
+    got = torch.load(Path(record["model_path"]))
+    want = _one_process(Plan.from_dict(record["plan"]), cfg, 24)
+    assert set(got) == set(want)
+    differ = [name for name in want if not torch.equal(got[name], want[name])]
+    assert not differ, f"differ from the one-process run: {differ}"
 
 
 def test_a_history_mismatch_is_rewound_at_once_and_the_frames_start_plain(
