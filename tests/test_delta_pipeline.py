@@ -260,3 +260,30 @@ def test_a_set_that_makes_a_delta_link_raw_is_refused_and_changes_nothing() -> N
         assert planner.cfg == cfg and not planner.replan_requested
     planner.set_widths({"act_bits": 3})  # a k-bit width keeps the delta link
     assert planner.cfg.act_bits == 3 and planner.replan_requested
+
+
+def test_cli_flags_and_config_keys_set_delta_links_or_are_refused(tmp_path: Path) -> None:
+    import argparse
+
+    from accept_mqtt.cli.train import add_arguments, resolve_config
+
+    from .test_cli import _cli
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = resolve_config(parser.parse_args(["--act-delta", "--act-bits", "2", "--grad-feedback",
+                                            "--grad-bits", "4"]))
+    assert (cfg.act_delta, cfg.grad_feedback, cfg.act_bits, cfg.grad_bits) == (True, True, 2, 4)
+    off = resolve_config(parser.parse_args([]))
+    assert not off.act_delta and not off.grad_feedback
+    conf = tmp_path / "c.json"
+    conf.write_text('{"act_delta": true, "act_bits": 3, "grad_feedback": true, "grad_bits": 8}')
+    cfg = resolve_config(parser.parse_args(["--config", str(conf)]))
+    assert (cfg.act_delta, cfg.grad_feedback, cfg.act_bits, cfg.grad_bits) == (True, True, 3, 8)
+    p = _cli("train", "--act-delta", "--act-bits", "32", "--runs-dir", str(tmp_path), timeout=60)
+    assert p.returncode == 2 and "act_delta needs act_bits 1..8, got 32" in p.stderr, p.stderr
+    conf.write_text('{"grad_feedback": true, "grad_bits": 16}')
+    p = _cli("train", "--config", str(conf), "--runs-dir", str(tmp_path), timeout=60)
+    assert p.returncode == 2 and "grad_feedback needs grad_bits 1..8, got 16" in p.stderr
+    p = _cli("train", "--help", timeout=60)
+    assert "--act-delta" in p.stdout and "--grad-feedback" in p.stdout
