@@ -80,12 +80,14 @@ async def _watch(url_host: str, port: int, job: str, frames: list[Seen],
                                int(f.extra.get("gen", 0)), now))
 
 
-def _one_process(plan: Plan, cfg: TrainConfig, steps: int) -> dict[str, torch.Tensor]:
+def _one_process(plan: Plan, cfg: TrainConfig, steps: int,
+                 rewound: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """The pipeline's arithmetic in one process, compression included: every stage's
     runner, and at every cut what the link does -- the sender's ``ActHistory`` /
     ``ErrorFeedback`` encode with the frame's stochastic-rounding seed (``_frame_seed``), a
     trip through the wire format, the receiver's decode. Per stage, forwards and backwards
-    go in micro-batch order as under 1F1B; evaluation changes no state and is left out."""
+    go in micro-batch order as under 1F1B; evaluation changes no state and is left out.
+    ``rewound``: steps the pipeline was rewound to: every link starts them afresh."""
     data = load_dataset(cfg.dataset, seed=cfg.seed, synthetic_size=cfg.synthetic_size)
     jobs = [_Job(plan, s.device, 1, 1.0) for s in plan.stages]
     n, last = len(data.train_x), len(jobs) - 1
@@ -111,6 +113,9 @@ def _one_process(plan: Plan, cfg: TrainConfig, steps: int) -> dict[str, torch.Te
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
     for step in range(steps):
         epoch, i = divmod(step, per_epoch)
+        if step in rewound:
+            for job in jobs:
+                job.reset(step, job.gen + 1)  # what a rewind does to a stage's links
         idx = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[i]
         x, y = data.train_x[idx], data.train_y[idx]
         mbs = split(len(idx), plan.micro_batches)
@@ -235,6 +240,13 @@ def test_a_history_mismatch_is_rewound_at_once_and_the_frames_start_plain(
         assert first == rewinds[0]["at_step"]
         assert not any(f.delta for f in after if f.step == first), link
         assert any(f.delta for f in after), "and delta again once the samples repeat"
+    # and the parameters are exactly those of one process whose links restart at that step
+    got = torch.load(Path(record["model_path"]))
+    want = _one_process(Plan.from_dict(record["plan"]), cfg, 16, (rewinds[0]["at_step"],))
+    assert not [name for name in want if not torch.equal(got[name], want[name])]
+    unreset = _one_process(Plan.from_dict(record["plan"]), cfg, 16)
+    assert any(not torch.equal(got[name], unreset[name]) for name in want), \
+        "the reset at the rewound step made a difference"
 
 
 @pytest.mark.parametrize("kw,named", [
