@@ -35,6 +35,11 @@ Lifecycle::
   yet backwarded) as there are stages; the coordinator sends a step's inputs at once, so no
   stage waits for a round trip to the coordinator inside a step. A training frame for the
   step after the current one is held until the current one ends.
+* Delta-coded links (plan ``act_delta``/``grad_feedback``, ``wire/delta.py``): a stage keeps
+  the history of the activations it sends and of those it receives on such a link, and the
+  residuals of its error-feedback gradients; evaluation frames never touch them; a new plan,
+  a rewind and a restore reset them all. A delta frame its history does not match is dropped
+  and reported with ``resync`` (its plan version and generation): the coordinator rewinds.
 * Events (``ready``, ``stepped``, ...) are published without waiting for their PUBACK: the
   stage computes on while the broker acknowledges.
 * Recovery (docs/faults.md): the agent keeps a copy of its stage's state at the start of the
@@ -1007,8 +1012,7 @@ class Agent:
             frame = job.grad_ef.encode(t, slot=src.mb, **kw)
         elif not grad and train and job.act_tx is not None:  # evaluation: never delta-coded
             ids = delta.unpack_ids(src, delta.IDS_KEY, self.topics.fwd(job.plan.job, job.k))
-            kw["extra"] = {k: v for k, v in extra.items() if k != delta.IDS_KEY}
-            frame = job.act_tx.encode(t, ids, **kw)
+            frame = job.act_tx.encode(t, ids, **kw)  # sets ``ids`` (and ``delta``/``base``)
         else:
             frame = codec.encode(t, **kw)
         frame.extra.update(pv=job.plan.version, gen=job.gen)

@@ -25,8 +25,10 @@ What the coordinator itself guarantees:
 * A fault during training, during its recovery, or while a checkpoint or the final weights
   are collected is recovered (``Recovery.recover``) and training goes on (after a loss during
   the final collection: from the last checkpoint to the end again); the same step timing
-  out twice ends the job with ``StepTimeout``. The run ends with the held-out evaluation of
-  its last step, also when a fault during that evaluation was recovered.
+  out twice ends the job with ``StepTimeout``. A stage's report that a delta-coded link's
+  histories are out of step (``Error.resync``) is a fault of the step too: rewound at once.
+  The run ends with the held-out evaluation of its last step, also when a fault during that
+  evaluation was recovered.
 * So is a fault during start-up: a lost broker while waiting for devices is reconnected and
   the wait goes on; a device lost or a broker restart while the first plan loads, or while
   ``--resume`` restores its checkpoint, goes through the same ``Recovery.recover`` as a fault
