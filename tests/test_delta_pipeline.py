@@ -272,6 +272,40 @@ def test_a_set_that_makes_a_delta_link_raw_is_refused_and_changes_nothing() -> N
         assert planner.cfg == cfg and not planner.replan_requested
     planner.set_widths({"act_bits": 3})  # a k-bit width keeps the delta link
     assert planner.cfg.act_bits == 3 and planner.replan_requested
+    assert planner.cfg.act_delta and planner.cfg.grad_feedback  # the re-plan keeps them
+
+
+@pytest.mark.parametrize("method", ["equal", "flops", "dp"])
+def test_every_partition_method_puts_the_flags_on_every_link(method: str) -> None:
+    from accept_mqtt.coordinator.planner import (
+        DeviceInfo,
+        PlanningError,
+        build_plan,
+        make_partition,
+    )
+    from accept_mqtt.model.descriptors import describe
+    from accept_mqtt.model.zoo import build_model
+
+    cfg = TrainConfig(model="cnn", devices=3, act_bits=2, act_delta=True, grad_bits=4,
+                      grad_feedback=True)
+    descs = describe(build_model("cnn", seed=0))
+    devs = [DeviceInfo(f"d{i}", {"bench_gflops": g, "memory_mb": 4096})
+            for i, g in enumerate([10.0, 5.0, 2.5])]
+    res = make_partition(descs, devs, cfg, method=method)
+    order = [d for i in res.devices for d in devs if d.id == i]
+    kw: dict[str, Any] = dict(method=method, optimizer=cfg.optimizer_cfg(10),
+                              act_bits=list(res.act_bits), grad_bits=list(res.grad_bits))
+    plan = build_plan("j", cfg, len(descs), order, list(res.cuts), train_samples=1000, **kw)
+    assert [s.act_delta for s in plan.stages] == [True, True, False]
+    assert [s.grad_feedback for s in plan.stages] == [False, True, True]
+    assert plan.train_samples == 1000
+    with pytest.raises(PlanningError, match="act_delta needs the training set's size"):
+        build_plan("j", cfg, len(descs), order, list(res.cuts), **kw)
+    plain = build_plan("j", TrainConfig(model="cnn", devices=3), len(descs), order,
+                       list(res.cuts), method=method, optimizer=cfg.optimizer_cfg(10),
+                       train_samples=1000)
+    assert plain.train_samples is None and not any(s.act_delta or s.grad_feedback
+                                                   for s in plain.stages)
 
 
 def test_cli_flags_and_config_keys_set_delta_links_or_are_refused(tmp_path: Path) -> None:
