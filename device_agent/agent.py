@@ -35,6 +35,11 @@ Lifecycle::
   yet backwarded) as there are stages; the coordinator sends a step's inputs at once, so no
   stage waits for a round trip to the coordinator inside a step. A training frame for the
   step after the current one is held until the current one ends.
+* Delta-coded links (plan ``act_delta``/``grad_feedback``, ``wire/delta.py``): a stage keeps
+  the history of the activations it sends and of those it receives on such a link, and the
+  residuals of its error-feedback gradients; evaluation frames never touch them; a new plan,
+  a rewind and a restore reset them all. A delta frame its history does not match is dropped
+  and reported with ``resync`` (its plan version and generation): the coordinator rewinds.
 * Events (``ready``, ``stepped``, ...) are published without waiting for their PUBACK: the
   stage computes on while the broker acknowledges.
 * Recovery (docs/faults.md): the agent keeps a copy of its stage's state at the start of the
@@ -92,7 +97,7 @@ from accept_mqtt.model.descriptors import describe, output_shapes
 from accept_mqtt.model.hardware import device_profile
 from accept_mqtt.model.stage import StageError, StageRunner
 from accept_mqtt.model.zoo import BUILD_LOCK, build_model
-from accept_mqtt.wire import chunks, codec
+from accept_mqtt.wire import chunks, codec, delta
 from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
 from accept_mqtt.wire.liveness import allowed_silence, instance_id, live_holder
@@ -215,9 +220,20 @@ class _Job:
         self.tracer: trace.StepTracer | None = None  # only with --trace-steps
         # state at the start of the current and the previous step (for ``rewind``)
         self.snapshots: dict[int, Any] = {self.step: self.runner.snapshot()}
+        # delta-coded links (wire/delta.py): the history of what this stage sends to the next
+        # stage, of what it receives from the previous one, and its gradients' residuals
+        prev = plan.stages[self.k - 1] if self.k > 0 else None
+        self.act_tx = delta.ActHistory() if stage.act_delta and not self.last else None
+        self.act_rx = delta.ActHistory() if prev is not None and prev.act_delta else None
+        self.grad_ef = delta.ErrorFeedback() if stage.grad_feedback and self.k > 0 else None
 
     def reset(self, step: int, gen: int) -> None:
-        """Forget everything of a half-done step; continue at ``step`` in generation ``gen``."""
+        """Forget everything of a half-done step; continue at ``step`` in generation ``gen``.
+        Every delta link's history and residual goes too (a rewind or a restore resets both
+        ends of every link, so the next frames are plain ones)."""
+        for h in (self.act_tx, self.act_rx, self.grad_ef):
+            if h is not None:
+                h.reset()
         self.runner.reset_partial()
         self.fwd_q.clear()
         self.bwd_q.clear()
@@ -831,6 +847,11 @@ class Agent:
             except aiomqtt.MqttError as e:
                 # the broker went away mid-step; the coordinator rewinds this step
                 log.warning("stage %d: lost a message on %s: %s", job.k, work.topic, e)
+            except delta.HistoryMismatch as e:
+                # the link's two histories are out of step: this step cannot finish, and
+                # the coordinator rewinds it at once when it reads ``resync`` (docs/faults.md)
+                job.errors += 1
+                await self._report_error(work.topic, e.reason, resync=job)
             except (codec.FrameError, StageError, ValueError) as e:
                 job.errors += 1
                 await self._report_error(work.topic, getattr(e, "reason", str(e)))
@@ -859,11 +880,18 @@ class Agent:
         if train and frame.step == job.step + 1 and frame.kind == "act":
             job.early.append(work)  # the next step's input: checked when that step starts
             return
-        x = codec.decode(frame)
+        if frame.extra.get(delta.DELTA_KEY, False) and (job.act_rx is None or not train):
+            raise codec.FrameError(work.topic, "delta frame on a link that is not delta-coded "
+                                   "(or for evaluation): it carries a change, not an activation")
+        delta_rx = train and job.act_rx is not None
+        # a delta link's frame is decoded against its history once every check has passed
+        # (a frame dropped here leaves the history as it was); its shape is checked first
+        x = torch.empty(frame.shape, device="meta") if delta_rx else codec.decode(frame)
         job.runner.check_input(x)  # the frame's own shape first: the most specific reason
         self._check_frame(job, frame, work.topic, "act")
         labels = frame.labels_tensor()
-        extra = {k: frame.extra[k] for k in ("nmb", "bsz", "train") if k in frame.extra}
+        extra = {k: frame.extra[k] for k in ("nmb", "bsz", "train", delta.IDS_KEY)
+                 if k in frame.extra}
         if not train:
             out = await self._compute_call(job.runner.infer, x)
             if job.last:
@@ -885,6 +913,10 @@ class Agent:
         if frame.mb in job.fwd_done[frame.step]:  # reported: nothing sends a frame twice
             raise codec.FrameError(work.topic, f"duplicate forward frame: step {frame.step} "
                                    f"mb {frame.mb} was already computed; dropped")
+        if train and job.act_tx is not None:  # what the next stage's history is kept by
+            delta.unpack_ids(frame, delta.IDS_KEY, work.topic)
+        if job.act_rx is not None:  # the activation is its history plus the change
+            x = job.act_rx.decode(frame, work.topic)
         key = (frame.step, frame.mb)
         res = await self._compute_call(job.runner.forward, key, x, labels, 1.0 / bsz)
         job.fwd_done[frame.step].add(frame.mb)
@@ -968,13 +1000,21 @@ class Agent:
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
         bits = job.next_bits if kind == "act" else job.prev_bits
         grad = kind == "grad"
-        frame = codec.encode(
-            t, bits=bits, job=job.plan.job, step=src.step, mb=src.mb, kind=kind, labels=labels,
+        kw: dict[str, Any] = dict(
+            bits=bits, job=job.plan.job, step=src.step, mb=src.mb, kind=kind, labels=labels,
             stochastic=grad and job.plan.stochastic_grad_rounding,
             seed=_frame_seed(job.plan.seed, src.step, src.mb, job.k),
             zero=grad and job.plan.grad_scheme == "minmax0", extra=extra,
             axis=None if grad else codec.channel_axis(t.shape, bits, job.plan.act_per_channel),
         )
+        train = bool(extra.get("train", True))
+        if grad and job.grad_ef is not None:
+            frame = job.grad_ef.encode(t, slot=src.mb, **kw)
+        elif not grad and train and job.act_tx is not None:  # evaluation: never delta-coded
+            ids = delta.unpack_ids(src, delta.IDS_KEY, self.topics.fwd(job.plan.job, job.k))
+            frame = job.act_tx.encode(t, ids, **kw)  # sets ``ids`` (and ``delta``/``base``)
+        else:
+            frame = codec.encode(t, **kw)
         frame.extra.update(pv=job.plan.version, gen=job.gen)
         k = job.k + 1 if kind == "act" else job.k - 1
         topic = (self.topics.fwd if kind == "act" else self.topics.bwd)(job.plan.job, k)
@@ -995,13 +1035,18 @@ class Agent:
         self._publish_soon(self.topics.events(job.plan.job, self.cfg.device_id), ev)
 
     async def _report_error(self, topic: str, reason: str, job: str | None = None,
-                            plan: Plan | None = None) -> None:
+                            plan: Plan | None = None, resync: _Job | None = None) -> None:
         """Log and publish on the job's metrics topic why a message was rejected; ``plan``:
-        the plan refused (its version and owner say which plan the refusal is about)."""
+        the plan refused (its version and owner say which plan the refusal is about);
+        ``resync``: the stage whose delta history did not match (its plan version and rewind
+        generation go with the error, so the coordinator rewinds only a current mismatch)."""
         log.error("rejected message on %s: %s", topic, reason)
         err = Error(device=self.cfg.device_id, topic=topic, reason=reason, time=time.time(),
                     plan_version=None if plan is None else plan.version,
-                    plan_owner=None if plan is None else plan.owner)
+                    plan_owner=None if plan is None else plan.owner,
+                    resync=None if resync is None else True,
+                    pv=None if resync is None else resync.plan.version,
+                    gen=None if resync is None else resync.gen)
         self.errors.append(err)
         job_id = job or (self.job.plan.job if self.job else None)
         if job_id is None or self._client is None:

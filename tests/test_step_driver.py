@@ -226,3 +226,42 @@ def test_a_new_plan_version_starts_a_new_generation_and_waits_for_its_ready() ->
 
     d = asyncio.run(main())
     assert d.gen == 0 and d.plan is not None and d.plan.version == 2
+
+
+def test_sample_ids_go_only_with_delta_links_and_a_current_resync_ends_the_wait() -> None:
+    """Without a delta-coded link the input frames carry no ``ids`` (they stay as they were);
+    with one, every frame carries its samples' indices, and a plan that needs them refuses a
+    step without them. A ``resync`` of the current plan and generation ends the step's wait
+    at once (``DeltaMismatch``); one of another generation is stale."""
+    from accept_mqtt.coordinator.errors import CoordinatorError, DeltaMismatch
+    from accept_mqtt.wire.delta import unpack_ids
+
+    x, y = _batch()
+    ids = torch.arange(100, 132)
+    delta_plan = Plan(job=JOB, version=2, model="cnn", num_layers=3, micro_batches=8,
+                      stages=cuts_to_stages([0, 1, 2, 3], DEVICES, act_bits=[2, 2, 32],
+                                            act_delta=[True, True, False]), train_samples=200)
+
+    async def main() -> tuple[FakePipeline, float]:
+        pipe = FakePipeline()
+        d = _driver(pipe)
+        await d.publish_plan(_plan())
+        await d.train_step(x, y, ids=ids)
+        assert not any("ids" in f.extra for f in pipe.frames)
+        await d.publish_plan(delta_plan)
+        pipe.frames.clear()
+        with pytest.raises(CoordinatorError, match="needs the dataset index"):
+            await d.train_step(x, y)
+        d.resync("b", "stale", pv=2, gen=3)  # another generation: ignored
+        await d.train_step(x, y, ids=ids)
+        got = torch.cat([torch.from_numpy(unpack_ids(f)) for f in pipe.frames])
+        assert torch.equal(got, ids)
+        pipe.answer = False
+        asyncio.get_running_loop().call_later(0.05, d.resync, "b", "history mismatch", 2, 0)
+        t0 = time.monotonic()
+        with pytest.raises(DeltaMismatch, match="device b: history mismatch"):
+            await d.train_step(x, y, ids=ids)
+        return pipe, time.monotonic() - t0
+
+    _, took = asyncio.run(main())
+    assert took < 1.0

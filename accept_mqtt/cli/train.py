@@ -83,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidths", help="local cluster only: per-agent uplink, e.g. 50mbit,10mbit")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue --job from its last checkpoint in the runs dir")
+    p.add_argument("--act-delta", dest="act_delta", action="store_true", default=None,
+                   help="delta-code every link's training activations per sample (AQ-SGD; "
+                        "needs --act-bits 1..8)")
+    p.add_argument("--grad-feedback", dest="grad_feedback", action="store_true", default=None,
+                   help="carry each step's gradient quantisation error into the next "
+                        "(error feedback; needs --grad-bits 1..8)")
     p.add_argument("--per-tensor-act", dest="act_per_channel", action="store_false",
                    default=None, help="one scale per activation tensor instead of per channel")
     p.add_argument("--no-auto-replan", dest="auto_replan", action="store_false", default=None,
@@ -100,7 +106,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         base = TrainConfig.from_file(args.config).to_dict()
     names = {f.name for f in fields(TrainConfig)}
-    for name in [f[1] for f in _FLAGS] + ["resume", "auto_replan", "act_per_channel"]:
+    for name in [f[1] for f in _FLAGS] + ["resume", "auto_replan", "act_per_channel",
+                                        "act_delta", "grad_feedback"]:
         v = getattr(args, name, None)
         if v is not None and name in names:
             base[name] = v

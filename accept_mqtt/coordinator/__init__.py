@@ -25,8 +25,10 @@ What the coordinator itself guarantees:
 * A fault during training, during its recovery, or while a checkpoint or the final weights
   are collected is recovered (``Recovery.recover``) and training goes on (after a loss during
   the final collection: from the last checkpoint to the end again); the same step timing
-  out twice ends the job with ``StepTimeout``. The run ends with the held-out evaluation of
-  its last step, also when a fault during that evaluation was recovered.
+  out twice ends the job with ``StepTimeout``. A stage's report that a delta-coded link's
+  histories are out of step (``Error.resync``) is a fault of the step too: rewound at once.
+  The run ends with the held-out evaluation of its last step, also when a fault during that
+  evaluation was recovered.
 * So is a fault during start-up: a lost broker while waiting for devices is reconnected and
   the wait goes on; a device lost or a broker restart while the first plan loads, or while
   ``--resume`` restores its checkpoint, goes through the same ``Recovery.recover`` as a fault
@@ -79,6 +81,7 @@ from .control import Control
 from .errors import (
     BrokerLost,
     CoordinatorError,
+    DeltaMismatch,
     DeviceLost,
     DevicesTimeout,
     PlanRefused,
@@ -231,6 +234,8 @@ class Coordinator:
             # about a payload that was no plan at all: bad input, training goes on)
             self.steps.plan_refused(error.device, error.reason, error.plan_version,
                                     error.plan_owner)
+        if error.resync:  # a delta link out of step: the step in flight is rewound at once
+            self.steps.resync(error.device, error.reason, error.pv, error.gen)
 
     def on_control(self, command: ControlCommand | MessageError,
                    request_id: str | None = None) -> None:
@@ -366,6 +371,10 @@ class Coordinator:
                 return
             except (DeviceLost, BrokerLost) as e:
                 why = self._fault(e)
+            except DeltaMismatch as e:
+                # a rewind resets every delta history: the step's frames go again, plain
+                # ones first (not after step_timeout); a rewind that fails re-plans
+                why = f"{e}; rewinding"
             except StepTimeout as e:
                 # a stage that hangs but keeps its connection fires no Will: the rewind
                 # finds it (it cannot answer) and the re-plan leaves it out. The same step
@@ -429,13 +438,14 @@ class Coordinator:
             if epoch not in order:  # the batches of an epoch are fixed by the seed
                 order = {epoch: epoch_batches(n, cfg.batch_size, cfg.seed, epoch)}
             idx = order[epoch][i]
-            ahead = None
+            ahead, nxt = None, None
             if self._plain_boundary(st.step + 1, per_epoch, total):
                 nxt = order[epoch][i + 1]
                 ahead = (data.train_x[nxt], data.train_y[nxt])
             st.epoch = epoch
             t0 = time.perf_counter()
-            res = await self.steps.train_step(data.train_x[idx], data.train_y[idx], ahead)
+            res = await self.steps.train_step(data.train_x[idx], data.train_y[idx], ahead,
+                                              ids=idx, ahead_ids=nxt)
             dt = time.perf_counter() - t0
             st.train_s += dt
             st.samples += len(idx)

@@ -36,3 +36,12 @@ class StepTimeout(CoordinatorError):
 
 class BrokerLost(CoordinatorError):
     """The connection to the broker dropped; training continues after a reconnect."""
+
+
+class DeltaMismatch(CoordinatorError):
+    """A stage reported that a delta frame's history did not match (``Error.resync``): the
+    step in flight cannot finish; a rewind resets every link's history (docs/faults.md)."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"device {device}: {reason}")
+        self.device = device

@@ -208,14 +208,24 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
                act_bits: list[int] | None = None, grad_bits: list[int] | None = None,
                predicted_ms: list[float] | None = None, bottleneck_ms: float | None = None,
                start_step: int = 0, model_args: dict[str, Any] | None = None,
-               fingerprint: tuple[str, ...] = (), optimizer: dict[str, Any]) -> Plan:
-    """``optimizer``: the plan's optimizer dict, lr schedule included (``cfg.optimizer_cfg``)."""
+               fingerprint: tuple[str, ...] = (), optimizer: dict[str, Any],
+               train_samples: int | None = None) -> Plan:
+    """``optimizer``: the plan's optimizer dict, lr schedule included (``cfg.optimizer_cfg``).
+    ``cfg.act_delta``/``grad_feedback`` apply to every link (stage i's activations to i+1 for
+    i < k-1, its gradients to i-1 for i > 0); ``train_samples`` (the training set's size) is
+    what a delta link's history holds at most, and is needed with ``act_delta``."""
     k = len(order)
+    delta = cfg.act_delta and k > 1
+    if delta and train_samples is None:
+        raise PlanningError("act_delta needs the training set's size (train_samples): a "
+                            "delta link's history holds one activation per sample")
     return Plan(
         job=job, version=version, model=cfg.model, num_layers=num_layers,
         stages=cuts_to_stages(cuts, [d.id for d in order],
                               act_bits or [cfg.act_bits] * k, grad_bits or [cfg.grad_bits] * k,
-                              predicted_ms),
+                              predicted_ms, act_delta=[delta and i < k - 1 for i in range(k)],
+                              grad_feedback=[cfg.grad_feedback and i > 0 for i in range(k)]),
+        train_samples=train_samples if delta else None,
         seed=cfg.seed, model_args=model_args_for(cfg) if model_args is None else model_args,
         micro_batches=micro_batches if micro_batches is not None else int(cfg.micro_batches),
         schedule=cfg.schedule, optimizer=optimizer, batch_size=cfg.batch_size,
@@ -376,7 +386,8 @@ class Planner:
                           act_bits=list(res.act_bits), grad_bits=list(res.grad_bits),
                           predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
                           start_step=start_step, model_args=self.model_args,
-                          fingerprint=fingerprint, optimizer=self.optimizer)
+                          fingerprint=fingerprint, optimizer=self.optimizer,
+                          train_samples=self.train_samples)
 
     def next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
         """The next plan version over ``devices`` (now known to the planner), made with every

@@ -27,7 +27,9 @@ Guarantees:
 * Events of an earlier plan version or rewind generation are dropped on arrival (frames and
   events carry both, docs/faults.md); events without them count as current.
 * ``next_event`` raises ``DeviceLost`` for a plan device that is offline *now* (a Last Will
-  followed by the device's return is not a loss), ``PlanRefused`` when a plan device
+  followed by the device's return is not a loss), ``DeltaMismatch`` when a device reported
+  a delta frame that did not match its history under the current plan and generation
+  (``resync``; the step cannot finish), ``PlanRefused`` when a plan device
   reported that it cannot build its stage of the current plan (its error names the plan's
   version and owner; an error about anything else on the plan topic is not a refusal),
   ``BrokerLost`` when the connection dropped and ``StepTimeout`` when nothing arrives for
@@ -56,11 +58,19 @@ import torch
 
 from accept_mqtt.model.microbatch import split
 from accept_mqtt.wire import codec
+from accept_mqtt.wire.delta import IDS_KEY, pack_ids
 from accept_mqtt.wire.messages import Eval, Event, Progress, Ready, Rewound, Stepped
 from accept_mqtt.wire.plan import Plan
 from accept_mqtt.wire.topics import Topics
 
-from .errors import BrokerLost, CoordinatorError, DeviceLost, PlanRefused, StepTimeout
+from .errors import (
+    BrokerLost,
+    CoordinatorError,
+    DeltaMismatch,
+    DeviceLost,
+    PlanRefused,
+    StepTimeout,
+)
 from .record import RunState, StageTotals
 
 HANG_CHECK_S = 0.5  # how often a watched wait looks for a silent device
@@ -123,7 +133,18 @@ class Refused:
     owner: str | None
 
 
-Queued = Event | Lost | Disconnected | Refused
+@dataclass(frozen=True)
+class Resync:
+    """Internal: a device's delta frame did not match its history, under plan version ``pv``
+    and rewind generation ``gen`` (None: unknown, taken as current)."""
+
+    device: str
+    reason: str
+    pv: int | None
+    gen: int | None
+
+
+Queued = Event | Lost | Disconnected | Refused | Resync
 
 
 class StepDriver:
@@ -202,6 +223,12 @@ class StepDriver:
         that is the current plan and it uses the device."""
         self._events.put_nowait(Refused(device, reason, version, owner))
 
+    def resync(self, device: str, reason: str, pv: int | None, gen: int | None) -> None:
+        """A device says a delta frame's history did not match: a fault of the step in
+        flight if it is of the current plan and generation (dropped by ``drain``: after a
+        rewind every history starts afresh)."""
+        self._events.put_nowait(Resync(device, reason, pv, gen))
+
     def _stale(self, ev: Event) -> bool:
         """An event of an earlier plan version or rewind generation (absent keys: current)."""
         if self.plan is not None and ev.pv is not None and ev.pv != self.plan.version:
@@ -261,6 +288,11 @@ class StepDriver:
                     if (plan is not None and dev in plan.devices and version == plan.version
                             and owner in (None, plan.owner)):
                         raise PlanRefused(dev, reason)
+                case Resync(device=dev, reason=reason, pv=pv, gen=gen):
+                    plan = self.plan
+                    if plan is not None and pv in (None, plan.version) and gen in (None,
+                                                                                 self.gen):
+                        raise DeltaMismatch(dev, reason)
                 case _:
                     return ev
 
@@ -323,25 +355,35 @@ class StepDriver:
                          extra={**extra, "pv": self.plan.version, "gen": self.gen})
         return codec.to_bytes(f)
 
-    def _step_frames(self, x: torch.Tensor, y: torch.Tensor, step: int) -> list[bytes]:
+    def _step_frames(self, x: torch.Tensor, y: torch.Tensor, step: int,
+                     ids: torch.Tensor | None) -> list[bytes]:
         assert self.plan is not None
         mbs = split(len(x), self.plan.micro_batches)
         extra = {"nmb": len(mbs), "bsz": len(x), "train": True}
-        return [self._input_frame(x[a:b], y[a:b], step, mb, extra)
+        if not any(s.act_delta for s in self.plan.stages):
+            ids = None  # without delta links the frames stay exactly as they were
+        elif ids is None or len(ids) != len(x):
+            raise CoordinatorError("a plan with delta-coded links needs the dataset index of "
+                                   "every training sample (ids)")
+        return [self._input_frame(x[a:b], y[a:b], step, mb, extra if ids is None else
+                                  {**extra, IDS_KEY: pack_ids(ids[a:b])})
                 for mb, (a, b) in enumerate(mbs)]
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                         ahead: tuple[torch.Tensor, torch.Tensor] | None = None
-                         ) -> dict[str, float]:
+                         ahead: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                         ids: torch.Tensor | None = None,
+                         ahead_ids: torch.Tensor | None = None) -> dict[str, float]:
         """One mini-batch through the pipeline; returns loss and accuracy of the batch.
 
-        ``ahead``: the next step's mini-batch, sent now (see the module docstring)."""
+        ``ahead``: the next step's mini-batch, sent now (see the module docstring).
+        ``ids`` / ``ahead_ids``: the samples' indices in the training set; sent (extension
+        key ``ids``) only when a link of the plan is delta-coded, which needs them."""
         assert self.plan is not None
         step, bsz = self.state.step, len(x)
         nmb, last = len(split(bsz, self.plan.micro_batches)), len(self.plan.stages) - 1
-        frames = [] if self.sent_ahead == step else self._step_frames(x, y, step)
+        frames = [] if self.sent_ahead == step else self._step_frames(x, y, step, ids)
         if ahead is not None:
-            frames += self._step_frames(*ahead, step + 1)
+            frames += self._step_frames(*ahead, step + 1, ahead_ids)
         self.sent_ahead = step + 1 if ahead is not None else None
         fwd0 = self.topics.fwd(self.job, 0)
         # started in order, so the client queues them in order; all in flight at once

@@ -19,9 +19,9 @@ Guarantees:
   it goes as a plain k-bit frame of the activation, and both ends (re)start that sample's
   history from it. ``reset`` forgets everything: the next frame of every sample is plain.
 * A delta frame names, per sample, the step its history was set at (``base``). A receiver
-  whose history is missing or from another step raises ``codec.FrameError`` naming the sample
-  and forgets those samples, and decodes nothing: a history mismatch never yields a wrong
-  activation.
+  whose history is missing or from another step raises ``HistoryMismatch`` (a
+  ``codec.FrameError``) naming the sample, forgets those samples and decodes nothing: a
+  history mismatch never yields a wrong activation.
 * ``ErrorFeedback`` is the sender of k-bit gradients on one link: slot ``s`` (the micro-batch
   index) carries the residual of its last frame into its next one of the same shape; a frame
   of another shape starts the slot afresh. ``reset`` drops every residual.
@@ -80,6 +80,15 @@ def unpack_ids(frame: codec.TensorFrame, key: str = IDS_KEY, topic: str = "") ->
         raise codec.FrameError(topic, f"'{key}' must be {n} uint32 (4 * {n} bytes), one per "
                                f"sample of the frame")
     return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+
+
+class HistoryMismatch(codec.FrameError):
+    """A delta frame whose history this end does not hold (``sample``: the first such one):
+    the two ends are out of step until both reset."""
+
+    def __init__(self, topic: str, reason: str, sample: int) -> None:
+        super().__init__(topic, reason)
+        self.sample = sample
 
 
 class ActHistory:
@@ -161,9 +170,9 @@ class ActHistory:
                 held = "none" if row is None else f"step {row[0]}"
                 for j in ids.tolist():  # the sender must start these samples afresh
                     self._rows.pop(j, None)
-                raise codec.FrameError(
+                raise HistoryMismatch(
                     topic, f"delta frame for sample {i} against its history of step {b}, but "
-                           f"this end holds {held}: history mismatch, frame dropped")
+                           f"this end holds {held}: history mismatch, frame dropped", i)
         out = self.history(ids).to(torch.float32) + value
         self._store(ids, frame.step, out)
         return out

@@ -302,7 +302,8 @@ class Error(_Metric, tag="error", kw_only=True):
     ``plan_owner``): only such an error refuses the coordinator's plan; a payload on the plan
     topic that is no plan at all carries neither, and is just bad input. ``suppressed``: the
     coordinator's rejections are rate-limited; a summary says how many were not published
-    one by one, and on which topics (``suppressed_topics``, at most 10)."""
+    one by one, and on which topics (``suppressed_topics``, at most 10). ``resync``: a delta
+    frame's history did not match (``pv``/``gen`` say of which plan and rewind generation)."""
 
     device: str
     topic: str
@@ -312,6 +313,12 @@ class Error(_Metric, tag="error", kw_only=True):
     plan_owner: str | None = None
     suppressed: int | None = None
     suppressed_topics: list[str] | None = None
+    # a delta frame's history did not match (wire/delta.py): the histories of the link are
+    # out of step, the step cannot finish; the coordinator rewinds it at once if ``pv`` and
+    # ``gen`` (the stage's plan version and rewind generation) are its current ones
+    resync: bool | None = None
+    pv: int | None = None
+    gen: int | None = None
 
 
 class Checkpointed(_Metric, tag="checkpoint", kw_only=True):
