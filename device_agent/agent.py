@@ -1000,6 +1000,11 @@ class Agent:
                      labels: torch.Tensor | None, extra: dict[str, Any]) -> None:
         bits = job.next_bits if kind == "act" else job.prev_bits
         grad = kind == "grad"
+        train = bool(extra.get("train", True))
+        if not grad and not train and job.act_tx is not None:
+            # an evaluation frame has no history to be a change of: it goes plain, and not
+            # at the 2 bits only a change survives (wire/delta.py, PLAIN_BITS)
+            bits = max(bits, delta.PLAIN_BITS)
         kw: dict[str, Any] = dict(
             bits=bits, job=job.plan.job, step=src.step, mb=src.mb, kind=kind, labels=labels,
             stochastic=grad and job.plan.stochastic_grad_rounding,
@@ -1007,7 +1012,6 @@ class Agent:
             zero=grad and job.plan.grad_scheme == "minmax0", extra=extra,
             axis=None if grad else codec.channel_axis(t.shape, bits, job.plan.act_per_channel),
         )
-        train = bool(extra.get("train", True))
         if grad and job.grad_ef is not None:
             frame = job.grad_ef.encode(t, slot=src.mb, **kw)
         elif not grad and train and job.act_tx is not None:  # evaluation: never delta-coded

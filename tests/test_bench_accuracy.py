@@ -9,7 +9,7 @@ import torch
 
 from accept_mqtt.bench import accuracy
 from accept_mqtt.bench.accuracy import LinkSpec, WireLink, train_one
-from accept_mqtt.wire import delta
+from accept_mqtt.wire import codec, delta
 
 
 def test_link_specs_parse_and_refuse_what_a_link_cannot_carry() -> None:
@@ -21,22 +21,29 @@ def test_link_specs_parse_and_refuse_what_a_link_cannot_carry() -> None:
             LinkSpec.parse(bad)
 
 
-def test_a_delta_link_sends_plain_frames_first_then_deltas_and_evaluates_at_8_bits() -> None:
+def test_a_delta_link_sends_8_bit_plain_frames_first_then_2_bit_changes() -> None:
     link = WireLink(0, 0, seed=0, spec=LinkSpec.parse("a2d/g4ef"))
     x = torch.randn(4, 3, 5, 5)
     link.ids = torch.tensor([3, 1, 4, 5])
     first = link.send(x, "act")
+    sent = link.bytes["act"]
+    assert sent > 4 * 75  # a first crossing: plain, 8 bits per element, not 2
     link.step += 1
-    second = link.send(x + 0.01, "act")
+    change = torch.randn(4, 3, 5, 5) * 0.05
+    second = link.send(x + change, "act")
+    assert link.bytes["act"] - sent < sent  # the change: 2 bits per element (+ ids, bases)
     assert link.history is not None and link.receiver is not None
     assert torch.equal(link.history.history([3, 1, 4, 5]), link.receiver.history([3, 1, 4, 5]))
-    # the second crossing corrects the first's 2-bit error
-    assert float((second - x - 0.01).abs().max()) < float((first - x).abs().max())
+    # a 2-bit change lands far closer than a 2-bit activation would
+    two_bit = codec.decode(codec.encode(x + change, bits=2, job="j", step=0, mb=0, kind="act",
+                                        axis=1))
+    assert float((second - x - change).abs().max()) < float((two_bit - x - change).abs().max())
+    assert float((first - x).abs().max()) < float((two_bit - x - change).abs().max())
     link.ids = None
     before = link.bytes["act"]
     ev = link.send(x, "act")
-    assert link.bytes["act"] - before > 4 * 75  # 8 bits per element, not 2
-    assert float((ev - x).abs().max()) < float((first - x).abs().max())
+    assert link.bytes["act"] - before > 4 * 75  # evaluation: plain, 8 bits per element
+    assert float((ev - x).abs().max()) < float((two_bit - x - change).abs().max())
 
 
 def test_training_with_delta_links_keeps_a_history_per_sample_at_both_ends() -> None:
@@ -53,4 +60,4 @@ def test_training_with_delta_links_keeps_a_history_per_sample_at_both_ends() -> 
     shapes = output_shapes(m)
     per_sample = sum(int(torch.Size(shapes[c - 1]).numel()) for c in (a, b))
     assert r["history_bytes"] == 2 * 2 * r["n_train"] * per_sample
-    assert delta.EVAL_BITS == 8
+    assert delta.PLAIN_BITS == 8

@@ -30,14 +30,18 @@ def test_both_ends_stay_bit_identical_and_the_error_shrinks_as_the_change_does()
     send, recv = ActHistory(), ActHistory()
     target = torch.randn(8, 4, 5, 5, generator=g)
     ids = list(range(100, 108))
-    errors = []
+    errors, plain = [], []
     for step in range(8):
         x = target + torch.randn(8, 4, 5, 5, generator=g) * 0.5 ** step  # converging
-        got = recv.decode(_send(send, x, ids, step), "t")
+        f = _send(send, x, ids, step)
+        plain.append(0 if f.extra.get(delta.DELTA_KEY) else f.bits)
+        got = recv.decode(f, "t")
         assert torch.equal(send.history(ids), recv.history(ids))
         errors.append(float((got - x).abs().max()))
-    # the first frame is a plain 2-bit one; by the last the change is tiny and so is the error
-    assert errors[-1] < errors[0] / 20
+    # the first frame is a plain one at PLAIN_BITS, then 2-bit changes only
+    assert plain == [delta.PLAIN_BITS] + [0] * 7
+    # the changes shrink 128x from the first delta frame to the last, and so does the error
+    assert errors[-1] < errors[1] / 20
 
 
 def test_a_frame_with_a_sample_without_history_is_plain_and_restarts_its_history() -> None:

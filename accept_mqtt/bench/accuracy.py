@@ -18,9 +18,10 @@ sample: with ``--seeds`` the summary gives the median and the range over them.
 
 ``--links`` adds runs whose two directions differ and use the per-link options of
 ``wire/delta.py``: ``a2d/g4ef`` is 2-bit delta-coded activations (per training sample, the
-change since it last crossed; its first crossing is a plain 2-bit frame) with 4-bit gradients
+change since it last crossed; its first crossing is a plain frame of ``delta.PLAIN_BITS``
+(8) bits) with 4-bit gradients
 under error feedback; ``a4/g8`` plain 4-bit activations and 8-bit gradients. Held-out
-accuracy over a delta-coded link goes through plain frames of ``delta.EVAL_BITS`` (8) bits at
+accuracy over a delta-coded link goes through plain frames of ``delta.PLAIN_BITS`` (8) bits at
 least, as the pipeline's evaluation frames do (they carry no history).
 
 ``--dataset fashion-mnist`` prints the published Fashion-MNIST accuracies the Debian package
@@ -150,7 +151,7 @@ class WireLink:
     ``spec`` (instead of ``bits``/``compress``) sets each direction and the per-link options:
     a delta-coded link keeps an ``ActHistory`` at each end and needs ``ids``, the training
     samples of the batch, before each training forward; evaluation (``ids`` None) sends plain
-    frames of at least ``delta.EVAL_BITS`` bits.
+    frames of at least ``delta.PLAIN_BITS`` bits.
     """
 
     def __init__(self, bits: int, cut: int, seed: int,
@@ -173,7 +174,7 @@ class WireLink:
         grad = kind == "grad"
         bits = self.spec.grad_bits if grad else self.spec.act_bits
         if not grad and self.history is not None and self.ids is None:
-            bits = max(bits, delta.EVAL_BITS)  # an evaluation frame: plain, no history
+            bits = max(bits, delta.PLAIN_BITS)  # an evaluation frame: plain, no history
         kw: dict[str, Any] = dict(
             bits=bits, job="accuracy", step=self.step, mb=0, kind=kind,
             stochastic=grad and bits <= 8, zero=grad and self.grad_scheme == "minmax0",
