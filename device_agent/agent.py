@@ -886,7 +886,8 @@ class Agent:
         delta_rx = train and job.act_rx is not None
         # a delta link's frame is decoded against its history once every check has passed
         # (a frame dropped here leaves the history as it was); its shape is checked first
-        x = torch.empty(frame.shape, device="meta") if delta_rx else codec.decode(frame)
+        x = (torch.empty(delta.frame_shape(frame, work.topic), device="meta") if delta_rx
+             else codec.decode(frame))
         job.runner.check_input(x)  # the frame's own shape first: the most specific reason
         self._check_frame(job, frame, work.topic, "act")
         labels = frame.labels_tensor()

@@ -15,7 +15,9 @@ Guarantees:
 * ``data`` is exactly ``ceil(n * bits / 8)`` bytes, codes packed LSB-first in C order.
 * ``from_bytes`` validates every field before any tensor is built and raises ``FrameError``
   naming the topic and one specific reason; it never returns a frame that decodes to garbage.
-  Unknown keys are extensions: kept in ``frame.extra`` and sent again by ``to_bytes``.
+  Unknown keys are extensions: kept in ``frame.extra`` and sent again by ``to_bytes``. One
+  is read here: a frame whose tensor is a 2-D view of a batch (a delta frame) names the
+  batch's shape in ``act_shape``, and its ``labels`` count one per sample of that batch.
 * Inputs with inf or NaN raise ``ValueError``; nothing non-finite is ever put on the wire.
 
 Work is vectorised numpy (no per-element Python), one thread; see docs/codec.md for the
@@ -671,7 +673,12 @@ def validate(frame: TensorFrame, topic: str = "") -> None:
         if len(f.labels) % 8:
             raise FrameError(topic, f"labels length {len(f.labels)} is not a multiple of 8 "
                              f"(int64 values)")
-        if ndim == 0 or len(f.labels) // 8 != f.shape[0]:
-            batch = f.shape[0] if ndim else "none (0-d tensor)"
+        # a frame that carries a 2-D view of a batch (a delta frame, wire/delta.py) names the
+        # batch's own shape in ``act_shape``: its labels are one per sample, not per row
+        view = f.extra.get("act_shape")
+        samples = view[0] if isinstance(view, list) and view and _is_int(view[0]) else (
+            f.shape[0] if ndim else None)
+        if samples is None or len(f.labels) // 8 != samples:
+            batch = samples if samples is not None else "none (0-d tensor)"
             raise FrameError(topic, f"labels count {len(f.labels) // 8} does not match the "
                              f"batch size {batch}")
