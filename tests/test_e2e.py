@@ -107,21 +107,22 @@ def test_accept_delta_is_parsed_interleaved_and_plans_delta_links() -> None:
 
     ap = argparse.ArgumentParser()
     e2e.add_arguments(ap)
-    args = ap.parse_args(["--delta-act-bits", "3"])
+    args = ap.parse_args(["--delta-act-bits", "3", "--delta-grad-feedback"])
     chosen = e2e._check_methods(args.methods)
     assert chosen.index("accept") < chosen.index("accept-delta")  # interleaved, all by default
     meths = e2e.methods(args.act_bits, args.grad_bits, args.delta_act_bits,
-                        args.delta_grad_bits)
+                        args.delta_grad_bits, args.delta_grad_feedback)
     assert meths["accept-delta"] == {"partition": "auto", "act_bits": 3, "grad_bits": 4,
                                      "act_delta": True, "grad_feedback": True}
     assert meths["accept"]["act_bits"] == 8 and "act_delta" not in meths["accept"]
+    assert e2e.methods(8, 8)["accept-delta"]["grad_feedback"] is False  # it costs accuracy
     with pytest.raises(SystemExit, match="--delta-grad-bits must be 1..8"):
         e2e._check_delta_bits(2, 16)
     name = "vgg-3dev-speeds-1-1/2-1/4-20mbit"
     sc = e2e.SCENARIOS[name]
     cfg = TrainConfig(model=sc.model, width=sc.width, batch_size=sc.batch_size,
                       micro_batches=4, devices=len(sc.devices),
-                      **e2e.methods(8, 8)["accept-delta"])
+                      **e2e.methods(8, 8, delta_grad_feedback=True)["accept-delta"])
     descs = describe(build_model(sc.model, seed=cfg.seed, width=sc.width))
     devs = [DeviceInfo(f"e2e-{i}", {"bench_gflops": 10.0 / s,
                                     "bandwidth_bps": parse_bandwidth(bw)})
