@@ -41,7 +41,8 @@ noise hits all alike, it trains the same model for the same number of steps with
    error feedback only under ``--delta-grad-feedback`` (it cost 3 points and more on
    fashion-cnn, docs/codec.md, so the default is the combination that trains): the DP
    plans for those widths with the options' memory and codec cost, so its cuts may differ
-   from ``accept``'s; reported beside it as ``AccEPT-delta / AccEPT`` (median [min-max] of the same-repeat ratios) with both held-out accuracies;
+   from ``accept``'s; reported beside it as ``AccEPT-delta / AccEPT`` (median [min-max] of
+   the same-repeat ratios) with both held-out accuracies;
 6. ``torch-equal``: ``torch.distributed.pipelining`` (gloo, the plan's schedule, fp32) on
    exactly the cuts, device order and micro-batch count that this repeat's ``equal-fp32`` run
    used (read from its run record), each rank on that device: the same slowdown around each
