@@ -27,9 +27,10 @@ Guarantees:
   and every evaluation frame, which never carries history) go at ``PLAIN_BITS`` (8) bits
   when the link's width is lower: at 2 bits only a change survives quantisation, not the
   activation itself (docs/codec.md, measured).
-* A delta frame's tensor is the change viewed as ``[samples x channels, rest]`` (a 2-D
-  activation ``[samples, features]`` as it is), quantised with one ``lo``/``scale`` per row
-  (``axis`` 0): one scale per sample and channel, since how much an activation changed
+* A delta frame's tensor is the change viewed as ``[samples x channels, rest]`` (as
+  ``[samples, everything else]`` where a channel's codes would be fewer than ``ROW_BITS``
+  bits, and for a 2-D activation; ``change_view``), quantised with one ``lo``/``scale`` per
+  row (``axis`` 0): one scale per sample and channel, since how much an activation changed
   differs far more between samples than its range does (fashion-cnn, 2 bits: 90.8 % against
   89.6 % with one scale per channel; fp32 91.4 %). Its ``act_shape`` extension is the activation's
   shape, and ``frame_shape`` the one to check a frame against.
@@ -68,6 +69,7 @@ from . import codec
 
 IDS_KEY, DELTA_KEY, BASE_KEY, SHAPE_KEY = "ids", "delta", "base", "act_shape"
 PLAIN_BITS = 8  # the least width of a delta-coded link's plain frames (no history to change)
+ROW_BITS = 256  # code bits a delta frame's row holds at least when it is one sample's channel
 _ID_MAX = 2**32 - 1
 
 
@@ -79,15 +81,20 @@ def pack_ids(ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes:
     return arr.astype("<u4").tobytes()
 
 
-def change_view(shape: Sequence[int]) -> tuple[int, int]:
-    """The 2-D view a delta frame carries an activation's change in: one row per sample and
-    channel (per sample for ``[samples, features]``), so that ``axis`` 0 scales each alone.
+def change_view(shape: Sequence[int], bits: int) -> tuple[int, int]:
+    """The 2-D view a delta frame carries an activation's change in, scaled per row (``axis``
+    0): one row per sample and channel where a channel's ``rest`` holds at least
+    ``ROW_BITS`` bits of codes (so its 8 bytes of ``lo``/``scale`` add at most a quarter),
+    else one row per sample.
 
-    >>> change_view((32, 16, 7, 7)), change_view((32, 10)), change_view((5,))
-    ((512, 49), (32, 10), (5, 1))
+    >>> change_view((32, 16, 14, 14), 2), change_view((32, 64, 4, 4), 2)
+    ((512, 196), (32, 1024))
+    >>> change_view((32, 64, 4, 4), 8), change_view((32, 10), 2), change_view((5,), 2)
+    ((32, 1024), (32, 10), (5, 1))
     """
     n = shape[0]
-    rows = n * shape[1] if len(shape) >= 3 else n
+    per_channel = len(shape) >= 3 and math.prod(shape[2:]) * bits >= ROW_BITS
+    rows = n * shape[1] if per_channel else n
     return rows, (math.prod(shape) // rows if rows else 0)
 
 
@@ -100,7 +107,7 @@ def frame_shape(frame: codec.TensorFrame, topic: str = "") -> tuple[int, ...]:
     if (not isinstance(shape, list | tuple) or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                        for d in shape)
-            or change_view(shape) != tuple(frame.shape)):
+            or change_view(shape, frame.bits) != tuple(frame.shape)):
         raise codec.FrameError(topic, f"a delta frame's '{SHAPE_KEY}' must be the activation "
                                f"shape whose change view is {list(frame.shape)}, got {shape!r}")
     return tuple(shape)
@@ -184,7 +191,8 @@ class ActHistory:
             change = x.detach().to(torch.float32) - base
             # the caller's grid (a zero-aligned one, minmax0, measured worse: its widened grid
             # costs more than exact zeros save), one scale per sample and channel
-            frame = codec.encode(change.reshape(change_view(x.shape)), step=step, extra=ext,
+            frame = codec.encode(change.reshape(change_view(x.shape, kw["bits"])), step=step,
+                                 extra=ext,
                                  **{**kw, "axis": 0})
             self._store(arr, step, base + codec.decode(frame).reshape(x.shape))
         else:

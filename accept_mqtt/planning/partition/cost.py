@@ -21,6 +21,12 @@ memory-bound pass over the tensor, ``delta_pass_ms``):
 * an error-feedback gradient link (``grad_feedback``): at the sender, its own frame decoded
   again and two passes (add the residual, subtract the decoded frame).
 
+A delta-coded link is planned for its plain frames (``planned_act_bits``): a sample's first
+crossing goes at ``delta.PLAIN_BITS`` (8) bits at least, so the first epoch sends that much,
+and the cuts must hold for it; the later epochs' k-bit changes are a gain the plan does not
+count on. (Planned for k bits instead, the DP cut where tensors are bigger and the first
+epoch's frames then took 4x the planned time: 0.65x of the 8-bit plan, docs/benchmarks.md.)
+
 In steady state each resource is a pipeline server, so a stage's time per micro-batch is
 ``max(compute, uplink)`` and the pipeline's is the max over stages (PipeDream's bottleneck).
 Frame size: ``ceil(n * bits / 8) + frame_overhead_bytes`` for ``n`` elements. Stage 0 sends no
@@ -39,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from accept_mqtt.wire.delta import PLAIN_BITS
 
 from .memory import fits, memory_table, stage_memory_bytes
 from .problem import PartitionProblem, PartitionResult, _check_bits
@@ -96,6 +104,11 @@ def cut_elems(p: PartitionProblem) -> np.ndarray:
     return n
 
 
+def planned_act_bits(p: PartitionProblem, bits: int) -> int:
+    """The width an activation link is planned for: a delta link's plain frames' width."""
+    return max(bits, PLAIN_BITS) if p.act_delta else bits
+
+
 def wire_bytes(p: PartitionProblem, n: np.ndarray | float, bits: int) -> np.ndarray:
     n = np.asarray(n, dtype=np.float64)
     return np.where(n > 0, np.ceil(n * bits / 8.0) + p.frame_overhead_bytes, 0.0)
@@ -143,7 +156,8 @@ def device_tables(p: PartitionProblem, d: int, cand: Sequence[Choice]) -> Device
     codec_out = scale * n[:, None] * (enc_a + dec_g + option_out_ms(p, np.array(act)))[None, :] \
         + frames[:, None]
     up_in = np.stack([send_ms(p, d, wire_bytes(p, n, b)) for b in grad], axis=1)
-    up_out = np.stack([send_ms(p, d, wire_bytes(p, n, b)) for b in act], axis=1)
+    up_out = np.stack([send_ms(p, d, wire_bytes(p, n, planned_act_bits(p, b))) for b in act],
+                      axis=1)
     prefix = np.concatenate([[0.0], np.cumsum(p.compute_ms[d])])
     return DeviceTables(prefix, codec_in, codec_out, up_in, up_out)
 
@@ -220,7 +234,8 @@ def evaluate(p: PartitionProblem, devices: Sequence[str], cuts: Sequence[int],
                                              + option_out_ms(p, a_out))
                  + per_frame * float(n[b] > 0))
         comp = float(prefix[b] - prefix[a]) + c_in + c_out
-        up = _frame_ms(p, d, float(n[a]), g_out) + _frame_ms(p, d, float(n[b]), a_out)
+        up = (_frame_ms(p, d, float(n[a]), g_out)
+              + _frame_ms(p, d, float(n[b]), planned_act_bits(p, a_out)))
         mem = stage_memory_bytes(p, a, b, k - 1 - s)
         feasible = feasible and fits(p, d, mem)
         comp_l.append(comp)
