@@ -14,8 +14,8 @@ from typing import Any, Literal
 from accept_mqtt.model.schedule import LR_SCHEDULES, default_recipe
 from accept_mqtt.model.user import is_user_model
 from accept_mqtt.wire.chunks import DEFAULT_MAX_MESSAGE_BYTES, check_limit
-from accept_mqtt.wire.codec import BITS_TEXT, MINMAX_BITS, VALID_BITS
-from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES
+from accept_mqtt.wire.codec import BITS_TEXT, VALID_BITS
+from accept_mqtt.wire.plan import GRAD_SCHEMES, SCHEDULES, link_option_refusal
 
 DEFAULT_SEED = 1234
 
@@ -116,11 +116,9 @@ class TrainConfig:
             b = getattr(self, name)
             if b not in VALID_BITS:
                 raise ConfigError(f"{name} must be {BITS_TEXT}, got {b}")
-        # a raw link carries the value itself: a history or a residual cannot be honoured
-        for flag, name in (("act_delta", "act_bits"), ("grad_feedback", "grad_bits")):
-            if getattr(self, flag) and getattr(self, name) not in MINMAX_BITS:
-                raise ConfigError(f"{flag} needs {name} 1..8, got {getattr(self, name)}: "
-                                  "a raw link keeps no history or residual")
+        why = link_option_refusal(self)  # the plan's own rule, said before any plan exists
+        if why is not None:
+            raise ConfigError(why)
         if self.grad_scheme not in GRAD_SCHEMES:
             raise ConfigError(f"grad_scheme must be minmax or minmax0, got "
                               f"{self.grad_scheme!r}")

@@ -109,11 +109,9 @@ class Plan:
                 b = getattr(s, name)
                 if b not in VALID_BITS:
                     raise PlanError(f"stage {i} {name} must be {BITS_TEXT}, got {b}")
-            # a raw frame is exact or float16 already: a history or a residual would only cost
-            for flag, name in (("act_delta", "act_bits"), ("grad_feedback", "grad_bits")):
-                if getattr(s, flag) and getattr(s, name) not in MINMAX_BITS:
-                    raise PlanError(f"stage {i} {flag} needs {name} 1..8, got "
-                                    f"{getattr(s, name)}")
+            why = link_option_refusal(s)
+            if why is not None:
+                raise PlanError(f"stage {i} {why}")
             expect = s.end
         if expect != self.num_layers:
             raise PlanError(f"stages end at layer {expect} but the model has {self.num_layers}")
@@ -170,6 +168,17 @@ class Plan:
             raise PlanError(f"bad plan: {e}") from None
         except msgspec.DecodeError as e:
             raise PlanError(f"plan is not JSON: {e}") from None
+
+
+def link_option_refusal(links: Any) -> str | None:
+    """Why ``links`` (a ``Stage``, or anything with the same four attributes: the coordinator's
+    settings) cannot carry its options, or None: delta coding (``act_delta``) and error
+    feedback (``grad_feedback``) need their direction's width k-bit (1..8)."""
+    for flag, name in (("act_delta", "act_bits"), ("grad_feedback", "grad_bits")):
+        if getattr(links, flag) and getattr(links, name) not in MINMAX_BITS:
+            return (f"{flag} needs {name} 1..8, got {getattr(links, name)}: a raw link "
+                    "keeps no history or residual")
+    return None
 
 
 def cuts_to_stages(cuts: list[int], devices: list[str], act_bits: list[int] | None = None,
