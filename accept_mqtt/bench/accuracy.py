@@ -157,7 +157,7 @@ class WireLink:
     def __init__(self, bits: int, cut: int, seed: int,
                  compress: tuple[str, ...] = ("act", "grad"), variant: str = "default",
                  spec: LinkSpec | None = None) -> None:
-        self.bits, self.cut, self.seed, self.compress = bits, cut, seed, compress
+        self.cut, self.seed = cut, seed
         self.spec = spec or LinkSpec(bits if "act" in compress else 32,
                                      bits if "grad" in compress else 32)
         self.grad_scheme = "minmax" if variant == "minmax-grads" else "minmax0"
