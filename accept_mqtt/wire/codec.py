@@ -47,6 +47,9 @@ BITS_TEXT = "1..8, 16 or 32"
 # "minmax0" is an extension scheme (docs/protocol.md): the min-max grid shifted and widened
 # so that 0 is exactly a code wherever a range straddles 0; decoded exactly like "minmax".
 SCHEMES = ("raw", "minmax", "minmax0")
+# the extension key of a frame whose tensor is a 2-D view of a batch (a delta frame,
+# wire/delta.py): the batch's own shape, which its labels are counted against
+BATCH_SHAPE_KEY = "act_shape"
 _ZERO_SCALE_BITS = 16  # significant bits of a minmax0 scale: z * scale is then exact (z <= 255)
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, 2**-126
@@ -675,7 +678,7 @@ def validate(frame: TensorFrame, topic: str = "") -> None:
                              f"(int64 values)")
         # a frame that carries a 2-D view of a batch (a delta frame, wire/delta.py) names the
         # batch's own shape in ``act_shape``: its labels are one per sample, not per row
-        view = f.extra.get("act_shape")
+        view = f.extra.get(BATCH_SHAPE_KEY)
         samples = view[0] if isinstance(view, list) and view and _is_int(view[0]) else (
             f.shape[0] if ndim else None)
         if samples is None or len(f.labels) // 8 != samples:

@@ -67,7 +67,8 @@ import torch
 
 from . import codec
 
-IDS_KEY, DELTA_KEY, BASE_KEY, SHAPE_KEY = "ids", "delta", "base", "act_shape"
+IDS_KEY, DELTA_KEY, BASE_KEY = "ids", "delta", "base"
+SHAPE_KEY = codec.BATCH_SHAPE_KEY  # the codec counts a delta frame's labels against it
 PLAIN_BITS = 8  # the least width of a delta-coded link's plain frames (no history to change)
 ROW_BITS = 256  # code bits a delta frame's row holds at least when it is one sample's channel
 _ID_MAX = 2**32 - 1
