@@ -195,6 +195,9 @@ class _Job:
         self.stage = stage
         self.k = stage.index
         self.last = stage.index == len(plan.stages) - 1
+        # 1F1B: training micro-batches this stage may hold (forwarded, backward not done)
+        self.bound = footprint.in_flight(plan.schedule, plan.micro_batches,
+                                         len(plan.stages) - 1 - self.k, plan.deeper())
         model = build_model(plan.model, seed=plan.seed, model_path=model_path, **plan.model_args)
         if plan.fingerprint:  # refuse before allocating a stage that would not match
             fingerprint.check(plan.fingerprint, model.layers, plan.model)
@@ -812,12 +815,14 @@ class Agent:
 
     # -- compute -------------------------------------------------------------------------
     def _pick(self, job: _Job) -> _Work | None:
-        """The next work item: 1F1B prefers backwards (and stage 0 forwards a new micro-batch
-        only while fewer than one per stage are in flight); GPipe prefers forwards."""
+        """The next work item: 1F1B prefers backwards, and a stage forwards a new training
+        micro-batch only while it holds fewer than its bound (``footprint.in_flight``: the
+        plan's ``in_flight`` minus the stage index, what the memory model counts); GPipe
+        prefers forwards."""
         if job.plan.schedule == "1f1b":
             if job.bwd_q:
                 return job.bwd_q.popleft()
-            if job.fwd_q and (job.k > 0 or job.runner.in_flight < len(job.plan.stages)
+            if job.fwd_q and (job.runner.in_flight < job.bound
                               or not _is_training(job.fwd_q[0])):
                 return job.fwd_q.popleft()
             return None
@@ -1095,7 +1100,7 @@ def memory_refusal(plan: Plan, device: str, limit_mb: float | None,
     fp = footprint.stage_footprint(
         [d.params for d in mine], mine[0].in_elems * mb, [d.out_elems * mb for d in mine],
         in_flight=footprint.in_flight(plan.schedule, plan.micro_batches,
-                                      len(plan.stages) - 1 - stage.index),
+                                      len(plan.stages) - 1 - stage.index, plan.deeper()),
         micro_batches=plan.micro_batches, optimizer_slots=footprint.optimizer_slots(
             plan.optimizer), first=stage.index == 0, last=last,
         train_samples=plan.train_samples or 0, delta_in_elems=mine[0].in_elems * fed,
@@ -1109,19 +1114,20 @@ def memory_refusal(plan: Plan, device: str, limit_mb: float | None,
             f"not fit this device's memory limit of {limit:.0f} bytes ({limit_mb:.3f} MiB): "
             f"training it needs {fp.text()}; the largest part is layer {big.index} "
             f"({big.type}, {fp.per_layer[fp.largest_layer()]:.0f} bytes). Plan over more "
-            "devices, fewer micro-batches or a smaller batch, or raise --memory-limit")
+            "devices, fewer micro-batches, a smaller batch or --in-flight, or raise "
+            "--memory-limit")
 
 
 async def _let_io_run() -> None:
-    """Give the loop the turns it needs to put what a work item queued on the socket.
+    """Give the loop the turn it needs to put on the socket what a work item queued.
 
     Computing inline never suspends, so without this a frame queued by one work item would
-    leave only when the stage runs out of work. Three turns: the uplink takes the frame and
-    starts its publish, the publish hands the packet to the client (which asks the loop to
-    watch the socket), the loop sees the socket writable and writes. Each turn with nothing
-    to do is one zero-timeout poll."""
-    for _ in range(3):
-        await asyncio.sleep(0)
+    leave only when the stage runs out of work. One turn: the uplink starts the frame's
+    publish at once (``Link.send``) and the client writes it when it is made
+    (``wire.mqtt.Client``), so the publish task's first step, on this turn, puts it on the
+    socket. Received messages are read on the same turn. Before both, it took three turns,
+    each one more zero-timeout poll."""
+    await asyncio.sleep(0)
 
 
 def _is_training(work: _Work) -> bool:

@@ -7,6 +7,10 @@ Guarantees:
   with a round trip carries ``window`` frames per round trip, not one. The client takes each
   publish synchronously when it is started, so starting them in queue order keeps the order
   on the wire.
+* Without pacing or delay, a send that finds nothing queued before it and a free window slot
+  starts its publish at once (it runs on the loop's next turn) instead of going through the
+  queue's task, which would cost the frame two more turns of the loop the stage's compute
+  shares (docs/benchmarks.md).
 * With ``bandwidth_bps`` set, a payload of ``n`` bytes occupies the link for ``8n/bandwidth``
   seconds before it is published (serialisation delay), measured with ``asyncio.sleep`` so a
   slow link costs no CPU. The compute loop never waits for the link unless it must.
@@ -54,7 +58,12 @@ class Link:
         self.delay = DelayLine(delay_s)  # refuses a negative delay; the agent's events use it too
         self._queue: asyncio.Queue[tuple[str, bytes, str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(window)
+        self._free = window  # window slots not held by a publish (or its pacing/delay)
+        self._slot_freed = asyncio.Event()
+        self._queued = 0  # sends in the queue or held by ``_run``, not yet started
+        self._unsent = 0  # sends not yet done (published or failed): what ``drain`` waits for
+        self._all_sent = asyncio.Event()
+        self._all_sent.set()
         self._inflight: set[asyncio.Task[None]] = set()
         self._active = 0  # pacing or publishes outstanding
         self._active_since = 0.0
@@ -90,11 +99,29 @@ class Link:
 
     def send(self, topic: str, payload: bytes, kind: str = "other", tag: Any = None) -> None:
         """Queue ``payload`` for ``topic``; returns at once. ``tag`` goes to the observers."""
-        self._queue.put_nowait((topic, payload, kind, tag))
+        item = (topic, payload, kind, tag)
+        self._unsent += 1
+        self._all_sent.clear()
+        if (not self.bandwidth_bps and self.delay.delay_s == 0.0 and self._queued == 0
+                and self._free > 0 and self._task is not None):
+            self._free -= 1  # what ``_run`` would do, without its turns of the loop
+            self._enter()
+            self._start(item, time.time())
+            return
+        self._queued += 1
+        self._queue.put_nowait(item)
 
     async def drain(self) -> None:
-        """Wait until everything queued so far has been published."""
-        await self._queue.join()
+        """Wait until everything queued so far has been published (or has failed)."""
+        await self._all_sent.wait()
+
+    def _done(self) -> None:
+        """A send is over: its window slot is free again."""
+        self._free += 1
+        self._slot_freed.set()
+        self._unsent -= 1
+        if self._unsent == 0:
+            self._all_sent.set()
 
     def _enter(self) -> None:
         if self._active == 0:
@@ -109,7 +136,11 @@ class Link:
     async def _run(self) -> None:
         while True:
             item = await self._queue.get()
-            await self._slots.acquire()
+            while self._free == 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            self._free -= 1
+            self._queued -= 1
             w0 = time.time()
             self._enter()
             try:
@@ -117,8 +148,7 @@ class Link:
                     await asyncio.sleep(len(item[1]) * 8 / self.bandwidth_bps)
             except BaseException:
                 self._leave()
-                self._slots.release()
-                self._queue.task_done()
+                self._done()
                 raise
             self.delay.call(functools.partial(self._start, item, w0))
             # let the task hand its publish to the client before the next one is started
@@ -149,5 +179,4 @@ class Link:
             log.error("publish to %s failed: %s", topic, e)
         finally:
             self._leave()
-            self._slots.release()
-            self._queue.task_done()
+            self._done()

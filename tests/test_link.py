@@ -146,3 +146,50 @@ def test_delayed_frames_stay_in_flight_through_mosquitto(broker: MosquittoBroker
     # all within the delay plus broker time; one delay per frame would be n * delay = 1.2 s
     assert max(arrived) < delay + 0.15, arrived
     assert busy_ms >= delay * 1e3 * 0.9
+
+
+def test_a_send_with_nothing_before_it_starts_on_the_next_turn_and_order_holds() -> None:
+    """Without pacing or delay, a send that finds a free slot and nothing queued starts its
+    publish on the loop's next turn (not two turns later through the queue's task); sends
+    that find the window full wait in the queue, and the wire order is the call order."""
+
+    async def main() -> tuple[SlowBroker, list[bytes]]:
+        broker = SlowBroker()
+        link = Link(broker.publish, window=2)
+        link.start()
+        await asyncio.sleep(0)  # the queue's task is waiting for work
+        link.send("t", b"0", "act")
+        await asyncio.sleep(0)
+        after_one_turn = list(broker.started)
+        for i in range(1, 6):  # 1 takes the second slot; 2..5 find the window full
+            link.send("t", str(i).encode(), "act")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert broker.outstanding == 2
+        broker.release.set()
+        await asyncio.wait_for(link.drain(), 5)
+        await link.close()
+        return broker, after_one_turn
+
+    broker, first = asyncio.run(main())
+    assert first == [b"0"]
+    assert broker.started == [str(i).encode() for i in range(6)]
+
+
+def test_drain_waits_for_sends_started_at_once() -> None:
+    async def main() -> bool:
+        broker = SlowBroker()
+        link = Link(broker.publish, window=4)
+        link.start()
+        await asyncio.sleep(0)
+        link.send("t", b"0")
+        drained = asyncio.create_task(link.drain())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        early = drained.done()
+        broker.release.set()
+        await asyncio.wait_for(drained, 5)
+        await link.close()
+        return early
+
+    assert asyncio.run(main()) is False

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
 
 from accept_mqtt.coordinator import Coordinator, PlanRefused
 from accept_mqtt.coordinator.config import TrainConfig
-from accept_mqtt.coordinator.planner import DeviceInfo, build_plan, make_partition
+from accept_mqtt.coordinator.planner import (
+    DeviceInfo,
+    PlanningError,
+    build_plan,
+    make_partition,
+)
 from accept_mqtt.model.descriptors import describe
 from accept_mqtt.model.footprint import parse_bytes
 from accept_mqtt.model.zoo import build_model
@@ -51,7 +58,7 @@ def test_the_agent_check_and_the_planner_agree_to_the_byte() -> None:
     res = make_partition(descs, devs, cfg, method="dp")
     plan = build_plan("j", cfg, len(descs), [next(d for d in devs if d.id == i)
                                              for i in res.devices], list(res.cuts),
-                      method="dp", optimizer=cfg.optimizer_cfg(10))
+                      method="dp", optimizer=cfg.optimizer_cfg(10), deeper=res.deeper)
     for stage, need in zip(plan.stages, res.memory_bytes, strict=True):
         assert need <= LIMIT
         assert memory_refusal(plan, stage.device, LIMIT / 2**20) is None
@@ -115,11 +122,78 @@ def test_too_big_for_one_device_refused_there_and_trains_over_three(
 
 
 def test_baseline_splits_that_do_not_fit_are_refused_with_the_stage() -> None:
-    from accept_mqtt.coordinator.planner import PlanningError
-
     cfg = _cfg(Path("."), 3)
     descs = describe(build_model("cnn", seed=cfg.seed))
     devs = [DeviceInfo(d, {"bench_gflops": 1.0, "memory_limit_mb": 0.9}) for d in DEVICES]
     with pytest.raises(PlanningError, match=r"the equal split does not fit: stage 0 \(layers "
                                             r"\[0, 5\)\) needs 1167232 bytes but mem-a has 943718"):
         make_partition(descs, devs, cfg, method="equal")
+
+
+# -- how deep 1F1B runs (--in-flight) ---------------------------------------------------------
+def _plan_at(cfg: TrainConfig, limit_mb: float | None) -> tuple[Any, Any, list[DeviceInfo]]:
+    descs = describe(build_model("cnn", seed=cfg.seed))
+    prof: dict[str, Any] = {"bench_gflops": 1.0}
+    if limit_mb is not None:
+        prof["memory_limit_mb"] = limit_mb
+    devs = [DeviceInfo(d, dict(prof)) for d in DEVICES]
+    res = make_partition(descs, devs, cfg, method="equal")
+    plan = build_plan("j", cfg, len(descs), [next(d for d in devs if d.id == i)
+                                             for i in res.devices], list(res.cuts),
+                      method="equal", optimizer=cfg.optimizer_cfg(10), deeper=res.deeper)
+    return res, plan, devs
+
+
+def test_stash_per_stage_follows_the_depth() -> None:
+    from accept_mqtt.model.footprint import in_flight
+
+    # textbook 1F1B, 3 stages of 4 micro-batches: 3, 2, 1; two deeper: every stage but the
+    # last holds all 4; GPipe holds all 4 everywhere
+    assert [in_flight("1f1b", 4, r) for r in (2, 1, 0)] == [3, 2, 1]
+    assert [in_flight("1f1b", 4, r, 1) for r in (2, 1, 0)] == [4, 3, 1]
+    assert [in_flight("1f1b", 4, r, 2) for r in (2, 1, 0)] == [4, 4, 1]
+    assert [in_flight("gpipe", 4, r) for r in (2, 1, 0)] == [4, 4, 4]
+
+
+def test_in_flight_auto_goes_as_deep_as_every_device_holds_and_the_agents_agree() -> None:
+    cfg = _cfg(Path("."), 3)
+    res, plan, _ = _plan_at(cfg, None)  # no limit: every stage but the last holds all M
+    assert res.deeper == cfg.micro_batches - 2 and plan.in_flight == 3 + 2
+    textbook = replace(cfg, in_flight=3)
+    res0, plan0, _ = _plan_at(textbook, None)
+    assert res0.deeper == 0 and plan0.in_flight == 3
+    # a limit between the two: the depth is the largest that fits, and the agents' own
+    # check (which sizes by the plan's in_flight) agrees with the planner's bytes
+    lo, hi = max(res0.memory_bytes), max(res.memory_bytes)
+    assert lo < hi
+    mid = (lo + hi) / 2 / 2**20
+    res_mid, plan_mid, _ = _plan_at(cfg, mid)
+    assert 0 <= res_mid.deeper < 2 and max(res_mid.memory_bytes) <= mid * 2**20
+    deeper_one = replace(cfg, in_flight=plan_mid.in_flight + 1)
+    with pytest.raises(PlanningError, match=f"in_flight {plan_mid.in_flight + 1} does not "
+                                            f"fit: stage"):
+        _plan_at(deeper_one, mid)
+    for stage, need in zip(plan_mid.stages, res_mid.memory_bytes, strict=True):
+        assert memory_refusal(plan_mid, stage.device, mid) is None
+        assert memory_refusal(plan_mid, stage.device, (need - 1) / 2**20) is not None
+
+
+def test_in_flight_below_the_stage_count_or_under_gpipe_is_refused() -> None:
+    from accept_mqtt.coordinator.config import ConfigError
+    from accept_mqtt.wire.plan import Plan, PlanError
+
+    with pytest.raises(PlanningError, match="in_flight 2 is below the 3 stages"):
+        _plan_at(replace(_cfg(Path("."), 3), in_flight=2), None)
+    with pytest.raises(ConfigError, match="applies to the 1f1b schedule only"):
+        TrainConfig(schedule="gpipe", in_flight=4).validate()
+    for bad in (0, True, "deep"):
+        with pytest.raises(ConfigError, match="in_flight must be an int >= 1 or 'auto'"):
+            TrainConfig(in_flight=bad).validate()  # type: ignore[arg-type]
+    assert TrainConfig.from_dict({"in_flight": 6}).in_flight == 6
+    assert TrainConfig.from_dict({"in_flight": "auto"}).in_flight == "auto"
+    _, plan, _ = _plan_at(_cfg(Path("."), 3), None)
+    d = plan.to_dict()
+    for bad_plan in ({**d, "in_flight": 2}, {**d, "in_flight": 5, "schedule": "gpipe"}):
+        with pytest.raises(PlanError, match="in_flight must be None or, under 1f1b, at least"):
+            Plan.from_dict(bad_plan)
+    assert Plan.from_json(plan.to_json()) == plan

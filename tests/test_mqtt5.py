@@ -125,3 +125,47 @@ def test_the_coordinator_stops_on_a_refused_publish(tmp_path: Path) -> None:
         with pytest.raises(CoordinatorError, match=r"refused the message on accept/jobs/big/"
                                                    r".*0x95"):
             asyncio.run(main())
+
+
+def test_a_publish_leaves_when_it_is_made_and_an_idle_client_does_not_spin(
+        broker: MosquittoBroker) -> None:
+    """``Client`` writes a publish to the socket when it is made: a subscriber gets it while
+    the publisher's loop is still blocked by a compute (aiomqtt alone writes on the loop's
+    next turn, after the compute). And the writer aiomqtt registers afterwards finds nothing
+    and goes: an idle client uses no CPU (calling paho's ``loop_write`` instead spun a core)."""
+    import threading
+    import time
+
+    import paho.mqtt.client as paho
+
+    got = threading.Event()
+    arrived: list[float] = []
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    sub.on_message = lambda c, u, m: (arrived.append(time.monotonic()), got.set())
+    sub.connect(broker.host, broker.port)
+    sub.subscribe("eager/t", qos=1)
+    sub.loop_start()
+    try:
+        time.sleep(0.3)  # the subscription is in place
+
+        async def main() -> tuple[float, float]:
+            async with Client(hostname=broker.host, port=broker.port) as c:
+                task = asyncio.create_task(c.publish("eager/t", b"x" * 50_000, qos=1))
+                await asyncio.sleep(0)  # the publish is made
+                t_block = time.monotonic()
+                time.sleep(1.0)  # a compute holding the loop
+                t_free = time.monotonic()
+                await asyncio.wait_for(task, 5)
+                cpu0 = time.process_time()
+                await asyncio.sleep(1.0)
+                idle_cpu = time.process_time() - cpu0
+                assert t_free - t_block >= 1.0
+                return t_free, idle_cpu
+
+        t_free, idle_cpu = asyncio.run(main())
+        assert got.wait(5)
+        assert arrived[0] < t_free - 0.5, "the publish waited for the loop"
+        assert idle_cpu < 0.2, f"an idle client used {idle_cpu:.2f} s of CPU in 1 s"
+    finally:
+        sub.loop_stop()
+        sub.disconnect()

@@ -3,16 +3,25 @@
 For each chosen zoo model (``--models``; ``CASES``), on this machine's loopback, with no
 emulation at all (every device at full speed, no link shaping, no compression: fp32), it
 trains the same model from the same seed on the same mini-batches with the same
-micro-batching (``--micro-batches``, ``--schedule``) and the same SGD, three ways:
+micro-batching (``--micro-batches``, ``--schedule``) and the same SGD, several ways:
 
 1. ``accept-mqtt``: a private Mosquitto and 3 local device agents (``harness.local``), one
    thread each, and a ``Coordinator`` with ``partition="equal"`` (drift re-planning off, so
-   the cuts never move); the cluster is started once per model and reused by every repeat;
-2. ``torch-pipelining``: ``torch.distributed.pipelining`` over gloo on 127.0.0.1, one process
-   per stage, one thread each (``bench/torchpipe.py``), on the SAME cuts: the equal split
-   accept-mqtt's planner makes (``planning.partition.equal_split``), checked against the
-   plan in accept-mqtt's record;
-3. ``one-process``: the whole model in this process, one thread.
+   the cuts never move) and the default ``in_flight="auto"``: under 1F1B the planner lets
+   stage 0 run up to ``M`` micro-batches ahead when memory allows (here it always does; the
+   plan's figure is printed); the cluster is started once per model and reused by every
+   repeat;
+2. ``accept-textbook`` (1F1B only): the same with ``in_flight`` = the stage count, the bound
+   of textbook 1F1B and of torch's ``Schedule1F1B``: the runtimes compared on exactly the same
+   schedule;
+3. ``torch-pipelining``: ``torch.distributed.pipelining`` over gloo on 127.0.0.1, one process
+   per stage, one thread each (``bench/torchpipe.py``), the configured schedule, on the SAME
+   cuts: the equal split accept-mqtt's planner makes (``planning.partition.equal_split``),
+   checked against the plan in accept-mqtt's record;
+4. ``torch-gpipe`` (when the configured schedule is 1F1B): the same with ``ScheduleGPipe``,
+   which keeps every micro-batch in flight as accept-mqtt's deeper 1F1B may: a user of torch
+   picks the faster of its two schedules, so ``accept/best-torch`` divides by that;
+5. ``one-process``: the whole model in this process, one thread.
 
 Speed is samples/s over optimizer steps 1..N-1 of each run (step 0 is an untimed warm-up in
 all three: accept-mqtt's per-step times come from the coordinator's step progress events,
@@ -77,7 +86,8 @@ CASES: dict[str, Case] = {
     "har1d": Case("har1d", 1.0, 64, 0.05),
 }
 DEFAULT_MODELS = "cnn,vgg-0.25,vgg-1"
-METHODS = ("accept-mqtt", "torch-pipelining", "one-process")
+METHODS = ("accept-mqtt", "accept-textbook", "torch-pipelining", "torch-gpipe", "one-process")
+ONLY_1F1B = ("accept-textbook", "torch-gpipe")  # what the methods add under 1F1B only
 STAGES = 3
 EMULATION = "none: loopback, every stage at full speed, no link shaping, fp32 frames"
 
@@ -94,6 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--quick", action="store_true",
                    help="1 repeat, 6 steps, cnn only (explicit flags win)")
+
+
+def methods_for(schedule: str) -> tuple[str, ...]:
+    """The methods run under ``schedule`` (``ONLY_1F1B`` need 1F1B to differ from the rest)."""
+    return tuple(m for m in METHODS if schedule == "1f1b" or m not in ONLY_1F1B)
 
 
 def equal_cuts(model: str, width: float, stages: int = STAGES) -> list[int]:
@@ -142,9 +157,11 @@ async def _accept_once(url: str, cfg: TrainConfig, job: str) -> tuple[dict[str, 
 
 
 def run_accept(url: str, case: Case, steps: int, args: argparse.Namespace, job: str,
-               runs_dir: str) -> dict[str, Any]:
+               runs_dir: str, textbook: bool = False) -> dict[str, Any]:
+    """One accept-mqtt run; ``textbook``: 1F1B's own bound (``in_flight`` = the stages)."""
     cfg = TrainConfig(model=case.model, width=case.width, lr=case.lr, batch_size=case.batch_size,
                       micro_batches=args.micro_batches, schedule=args.schedule, seed=args.seed,
+                      in_flight=STAGES if textbook else "auto",
                       epochs=steps, max_steps=steps,  # max_steps decides
                       devices=STAGES, partition="equal", auto_replan=False,
                       checkpoint_every=0, runs_dir=runs_dir, device_timeout=120,
@@ -156,7 +173,8 @@ def run_accept(url: str, case: Case, steps: int, args: argparse.Namespace, job: 
     else:
         secs, samples = timed
         sps, warm = samples / max(secs, 1e-9), 1
-    return {"method": "accept-mqtt", "samples_per_s": sps, "train_seconds": secs,
+    return {"method": "accept-textbook" if textbook else "accept-mqtt", "samples_per_s": sps,
+            "in_flight": rec["plan"].get("in_flight"), "train_seconds": secs,
             "samples": samples, "warmup_steps": warm, "steps": rec["steps"],
             "record_samples_per_s": rec["samples_per_s"],
             "step_ms": [s.get("step_ms") for s in events],
@@ -187,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (6 if args.quick else 20)
     if steps < 2 or repeats < 1:
         print("--steps must be >= 2 (the first is untimed) and --repeats >= 1", file=sys.stderr)
+        return 2
+    if args.schedule == "1f1b" and args.micro_batches < STAGES:
+        print(f"--micro-batches {args.micro_batches} is below the {STAGES} stages: torch's "
+              f"Schedule1F1B refuses that (use --schedule gpipe)", file=sys.stderr)
         return 2
     load1 = os.getloadavg()[0]
     mach = machine()
@@ -235,26 +257,30 @@ def _bench_model(name: str, case: Case, cuts: list[int], steps: int, repeats: in
     """Every method once per repeat, interleaved; one cluster for all of accept-mqtt's runs."""
     common: dict[str, Any] = {"batch_size": case.batch_size, "micro_batches": args.micro_batches,
                               "steps": steps, "seed": args.seed, "lr": case.lr, "threads": 1}
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    methods = methods_for(args.schedule)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     specs = [AgentSpec(f"ovh-{i}", 1.0, None, threads=1) for i in range(STAGES)]
     with LocalCluster(specs) as cluster:
         for r in range(repeats):
-            for method in METHODS:
+            for method in methods:
                 t0 = time.time()
-                if method == "accept-mqtt":
-                    job = re.sub(r"[^A-Za-z0-9_-]", "_", f"ovh-{os.getpid()}-{name}-{r}")
-                    res = run_accept(cluster.url, case, steps, args, job, runs_dir)
+                if method.startswith("accept"):
+                    job = re.sub(r"[^A-Za-z0-9_-]", "_", f"ovh-{os.getpid()}-{name}-{method}-{r}")
+                    res = run_accept(cluster.url, case, steps, args, job, runs_dir,
+                                     textbook=method == "accept-textbook")
                     if res["cuts"] != cuts:
                         print(f"[{name}] WARNING: accept-mqtt planned cuts {res['cuts']}, not "
                               f"the equal split {cuts} torch uses", flush=True)
-                elif method == "torch-pipelining":
+                elif method.startswith("torch"):
+                    sched = "gpipe" if method == "torch-gpipe" else args.schedule
                     res = torchpipe.run_torch_pipeline(case.model, case.width, cuts,
-                                                       schedule=args.schedule, **common)
+                                                       schedule=sched, **common)
                 else:
                     res = torchpipe.run_one_process(case.model, case.width, **common)
                 runs[method].append(res)
+                depth = f", in_flight {res['in_flight']}" if res.get("in_flight") else ""
                 print(f"[{name}] repeat {r + 1}/{repeats} {method:17s} "
-                      f"{res['samples_per_s']:9.1f} samples/s  ({time.time() - t0:.1f} s)",
+                      f"{res['samples_per_s']:9.1f} samples/s  ({time.time() - t0:.1f} s{depth})",
                       flush=True)
     return runs
 
@@ -262,19 +288,25 @@ def _bench_model(name: str, case: Case, cuts: list[int], steps: int, repeats: in
 def _summarize(name: str, case: Case, cuts: list[int], runs: dict[str, list[dict[str, Any]]],
                steps: int) -> dict[str, Any]:
     """The per-model table (printed) and its JSON."""
-    sps = {m: [x["samples_per_s"] for x in runs[m]] for m in METHODS}
-    ratios = {
-        "accept/torch": [a / b for a, b in zip(sps["accept-mqtt"], sps["torch-pipelining"],
-                                               strict=True)],
-        "accept/one-process": [a / b for a, b in zip(sps["accept-mqtt"], sps["one-process"],
-                                                     strict=True)],
-        "torch/one-process": [a / b for a, b in zip(sps["torch-pipelining"], sps["one-process"],
-                                                    strict=True)],
-    }
+    methods = list(runs)
+    sps = {m: [x["samples_per_s"] for x in runs[m]] for m in methods}
+
+    def per_repeat(a: list[float], b: list[float]) -> list[float]:
+        return [x / y for x, y in zip(a, b, strict=True)]
+
+    ratios = {"accept/torch": per_repeat(sps["accept-mqtt"], sps["torch-pipelining"])}
+    if "torch-gpipe" in sps:
+        best = [max(a, b) for a, b in zip(sps["torch-pipelining"], sps["torch-gpipe"],
+                                          strict=True)]
+        ratios["accept/best-torch"] = per_repeat(sps["accept-mqtt"], best)
+        ratios["textbook/torch"] = per_repeat(sps["accept-textbook"], sps["torch-pipelining"])
+    ratios["accept/one-process"] = per_repeat(sps["accept-mqtt"], sps["one-process"])
+    ratios["torch/one-process"] = per_repeat(sps["torch-pipelining"], sps["one-process"])
     # in the first epoch all three see the same samples in the same order
     n = min(steps, runs["one-process"][-1]["full_batches_per_epoch"])
     ref = runs["one-process"][-1]["losses"]
-    loss_diff = {m: _loss_diff(runs[m][-1]["losses"], ref, n) for m in METHODS[:2]}
+    loss_diff = {m: _loss_diff(runs[m][-1]["losses"], ref, n) for m in methods
+                 if m != "one-process"}
     out = {
         "model": case.model, "width": case.width, "batch_size": case.batch_size, "lr": case.lr,
         "cuts": cuts, "samples_per_s": {m: spread(v) for m, v in sps.items()},
@@ -284,14 +316,16 @@ def _summarize(name: str, case: Case, cuts: list[int], runs: dict[str, list[dict
         "accept_warmup_excluded": all(x["warmup_steps"] == 1 for x in runs["accept-mqtt"]),
         "accept_record_samples_per_s": [x["record_samples_per_s"] for x in runs["accept-mqtt"]],
         "torch_stages": runs["torch-pipelining"][-1]["stages"],
-        "step_ms": {m: runs[m][-1]["step_ms"] for m in METHODS},
+        "step_ms": {m: runs[m][-1]["step_ms"] for m in methods},
+        "in_flight": {m: runs[m][-1]["in_flight"] for m in methods if m.startswith("accept")},
     }
     print(f"\n{name}: {case.model} width {case.width:g}, batch {case.batch_size}, cuts {cuts} "
           f"(accept-mqtt's equal split) for both pipelines")
     print(f"{'method':20s} samples/s median [min-max]")
-    for m in METHODS:
+    for m in methods:
         row = out["samples_per_s"][m]
-        print(f"{m:20s} {row['median']:9.1f} [{row['min']:.1f}-{row['max']:.1f}]")
+        depth = f"  (in_flight {out['in_flight'][m]})" if out["in_flight"].get(m) else ""
+        print(f"{m:20s} {row['median']:9.1f} [{row['min']:.1f}-{row['max']:.1f}]{depth}")
     for k, row in out["ratios"].items():
         print(f"{k:20s} {row['median']:8.3f}x [{row['min']:.3f}-{row['max']:.3f}]  "
               f"(median of same-repeat ratios)")

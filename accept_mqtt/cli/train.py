@@ -44,6 +44,9 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--micro-batches", "micro_batches", micro_batch_count,
      "micro-batches per mini-batch (at most --batch-size), or 'auto' (the planner chooses)"),
     ("--schedule", "schedule", str, "gpipe or 1f1b"),
+    ("--in-flight", "in_flight", micro_batch_count,
+     "1f1b: micro-batches stage 0 may have in flight, each later stage one fewer; at least "
+     "--devices (textbook 1F1B); 'auto' (default): as deep as every device's memory holds"),
     ("--optimizer", "optimizer", str, "sgd or adam"),
     ("--lr", "lr", float, "learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),

@@ -25,12 +25,13 @@ class ConfigError(ValueError):
 
 
 def micro_batch_count(text: str) -> int | Literal["auto"]:
-    """``--micro-batches``: ``auto`` or an int (its range is ``TrainConfig.validate``'s)."""
+    """``--micro-batches``, ``--in-flight``: ``auto`` or an int (its range is
+    ``TrainConfig.validate``'s)."""
     return "auto" if text == "auto" else int(text)
 
 
-# fields that take a word besides values of their default's type (checked by ``validate``)
-_WORDS: dict[str, tuple[str, ...]] = {"micro_batches": ("auto",)}
+# int fields that also take a word (checked by ``validate``)
+_WORDS: dict[str, tuple[str, ...]] = {"micro_batches": ("auto",), "in_flight": ("auto",)}
 
 
 def shape_list(text: str) -> list[int]:
@@ -52,6 +53,10 @@ class TrainConfig:
     batch_size: int = 64
     micro_batches: int | Literal["auto"] = 4  # "auto": the planner chooses (planner.py)
     schedule: str = "1f1b"
+    # 1F1B: micro-batches stage 0 may have in flight, stage s one fewer per stage before it
+    # (>= the stage count: textbook 1F1B); "auto": as deep as every device's memory holds, up
+    # to every stage but the last holding all micro_batches (planner.with_depth)
+    in_flight: int | Literal["auto"] = "auto"
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -112,6 +117,13 @@ class TrainConfig:
                               f"{self.batch_size}: every micro-batch needs a sample")
         if self.devices < 1:
             raise ConfigError(f"devices must be >= 1, got {self.devices}")
+        if self.in_flight != "auto" and (isinstance(self.in_flight, bool) or not (
+                isinstance(self.in_flight, int) and self.in_flight >= 1)):
+            raise ConfigError(f"in_flight must be an int >= 1 or 'auto', got "
+                              f"{self.in_flight!r}")
+        if self.in_flight != "auto" and self.schedule != "1f1b":
+            raise ConfigError(f"in_flight {self.in_flight} applies to the 1f1b schedule only: "
+                              f"{self.schedule} keeps every micro-batch in flight")
         for name in ("act_bits", "grad_bits"):
             b = getattr(self, name)
             if b not in VALID_BITS:
@@ -180,7 +192,7 @@ class TrainConfig:
             raise ConfigError(f"unknown config keys {unknown}; known: {sorted(known)}")
         defaults = cls()
         for k, v in d.items():
-            want = type(getattr(defaults, k))
+            want = int if k in _WORDS else type(getattr(defaults, k))
             if getattr(defaults, k) is None or v is None or v in _WORDS.get(k, ()):
                 continue
             if want is float and isinstance(v, int) and not isinstance(v, bool):

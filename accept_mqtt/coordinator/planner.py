@@ -36,12 +36,16 @@ from accept_mqtt.model.footprint import SNAPSHOT_COPIES, optimizer_slots
 from accept_mqtt.model.user import is_user_model
 from accept_mqtt.model.zoo import build_model
 from accept_mqtt.planning.partition import (
+    PartitionProblem,
     PartitionResult,
+    deepest,
     equal_split,
+    fits,
     flops_split,
     partition,
     problem_from_profiles,
     stage_footprint,
+    stage_memory_bytes,
 )
 from accept_mqtt.wire.aio import cancel_and_wait
 from accept_mqtt.wire.messages import Drift
@@ -145,8 +149,41 @@ def make_partition(
                     f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
                     f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f} "
                     f"(by part: {parts(i).text()}); --partition auto places layers by memory")
-        return honoured_widths(res, cfg, method)
-    return honoured_widths(partition(problem, objective="minibatch"), cfg, method)
+        return with_depth(problem, honoured_widths(res, cfg, method), cfg)
+    return with_depth(problem, honoured_widths(partition(problem, objective="minibatch"), cfg,
+                                               method), cfg)
+
+
+def with_depth(problem: PartitionProblem, res: PartitionResult,
+               cfg: TrainConfig) -> PartitionResult:
+    """``res`` with its 1F1B depth: how many micro-batches stage 0 may have in flight (stage
+    ``s`` that many minus ``s`` and never more than ``M``, the last stage 1), ``cfg.in_flight``
+    or, for ``"auto"``, the most that every device's memory holds (``memory.deepest``: at
+    most ``k + M - 2``, where every stage but the last may hold all ``M``). Textbook 1F1B is
+    ``k``; deeper lets a stage forward while a gradient is still on its way back, which hides
+    hops' latency (docs/partitioner.md) and never changes the arithmetic: every stage still
+    runs its backwards in micro-batch order. A number below the
+    stage count (1F1B could not fill the pipeline) or one that does not fit is refused."""
+    if cfg.schedule != "1f1b" or not res.feasible:
+        return res
+    k = res.num_stages
+    if cfg.in_flight == "auto":
+        deeper = deepest(problem, res.cuts, res.devices)
+    else:
+        if cfg.in_flight < k:
+            raise PlanningError(f"in_flight {cfg.in_flight} is below the {k} stages: 1F1B "
+                                f"keeps at least one micro-batch in flight per stage")
+        deeper = cfg.in_flight - k
+    q = replace(problem, deeper=deeper)
+    need = [stage_memory_bytes(q, res.cuts[i], res.cuts[i + 1], k - 1 - i) for i in range(k)]
+    for i, dev in enumerate(res.devices):
+        if not fits(q, q.index_of(dev), need[i]):
+            raise PlanningError(
+                f"in_flight {cfg.in_flight} does not fit: stage {i} (layers [{res.cuts[i]}, "
+                f"{res.cuts[i + 1]})) would need {need[i]:.0f} bytes but {dev} has "
+                f"{q.devices[q.index_of(dev)].memory_bytes:.0f}; a smaller in_flight or "
+                f"'auto' stashes less")
+    return replace(res, deeper=deeper, memory_bytes=need)
 
 
 def honoured_widths(res: PartitionResult, cfg: TrainConfig, method: str) -> PartitionResult:
@@ -209,11 +246,12 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
                predicted_ms: list[float] | None = None, bottleneck_ms: float | None = None,
                start_step: int = 0, model_args: dict[str, Any] | None = None,
                fingerprint: tuple[str, ...] = (), optimizer: dict[str, Any],
-               train_samples: int | None = None) -> Plan:
+               train_samples: int | None = None, deeper: int = 0) -> Plan:
     """``optimizer``: the plan's optimizer dict, lr schedule included (``cfg.optimizer_cfg``).
     ``cfg.act_delta``/``grad_feedback`` apply to every link (stage i's activations to i+1 for
     i < k-1, its gradients to i-1 for i > 0); ``train_samples`` (the training set's size) is
-    what a delta link's history holds at most, and is needed with ``act_delta``."""
+    what a delta link's history holds at most, and is needed with ``act_delta``. ``deeper``
+    (``PartitionResult.deeper``): under 1F1B the plan's ``in_flight`` is ``k + deeper``."""
     k = len(order)
     delta = cfg.act_delta and k > 1
     if delta and train_samples is None:
@@ -229,7 +267,8 @@ def build_plan(job: str, cfg: TrainConfig, num_layers: int, order: list[DeviceIn
         seed=cfg.seed, model_args=model_args_for(cfg) if model_args is None else model_args,
         micro_batches=micro_batches if micro_batches is not None else int(cfg.micro_batches),
         schedule=cfg.schedule, optimizer=optimizer, batch_size=cfg.batch_size,
-        method=method, stochastic_grad_rounding=cfg.stochastic_grad_rounding,
+        in_flight=k + deeper if cfg.schedule == "1f1b" else None, method=method,
+        stochastic_grad_rounding=cfg.stochastic_grad_rounding,
         grad_scheme=cfg.grad_scheme, act_per_channel=cfg.act_per_channel,
         predicted_bottleneck_ms=bottleneck_ms, start_step=start_step, fingerprint=fingerprint,
         max_message_bytes=cfg.max_message_bytes,
@@ -387,7 +426,7 @@ class Planner:
                           predicted_ms=list(res.stage_ms), bottleneck_ms=res.bottleneck_ms,
                           start_step=start_step, model_args=self.model_args,
                           fingerprint=fingerprint, optimizer=self.optimizer,
-                          train_samples=self.train_samples)
+                          train_samples=self.train_samples, deeper=res.deeper)
 
     def next_plan(self, devices: list[DeviceInfo], start_step: int) -> Plan:
         """The next plan version over ``devices`` (now known to the planner), made with every

@@ -9,7 +9,11 @@ Model (float32 everywhere, bytes; element counts are per micro-batch):
   (1 + slots)``, ``copies = 2`` (0 in a bare partition problem);
 * stash: per micro-batch in flight, the stage input and every layer's output (what
   ``stage.StageRunner`` keeps for the backward), times ``activation_overhead``; micro-batches
-  in flight: GPipe all ``M``, 1F1B ``min(stages_after + 1, M)``;
+  in flight: GPipe all ``M``; 1F1B ``min(stages_after + 1 + extra, M)``, where ``extra`` is
+  how far the plan's ``in_flight`` (stage 0's bound) is above the number of stages
+  (``deeper``: 0 is textbook 1F1B), except the last stage, which runs each micro-batch's
+  backward right after its forward and so holds 1 (``device_agent.agent`` enforces every
+  stage's bound);
 * codec buffers, counted at 32 bits (an upper bound for every width, so the choice of widths
   never changes whether a stage fits): a step's ``M`` activation frames in and its ``M`` out
   (not on the last stage), which may all be queued at once, and one gradient frame each way
@@ -63,11 +67,14 @@ def optimizer_slots(cfg: Mapping[str, Any]) -> int:
     return 1 if float(cfg.get("momentum", 0.9)) != 0.0 else 0
 
 
-def in_flight(schedule: str, micro_batches: int, stages_after: int) -> int:
-    """Micro-batches whose activations a stage with ``stages_after`` later stages stashes."""
+def in_flight(schedule: str, micro_batches: int, stages_after: int, deeper: int = 0) -> int:
+    """Micro-batches whose activations a stage with ``stages_after`` later stages stashes;
+    under 1F1B ``deeper`` is how far the plan's ``in_flight`` is above its stage count."""
     if schedule == "gpipe":
         return micro_batches
-    return min(stages_after + 1, micro_batches)
+    if stages_after == 0:
+        return 1
+    return min(stages_after + 1 + deeper, micro_batches)
 
 
 def static_factor(slots: int, snapshot_copies: int) -> float:

@@ -12,11 +12,20 @@ Guarantees:
   is why ``BrokerUrl`` asks for MQTT 5 unless the URL says ``?protocol=3.1.1``
   (docs/fleet.md).
 * The verdict of each publish reaches the task that made it, however many publish at once.
+* A publish is written to the socket when it is made, not one event-loop turn later:
+  aiomqtt leaves the write to a writer callback the loop runs after its next poll, so a frame
+  queued by a stage's compute (which holds the loop) left only after that compute. The
+  direct write (paho's ``_packet_write``; ``_write_now``) sends what the socket takes and
+  leaves the rest to that callback, which paho registered as before. Measured on the digits
+  CNN over loopback: together with the uplink's direct start (``device_agent/link.py``) a
+  pipeline's step ran some 10 % faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -66,9 +75,28 @@ class Client(aiomqtt.Client):
         def publish_and_note_mid(*a: Any, **kw: Any) -> Any:
             info = paho_publish(*a, **kw)
             _LAST_MID.set(info.mid)
+            if info.rc == 0:
+                self._write_now()
             return info
 
         self._client.publish = publish_and_note_mid  # type: ignore[method-assign]
+        # paho's own writer; absent from a paho whose internals differ: then aiomqtt's
+        # writer callback alone sends, one loop turn later, as before
+        self._packet_write: Callable[[], Any] | None = getattr(self._client, "_packet_write",
+                                                                None)
+
+    def _write_now(self) -> None:
+        """Put the queued packets on the socket now, as far as it takes them.
+
+        Not paho's ``loop_write``: that also unregisters the writer, which aiomqtt registers
+        only on the loop's next turn, so the writer would stay registered with nothing to
+        write and spin (measured: a whole core per idle agent). ``_packet_write`` leaves the
+        registration alone; the writer then runs once, finds nothing and unregisters. A
+        socket error is left to that writer, which reports it as aiomqtt does."""
+        if self._packet_write is None:
+            return
+        with contextlib.suppress(Exception):
+            self._packet_write()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode,
                     properties: Any) -> None:

@@ -57,6 +57,11 @@ class Plan:
     model_args: dict[str, Any] = field(default_factory=dict)
     micro_batches: int = 4
     schedule: str = "1f1b"
+    # 1F1B: the most training micro-batches stage 0 has forwarded and not yet finished the
+    # backward of; stage s keeps at most ``in_flight - s``, the last stage 1. At least the
+    # stage count (textbook 1F1B); above it, stages forward ahead while gradients are on their
+    # way (model/footprint.py counts the stash). None: the stage count (plans before it)
+    in_flight: int | None = None
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.05})
     method: str = "flops"
     stochastic_grad_rounding: bool = True
@@ -92,6 +97,11 @@ class Plan:
                             f"{self.grad_scheme!r}")
         if self.micro_batches < 1:
             raise PlanError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.in_flight is not None and (self.schedule != "1f1b"
+                                           or self.in_flight < len(self.stages)):
+            raise PlanError(f"in_flight must be None or, under 1f1b, at least the "
+                            f"{len(self.stages)} stages; got {self.in_flight} under "
+                            f"{self.schedule}")
         expect = 0
         devices = set()
         for i, s in enumerate(self.stages):
@@ -136,6 +146,10 @@ class Plan:
             if s.device == device:
                 return s
         return None
+
+    def deeper(self) -> int:
+        """How far ``in_flight`` is above the stage count (0: textbook 1F1B, or GPipe)."""
+        return 0 if self.in_flight is None else self.in_flight - len(self.stages)
 
     @property
     def devices(self) -> list[str]:

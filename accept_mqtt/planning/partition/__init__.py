@@ -9,7 +9,7 @@ same cost model (``cost.py``); the baselines beside it use the same result type.
 from .baselines import dp_flops, equal_split, flops_split, proportional_cuts
 from .cost import evaluate, ideal_bound_ms
 from .dp import EXACT_MAX_DEVICES, OBJECTIVES, partition, raise_bits
-from .memory import in_flight, stage_footprint, stage_memory_bytes
+from .memory import deepest, fits, in_flight, stage_footprint, stage_memory_bytes
 from .problem import (
     DEFAULT_CODEC,
     CodecCost,
@@ -30,9 +30,11 @@ __all__ = [
     "OBJECTIVES",
     "PartitionProblem",
     "PartitionResult",
+    "deepest",
     "dp_flops",
     "equal_split",
     "evaluate",
+    "fits",
     "flops_split",
     "ideal_bound_ms",
     "in_flight",

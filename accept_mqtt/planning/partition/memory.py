@@ -2,10 +2,11 @@
 
 Parameters, gradients, optimizer state (``optimizer_slots``), the agent's snapshots
 (``snapshot_copies``), the activations stashed for the schedule and micro-batch count
-(GPipe holds all ``M``; 1F1B holds ``min(r + 1, M)`` at a stage with ``r`` stages after it,
-times ``activation_overhead``), with ``codec_buffers`` the frames it may hold at once, with
-``act_delta`` the delta history at both ends of every link (``train_samples`` float16 rows)
-and with ``grad_feedback`` the error-feedback residuals at each gradient's sender.
+(GPipe holds all ``M``; 1F1B holds ``min(r + 1 + deeper, M)`` at a stage with ``r > 0``
+stages after it and 1 at the last, times ``activation_overhead``), with ``codec_buffers``
+the frames it may hold at once, with ``act_delta`` the delta history at both ends of every
+link (``train_samples`` float16 rows) and with ``grad_feedback`` the error-feedback residuals
+at each gradient's sender.
 A bare ``PartitionProblem`` counts no snapshots and no frames; ``problem_from_profiles`` (what
 the coordinator plans with) counts both, as the agent's own check does.
 
@@ -17,6 +18,9 @@ O(L^2) numpy work.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import numpy as np
 
 from accept_mqtt.model import footprint
@@ -26,7 +30,7 @@ from .problem import PartitionProblem
 
 def in_flight(p: PartitionProblem, stages_after: int) -> int:
     """Micro-batches whose activations a stage with ``stages_after`` later stages stashes."""
-    return footprint.in_flight(p.schedule, p.micro_batches, stages_after)
+    return footprint.in_flight(p.schedule, p.micro_batches, stages_after, p.deeper)
 
 
 def _input_elems(p: PartitionProblem) -> np.ndarray:
@@ -112,6 +116,24 @@ def stage_footprint(p: PartitionProblem, start: int, end: int,
 def stage_memory_bytes(p: PartitionProblem, start: int, end: int, stages_after: int) -> float:
     """Bytes a stage holding layers ``[start, end)`` needs with ``stages_after`` stages after."""
     return stage_footprint(p, start, end, stages_after).total
+
+
+def deepest(p: PartitionProblem, cuts: Sequence[int], devices: Sequence[str]) -> int:
+    """The largest ``deeper`` (0 .. ``M - 2``) at which every stage of this assignment still
+    fits its device: how far the stages may run ahead of textbook 1F1B. At ``M - 2`` every
+    stage but the last may hold all ``M`` micro-batches (stage ``s`` holds ``min(M, stages -
+    s + deeper)``), so more changes nothing. Deeper only adds stash, so this is the memory's
+    whole say; 0 under GPipe (which holds all ``M`` already) or when even 0 does not fit (the
+    caller's feasibility check reports that)."""
+    k = len(devices)
+    if p.schedule != "1f1b":
+        return 0
+    for e in range(max(0, p.micro_batches - 2), 0, -1):
+        q = replace(p, deeper=e)
+        if all(fits(q, q.index_of(d), stage_memory_bytes(q, cuts[i], cuts[i + 1], k - 1 - i))
+               for i, d in enumerate(devices)):
+            return e
+    return 0
 
 
 def fits(p: PartitionProblem, device: int, need_bytes: float) -> bool:

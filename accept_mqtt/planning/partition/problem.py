@@ -139,6 +139,8 @@ class PartitionProblem:
     codec: CodecCost = field(default_factory=lambda: DEFAULT_CODEC)
     micro_batches: int = 4
     schedule: str = "1f1b"
+    # 1F1B only: how far stage 0's in-flight bound is above the stage count (model/footprint)
+    deeper: int = 0
     optimizer_slots: int = 1
     activation_overhead: float = 1.0
     snapshot_copies: int = 0  # copies of weights + optimizer state kept for rewinds
@@ -202,6 +204,9 @@ class PartitionProblem:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.deeper < 0 or (self.deeper and self.schedule != "1f1b"):
+            raise ValueError(f"deeper must be >= 0, and 0 unless the schedule is 1f1b, got "
+                             f"{self.deeper} under {self.schedule}")
         if self.optimizer_slots < 0 or self.activation_overhead < 0 or self.snapshot_copies < 0:
             raise ValueError("optimizer_slots, activation_overhead and snapshot_copies must "
                              "be >= 0")
@@ -279,6 +284,9 @@ class PartitionResult:
     plan_seconds: float = 0.0
     act_delta: list[bool] = field(default_factory=list)  # per stage: its activations out
     grad_feedback: list[bool] = field(default_factory=list)  # per stage: its gradients out
+    # 1F1B: how far stage 0's in-flight bound is above the stage count (memory.deepest);
+    # ``memory_bytes`` counts the stash it allows
+    deeper: int = 0
 
     @property
     def num_stages(self) -> int:
