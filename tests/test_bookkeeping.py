@@ -155,3 +155,64 @@ def test_an_event_carries_the_plan_of_the_compute_that_made_it(tmp_path: Any) ->
         b.cleanup()
     (stepped,) = [e for e in events if type(e).__name__ == "Stepped"]
     assert stepped.step == 0 and stepped.pv == 1, stepped
+
+
+class _FakeCosts:
+    """The predictor's interface as the planner's drift handling reads it (FLOPs prior costs,
+    a reported change of 3x)."""
+
+    def layer_costs(self, descs: Any, profile: Any, batch: int, device: Any = None) -> Any:
+        from accept_mqtt.coordinator.planner import prior_costs
+
+        return prior_costs(descs, profile, batch)
+
+    def drift_events(self, device: str) -> list[Any]:
+        return []
+
+    def device_factor(self, device: str) -> float:
+        return 3.0
+
+    def device_error(self, device: str) -> float:
+        return 0.1
+
+
+def test_a_drift_right_after_a_replan_is_acted_on_once_the_interval_has_passed() -> None:
+    """A drift that moves the partition within ``replan_min_steps`` of the last re-plan waits
+    and is taken once they have passed (before, it was dropped: the slowed device kept its
+    share until some later drift); if the partition no longer moves by then, nothing is."""
+    current: list[Plan | None] = [None]
+    p = _planner(current)
+    p.costs = _FakeCosts()
+    a, b, c = _dev("a"), _dev("b"), _dev("c")
+    p.start_with([a, b, c])
+    current[0] = p.make_plan([a, b, c])
+    p.replanned(5)  # a re-plan at step 5 (for noise, or for another device)
+    p.know([_dev("c", 0.25)])  # c is now 20x slower
+    p.state.step = 8
+    p._on_drift("c")
+    assert p.state.drifts[-1]["action"].startswith("re-plan once 10 steps have passed")
+    assert not p.replan_requested and p.take_replan_request() is None  # not yet
+    p.state.step = 14
+    assert p.replan_requested  # the boundary before step 15: its inputs wait for it
+    assert p.take_replan_request() is None
+    p.state.step = 15
+    reason = p.take_replan_request()
+    assert reason is not None and reason.startswith("c changed speed (held back 10 steps")
+    assert p.take_replan_request() is None and not p.replan_requested  # taken once
+
+    # waiting, but c is back to its speed by the time it is due: no re-plan
+    p.replanned(20)
+    p.state.step = 22
+    p._on_drift("c")
+    p.know([_dev("c", 5.0)])
+    p.state.step = 30
+    assert p.take_replan_request() is None
+    # and any re-plan settles a waiting drift (it planned with everything learnt)
+    p.know([_dev("c", 0.25)])
+    p.replanned(31)
+    p.state.step = 32
+    p._on_drift("c")
+    assert not p.replan_requested
+    p.replanned(33)
+    p.state.step = 50
+    assert not p.replan_requested and p.take_replan_request() is None

@@ -288,7 +288,9 @@ def test_a_device_that_slows_down_is_noticed_and_work_moves_off_it(
     re-plans live so that the slowed device holds less of the model."""
     from accept_mqtt.model.descriptors import describe
 
-    cfg = _cfg(tmp_path, max_steps=70, partition="auto")
+    # two epochs, cut at 70 steps: 45 after the change, room for a re-plan held back by an
+    # earlier one (noise on a loaded machine can move the partition before step 25)
+    cfg = _cfg(tmp_path, epochs=2, max_steps=70, partition="auto")
     before: dict = {}
 
     async def main() -> dict:
@@ -298,6 +300,7 @@ def test_a_device_that_slows_down_is_noticed_and_work_moves_off_it(
                 while coord.state.step < 25:
                     await asyncio.sleep(0.02)
                 before["plan"] = coord.plan.to_dict()
+                before["step"] = coord.state.step
                 slow = next(a for a in agents if a.cfg.device_id == coord.plan.stages[0].device)
                 # thermal throttling, emulated; kept across re-plans. 10x, not less: the
                 # three in-process agents share 2 cores, so before the change every call
@@ -310,17 +313,19 @@ def test_a_device_that_slows_down_is_noticed_and_work_moves_off_it(
     record = asyncio.run(main())
     slow_id = before["plan"]["stages"][0]["device"]
     assert record["timing_samples"] > 100
-    drifted = [d for d in record["drifts"] if d["device"] == slow_id]
-    assert drifted, (record["drifts"], record["predictor_error"])
     # 10x the CPU time of each call; the factor the detector reports when it fires is the
     # mean of its newer window, which can still hold pre-change samples, and a layer's time
     # also holds what the slowdown does not stretch (the call's own overhead): 1.9x once in
-    # a clean-clone CI run with a 6x slowdown. Noise alone stays well under 1.5x.
-    assert drifted[0]["speed_factor"] > 1.5
-    assert drifted[0]["step"] > 25
+    # a clean-clone CI run with a 6x slowdown. On an idle machine noise stays well under 1.5x;
+    # on a loaded one it can flag any device, either way: the assertion is about this one.
+    # A drift is stamped with the coordinator's step, which can still be the one before: the
+    # agents already compute the next (its inputs went out early)
+    drifted = [d for d in record["drifts"] if d["device"] == slow_id
+               and d["step"] >= before["step"] - 1 and d["speed_factor"] > 1.5]
+    assert drifted, (slow_id, before["step"], record["drifts"])
     assert record["plan"]["version"] >= 2, "the partition moved: a live re-plan"
-    # one epoch of the 1438 digits training samples at batch 32: 45 steps, none replayed
-    assert record["steps"] == 45 and record["replayed_steps"] == 0, "a re-plan loses nothing"
+    # 70 steps (the 1438 digits training samples at batch 32 are 45 an epoch), none replayed
+    assert record["steps"] == 70 and record["replayed_steps"] == 0, "a re-plan loses nothing"
     flops = [d.flops for d in describe(build_model("cnn", seed=cfg.seed))]
 
     def load(plan: dict) -> float:

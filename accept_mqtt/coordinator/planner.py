@@ -15,9 +15,12 @@ same inputs (device order ties broken by id) and always returns a valid ``Plan``
   sample is not kept: ``timing_samples`` holds the latest ``TIMING_SAMPLES_KEPT``, and
   ``timing_samples_total`` counts them all (memory stays flat over a long run).
 * A speed change the predictor detects is recorded and published as ``drift``; when planning
-  now would move the partition (and ``auto_replan``, and no re-plan in the last
-  ``replan_min_steps`` steps) it becomes a re-plan request, as ``repartition`` and ``set``
-  commands do. Requests are taken (``take_replan_request``) at a step boundary.
+  now would move the partition (and ``auto_replan``) it becomes a re-plan request, as
+  ``repartition`` and ``set`` commands do. Within ``replan_min_steps`` steps of the last
+  re-plan it waits instead, and is taken once they have passed if planning then still moves
+  the partition: a real slowdown right after a re-plan (for noise, or for another device) is
+  acted on late, never dropped. Requests are taken (``take_replan_request``) at a step
+  boundary; any re-plan, which plans with every sample learnt so far, settles a waiting one.
 * ``set_widths`` changes the link widths only if the whole config stays valid.
 """
 
@@ -323,6 +326,7 @@ class Planner:
         self.timing_samples_total = 0
         self._info: dict[str, DeviceInfo] = {}
         self._replan_request: str | None = None
+        self._deferred_replan: str | None = None  # a drift's re-plan waiting for min_steps
         self._last_replan_step = -(10**9)
         # timing samples waiting for the predictor: (device, profile, sample), oldest first
         self._to_learn: collections.deque[tuple[str, dict[str, Any], dict[str, Any]]] = (
@@ -460,16 +464,29 @@ class Planner:
 
     @property
     def replan_requested(self) -> bool:
-        return self._replan_request is not None
+        """A re-plan may be taken at the coming step boundary (a waiting drift's counts from
+        one step early: its inputs then wait for the boundary once, nothing else)."""
+        return self._replan_request is not None or (
+            self._deferred_replan is not None
+            and self.state.step + 1 - self._last_replan_step >= self.cfg.replan_min_steps)
 
     def take_replan_request(self) -> str | None:
-        """The pending re-plan request's reason (and forget it), else None."""
+        """The pending re-plan request's reason (and forget it), else a waiting drift's once
+        ``replan_min_steps`` have passed and planning still moves the partition, else None."""
         reason, self._replan_request = self._replan_request, None
+        if reason is None and self._deferred_replan is not None and (
+                self.state.step - self._last_replan_step >= self.cfg.replan_min_steps):
+            waiting, self._deferred_replan = self._deferred_replan, None
+            if self.partition_would_move():
+                reason = f"{waiting} (held back {self.cfg.replan_min_steps} steps after the " \
+                         f"last re-plan)"
         return reason
 
     def replanned(self, step: int) -> None:
-        """A re-plan happened at ``step`` (drift re-plans keep ``replan_min_steps`` apart)."""
+        """A re-plan happened at ``step`` (drift re-plans keep ``replan_min_steps`` apart); it
+        planned with every sample learnt so far, which settles a waiting drift."""
         self._last_replan_step = step
+        self._deferred_replan = None
 
     def set_widths(self, changes: dict[str, int]) -> None:
         """New ``act_bits``/``grad_bits``, applied by a re-plan at the next step boundary;
@@ -535,10 +552,12 @@ class Planner:
         """``device``'s speed changed: record it, and ask for a re-plan if that moves cuts."""
         moved = self.partition_would_move()
         step = self.state.step
-        replan = moved and self.cfg.auto_replan and (
-            step - self._last_replan_step >= self.cfg.replan_min_steps)
+        recent = step - self._last_replan_step < self.cfg.replan_min_steps
+        replan = moved and self.cfg.auto_replan and not recent
         if replan:
             self.request_replan(f"{device} changed speed")
+        elif moved and self.cfg.auto_replan:
+            self._deferred_replan = f"{device} changed speed"
         events = self.costs.drift_events(device)
         # the size of this change (measured / its own earlier times), not the device's
         # offset against the shared model, which also holds its profile's error
@@ -548,8 +567,11 @@ class Planner:
               "vs_model": round(self.costs.device_factor(device), 3),
               "error": self.costs.device_error(device), "partition_moves": moved,
               "action": ("re-plan at the next step" if replan else
-                         "re-plan advised (auto_replan off or a re-plan was recent)"
-                         if moved else "none: the current partition is still the best")}
+                         f"re-plan once {self.cfg.replan_min_steps} steps have passed since "
+                         "the last, if it still moves the partition"
+                         if moved and self.cfg.auto_replan else
+                         "re-plan advised (auto_replan off)" if moved else
+                         "none: the current partition is still the best")}
         self.state.drifts.append(ev)
         log.warning("device %s changed speed: %.2fx its own earlier times", device,
                     ev["speed_factor"])
