@@ -102,6 +102,7 @@ from accept_mqtt.wire.aio import cancel_and_wait, retry, widen_socket_buffers
 from accept_mqtt.wire.broker_url import parse_broker_url
 from accept_mqtt.wire.liveness import allowed_silence, instance_id, live_holder
 from accept_mqtt.wire.messages import (
+    ERRORS_KEPT,
     CoordinatorStatus,
     DeviceProfile,
     DeviceStatus,
@@ -282,7 +283,7 @@ class Agent:
                                or config.latency_s > 0)  # the delay line keeps time too
         self._bg: set[asyncio.Task[None]] = set()  # publishes nobody waits for
         self.profile: DeviceProfile | None = None
-        self.errors: list[Error] = []
+        self.errors: deque[Error] = deque(maxlen=ERRORS_KEPT)  # the latest; logged all
         self.reconnects = 0
         self._chunks = chunks.Reassembler()  # restores arrive in chunks (wire/chunks.py)
         self.instance = instance_id()  # this process, as its status names it

@@ -216,3 +216,18 @@ def test_a_drift_right_after_a_replan_is_acted_on_once_the_interval_has_passed()
     p.replanned(33)
     p.state.step = 50
     assert not p.replan_requested and p.take_replan_request() is None
+
+
+def test_error_reports_kept_are_bounded_and_all_are_counted() -> None:
+    """A flood of bad input must not grow a process's memory: the coordinator keeps the
+    latest ``ERRORS_KEPT`` reports and counts them all; an agent keeps the latest too."""
+    from accept_mqtt.wire.messages import ERRORS_KEPT
+    from device_agent.agent import Agent, AgentConfig
+
+    st = RunState()
+    for i in range(ERRORS_KEPT + 5):
+        st.add_error({"type": "error", "device": "x", "topic": "t", "reason": str(i)})
+    assert len(st.errors) == ERRORS_KEPT and st.errors_total == ERRORS_KEPT + 5
+    assert st.errors[0]["reason"] == "5" and st.errors[-1]["reason"] == str(ERRORS_KEPT + 4)
+    agent = Agent(AgentConfig(device_id="bounded", broker="mqtt://127.0.0.1:1"))
+    assert agent.errors.maxlen == ERRORS_KEPT

@@ -226,7 +226,7 @@ class Coordinator:
         if error.device == "coordinator":
             return  # our own, back from the broker: recorded when it was sent
         body = to_builtins(error)
-        self.state.errors.append(body)
+        self.state.add_error(body)
         log.warning("device %s rejected %s: %s", error.device, error.topic, error.reason)
         self.progress("error", body)
         if error.topic == self.topics.plan(self.job) and error.plan_version is not None:
@@ -255,7 +255,7 @@ class Coordinator:
         rate-limited (``ratelimit``): the ones over the limit go out as one summary."""
         err = {"type": "error", "device": "coordinator", "topic": error.topic,
                "reason": error.reason}
-        self.state.errors.append(err)
+        self.state.add_error(err)
         self.progress("error", err)
         if self._rejects.admit(error.topic):
             self.session.emit(Error(device="coordinator", topic=error.topic,

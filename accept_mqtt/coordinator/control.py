@@ -109,7 +109,7 @@ class Control:
         log.warning("control message rejected: %s", reason)
         err = {"type": "error", "device": "coordinator", "topic": self.topic, "reason": reason,
                **({"request_id": request_id} if request_id else {})}
-        self.state.errors.append(err)
+        self.state.add_error(err)
         self.say("error", err)
         self.reply(Error(device="coordinator", topic=self.topic, reason=reason,
                          request_id=request_id))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from accept_mqtt.wire.messages import StageCounters
+from accept_mqtt.wire.messages import ERRORS_KEPT, StageCounters
 from accept_mqtt.wire.plan import Plan
 
 from .config import TrainConfig
@@ -52,13 +53,20 @@ class RunState:
     microbatches: int = 0
     train_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)
+    # the latest ERRORS_KEPT error reports, and how many there were in all
+    errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=ERRORS_KEPT))
+    errors_total: int = 0
     drifts: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[int, StageTotals] = field(default_factory=dict)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)  # steps checkpointed
     replans: list[dict[str, Any]] = field(default_factory=list)  # live re-plans
     replayed_steps: int = 0
+
+    def add_error(self, err: dict[str, Any]) -> None:
+        """Keep ``err`` (dropping the oldest beyond ``ERRORS_KEPT``) and count it."""
+        self.errors.append(err)
+        self.errors_total += 1
 
     def counters(self) -> dict[str, Any]:
         """What a checkpoint keeps of the run, so a resumed record reads as one run."""
@@ -106,7 +114,8 @@ def make_record(*, job: str, dataset: str, cfg: TrainConfig, plan: Plan,
         "steps": st.step, "samples": st.samples, "train_seconds": round(st.train_s, 3),
         "samples_per_s": round(st.samples / max(st.train_s, 1e-9), 2),
         "final_accuracy": st.history[-1]["test_accuracy"] if st.history else None,
-        "epochs": st.history, "stages": stages, "links": links, "errors": st.errors,
+        "epochs": st.history, "stages": stages, "links": links,
+        "errors": list(st.errors), "errors_total": st.errors_total,
         "drifts": st.drifts, "timing_samples": timing_samples,
         "recoveries": st.recoveries, "checkpoints": st.checkpoints, "replans": st.replans,
         "replayed_steps": st.replayed_steps,

@@ -54,6 +54,9 @@ __all__ = [
 
 CONTROL_COMMANDS = ("start", "pause", "resume", "stop", "status", "repartition", "set")
 SYNC_OPS = ("weights", "rewind", "ping")
+# the latest ``Error`` reports a process keeps in memory (an agent's ``errors``, the
+# coordinator's record, which also counts them all): a flood of bad input must not grow them
+ERRORS_KEPT = 1000
 
 
 class MessageError(ValueError):
