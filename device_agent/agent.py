@@ -197,8 +197,7 @@ class _Job:
         self.k = stage.index
         self.last = stage.index == len(plan.stages) - 1
         # 1F1B: training micro-batches this stage may hold (forwarded, backward not done)
-        self.bound = footprint.in_flight(plan.schedule, plan.micro_batches,
-                                         len(plan.stages) - 1 - self.k, plan.deeper())
+        self.bound = stage_in_flight(plan, self.k)
         model = build_model(plan.model, seed=plan.seed, model_path=model_path, **plan.model_args)
         if plan.fingerprint:  # refuse before allocating a stage that would not match
             fingerprint.check(plan.fingerprint, model.layers, plan.model)
@@ -1066,6 +1065,13 @@ class Agent:
             await self._publish_msg(self.topics.metrics(job_id), err)
 
 
+def stage_in_flight(plan: Plan, index: int) -> int:
+    """Training micro-batches stage ``index`` of ``plan`` may hold at once: the bound the stage
+    enforces (``Agent._pick``) and the stash its memory check counts (``memory_refusal``)."""
+    return footprint.in_flight(plan.schedule, plan.micro_batches,
+                               len(plan.stages) - 1 - index, plan.deeper())
+
+
 def _same_plan(a: Plan, b: Plan) -> bool:
     """The same plan: same version from the same coordinator. A resumed coordinator (another
     owner) may publish the version a dead one left the agents running: that is a new plan."""
@@ -1100,8 +1106,7 @@ def memory_refusal(plan: Plan, device: str, limit_mb: float | None,
     fed = stage.index > 0 and plan.stages[stage.index - 1].act_delta  # delta-coded links
     fp = footprint.stage_footprint(
         [d.params for d in mine], mine[0].in_elems * mb, [d.out_elems * mb for d in mine],
-        in_flight=footprint.in_flight(plan.schedule, plan.micro_batches,
-                                      len(plan.stages) - 1 - stage.index, plan.deeper()),
+        in_flight=stage_in_flight(plan, stage.index),
         micro_batches=plan.micro_batches, optimizer_slots=footprint.optimizer_slots(
             plan.optimizer), first=stage.index == 0, last=last,
         train_samples=plan.train_samples or 0, delta_in_elems=mine[0].in_elems * fed,

@@ -43,12 +43,12 @@ from accept_mqtt.planning.partition import (
     PartitionResult,
     deepest,
     equal_split,
-    fits,
+    first_unfit,
     flops_split,
     partition,
     problem_from_profiles,
     stage_footprint,
-    stage_memory_bytes,
+    stage_needs,
 )
 from accept_mqtt.wire.aio import cancel_and_wait
 from accept_mqtt.wire.messages import Drift
@@ -145,13 +145,14 @@ def make_partition(
         def parts(i: int) -> Any:
             return stage_footprint(problem, res.cuts[i], res.cuts[i + 1], res.num_stages - 1 - i)
 
-        for i, (dev, need) in enumerate(zip(res.devices, res.memory_bytes, strict=True)):
-            limit = problem.devices[problem.index_of(dev)].memory_bytes
-            if limit is not None and need > limit:
-                raise PlanningError(
-                    f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
-                    f"{res.cuts[i + 1]})) needs {need:.0f} bytes but {dev} has {limit:.0f} "
-                    f"(by part: {parts(i).text()}); --partition auto places layers by memory")
+        i = first_unfit(problem, res.devices, res.memory_bytes)
+        if i is not None:
+            dev = res.devices[i]
+            raise PlanningError(
+                f"the {method} split does not fit: stage {i} (layers [{res.cuts[i]}, "
+                f"{res.cuts[i + 1]})) needs {res.memory_bytes[i]:.0f} bytes but {dev} has "
+                f"{problem.devices[problem.index_of(dev)].memory_bytes:.0f} (by part: "
+                f"{parts(i).text()}); --partition auto places layers by memory")
         return with_depth(problem, honoured_widths(res, cfg, method), cfg)
     return with_depth(problem, honoured_widths(partition(problem, objective="minibatch"), cfg,
                                                method), cfg)
@@ -178,14 +179,15 @@ def with_depth(problem: PartitionProblem, res: PartitionResult,
                                 f"keeps at least one micro-batch in flight per stage")
         deeper = cfg.in_flight - k
     q = replace(problem, deeper=deeper)
-    need = [stage_memory_bytes(q, res.cuts[i], res.cuts[i + 1], k - 1 - i) for i in range(k)]
-    for i, dev in enumerate(res.devices):
-        if not fits(q, q.index_of(dev), need[i]):
-            raise PlanningError(
-                f"in_flight {cfg.in_flight} does not fit: stage {i} (layers [{res.cuts[i]}, "
-                f"{res.cuts[i + 1]})) would need {need[i]:.0f} bytes but {dev} has "
-                f"{q.devices[q.index_of(dev)].memory_bytes:.0f}; a smaller in_flight or "
-                f"'auto' stashes less")
+    need = stage_needs(q, res.cuts)
+    i = first_unfit(q, res.devices, need)
+    if i is not None:
+        dev = res.devices[i]
+        raise PlanningError(
+            f"in_flight {cfg.in_flight} does not fit: stage {i} (layers [{res.cuts[i]}, "
+            f"{res.cuts[i + 1]})) would need {need[i]:.0f} bytes but {dev} has "
+            f"{q.devices[q.index_of(dev)].memory_bytes:.0f}; a smaller in_flight or 'auto' "
+            f"stashes less")
     return replace(res, deeper=deeper, memory_bytes=need)
 
 
@@ -467,20 +469,23 @@ class Planner:
         """A re-plan may be taken at the coming step boundary (a waiting drift's counts from
         one step early: its inputs then wait for the boundary once, nothing else)."""
         return self._replan_request is not None or (
-            self._deferred_replan is not None
-            and self.state.step + 1 - self._last_replan_step >= self.cfg.replan_min_steps)
+            self._deferred_replan is not None and self._replan_allowed_at(self.state.step + 1))
 
     def take_replan_request(self) -> str | None:
         """The pending re-plan request's reason (and forget it), else a waiting drift's once
         ``replan_min_steps`` have passed and planning still moves the partition, else None."""
         reason, self._replan_request = self._replan_request, None
-        if reason is None and self._deferred_replan is not None and (
-                self.state.step - self._last_replan_step >= self.cfg.replan_min_steps):
+        if (reason is None and self._deferred_replan is not None
+                and self._replan_allowed_at(self.state.step)):
             waiting, self._deferred_replan = self._deferred_replan, None
             if self.partition_would_move():
                 reason = f"{waiting} (held back {self.cfg.replan_min_steps} steps after the " \
                          f"last re-plan)"
         return reason
+
+    def _replan_allowed_at(self, step: int) -> bool:
+        """``replan_min_steps`` have passed since the last re-plan by ``step``."""
+        return step - self._last_replan_step >= self.cfg.replan_min_steps
 
     def replanned(self, step: int) -> None:
         """A re-plan happened at ``step`` (drift re-plans keep ``replan_min_steps`` apart); it
@@ -552,8 +557,7 @@ class Planner:
         """``device``'s speed changed: record it, and ask for a re-plan if that moves cuts."""
         moved = self.partition_would_move()
         step = self.state.step
-        recent = step - self._last_replan_step < self.cfg.replan_min_steps
-        replan = moved and self.cfg.auto_replan and not recent
+        replan = moved and self.cfg.auto_replan and self._replan_allowed_at(step)
         if replan:
             self.request_replan(f"{device} changed speed")
         elif moved and self.cfg.auto_replan:

@@ -9,9 +9,9 @@ Model (float32 everywhere, bytes; element counts are per micro-batch):
   (1 + slots)``, ``copies = 2`` (0 in a bare partition problem);
 * stash: per micro-batch in flight, the stage input and every layer's output (what
   ``stage.StageRunner`` keeps for the backward), times ``activation_overhead``; micro-batches
-  in flight: GPipe all ``M``; 1F1B ``min(stages_after + 1 + extra, M)``, where ``extra`` is
-  how far the plan's ``in_flight`` (stage 0's bound) is above the number of stages
-  (``deeper``: 0 is textbook 1F1B), except the last stage, which runs each micro-batch's
+  in flight: GPipe all ``M``; 1F1B ``min(stages_after + 1 + deeper, M)``, where ``deeper``
+  is how far the plan's ``in_flight`` (stage 0's bound) is above the number of stages (0 is
+  textbook 1F1B), except the last stage, which runs each micro-batch's
   backward right after its forward and so holds 1 (``device_agent.agent`` enforces every
   stage's bound);
 * codec buffers, counted at 32 bits (an upper bound for every width, so the choice of widths

@@ -9,7 +9,14 @@ same cost model (``cost.py``); the baselines beside it use the same result type.
 from .baselines import dp_flops, equal_split, flops_split, proportional_cuts
 from .cost import evaluate, ideal_bound_ms
 from .dp import EXACT_MAX_DEVICES, OBJECTIVES, partition, raise_bits
-from .memory import deepest, fits, in_flight, stage_footprint, stage_memory_bytes
+from .memory import (
+    deepest,
+    first_unfit,
+    in_flight,
+    stage_footprint,
+    stage_memory_bytes,
+    stage_needs,
+)
 from .problem import (
     DEFAULT_CODEC,
     CodecCost,
@@ -34,7 +41,7 @@ __all__ = [
     "dp_flops",
     "equal_split",
     "evaluate",
-    "fits",
+    "first_unfit",
     "flops_split",
     "ideal_bound_ms",
     "in_flight",
@@ -45,4 +52,5 @@ __all__ = [
     "replace_problem",
     "stage_footprint",
     "stage_memory_bytes",
+    "stage_needs",
 ]

@@ -118,6 +118,19 @@ def stage_memory_bytes(p: PartitionProblem, start: int, end: int, stages_after: 
     return stage_footprint(p, start, end, stages_after).total
 
 
+def stage_needs(p: PartitionProblem, cuts: Sequence[int]) -> list[float]:
+    """Bytes each stage of the assignment with these cuts needs (``stage_memory_bytes``)."""
+    k = len(cuts) - 1
+    return [stage_memory_bytes(p, cuts[i], cuts[i + 1], k - 1 - i) for i in range(k)]
+
+
+def first_unfit(p: PartitionProblem, devices: Sequence[str],
+                need: Sequence[float]) -> int | None:
+    """The first stage whose ``need`` is over its device's memory limit, or None."""
+    return next((i for i, d in enumerate(devices) if not fits(p, p.index_of(d), need[i])),
+                None)
+
+
 def deepest(p: PartitionProblem, cuts: Sequence[int], devices: Sequence[str]) -> int:
     """The largest ``deeper`` (0 .. ``M - 2``) at which every stage of this assignment still
     fits its device: how far the stages may run ahead of textbook 1F1B. At ``M - 2`` every
@@ -125,13 +138,11 @@ def deepest(p: PartitionProblem, cuts: Sequence[int], devices: Sequence[str]) ->
     s + deeper)``), so more changes nothing. Deeper only adds stash, so this is the memory's
     whole say; 0 under GPipe (which holds all ``M`` already) or when even 0 does not fit (the
     caller's feasibility check reports that)."""
-    k = len(devices)
     if p.schedule != "1f1b":
         return 0
     for e in range(max(0, p.micro_batches - 2), 0, -1):
         q = replace(p, deeper=e)
-        if all(fits(q, q.index_of(d), stage_memory_bytes(q, cuts[i], cuts[i + 1], k - 1 - i))
-               for i, d in enumerate(devices)):
+        if first_unfit(q, devices, stage_needs(q, cuts)) is None:
             return e
     return 0
 
